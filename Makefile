@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (both create ./.venv).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+LCSC   := $(VENV)/bin/lcsc-ops
+STAMP  := $(VENV)/.installed
+
+# Demo recipe: ~2.5 min of training on 2 CPU cores, then a 60-trial search.
+DEMO_STEPS  ?= 5000
+DEMO_TRIALS ?= 60
+DEMO_MODEL  ?= digits-ddpm
+
+.PHONY: install demo test bench bench-quality clean
+
+install: $(STAMP)
+
+# torch is pinned to the local CPU wheel first, so nothing below can pull another build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@$(PY) -m pip list 2>/dev/null | grep -E '^torch ' | grep -q '2.13.0' || { echo "error: wrong torch installed"; exit 1; }
+	touch $(STAMP)
+
+demo: $(STAMP)
+	@set -e; \
+	run=$$($(LCSC) train --steps $(DEMO_STEPS) --experiment lcsc-demo --model-name $(DEMO_MODEL) | tail -n 1); \
+	echo "training run: $$run"; \
+	$(LCSC) optimize $$run --n-trials $(DEMO_TRIALS) --report .lcsc-demo.json; \
+	version=$$($(PY) -c "import json; print(json.load(open('.lcsc-demo.json'))['registered_model']['version'])"); \
+	$(LCSC) promote $(DEMO_MODEL) $$version --alias champion; \
+	echo "browse it all with: $(VENV)/bin/mlflow ui"
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) mlflow.db optuna.db .lcsc-demo.json

@@ -1,0 +1,179 @@
+"""The ``lcsc-ops`` command line: train, optimize, promote. Thin: parse, configure, call."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from lcsc_ops.errors import LcscError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Linear Combination of Saved Checkpoints, on MLflow + Optuna + accelerate.")
+
+TrackingUri = Annotated[Optional[str], typer.Option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+    help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db with artifacts in ./mlruns).")]
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn LcscError (and MLflow/Optuna store errors) into one line on stderr and exit 1.
+
+    Set ``LCSC_OPS_DEBUG=1`` to get the traceback instead.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LcscError as exc:
+            if os.environ.get("LCSC_OPS_DEBUG"):
+                raise
+            _fail(str(exc))
+        except Exception as exc:
+            if os.environ.get("LCSC_OPS_DEBUG") or not type(exc).__module__.startswith(("mlflow", "optuna", "sqlalchemy")):
+                raise
+            _fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}")
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    dataset: Annotated[str, typer.Option(help="Data set name (registry in lcsc_ops.evaluation.data).")] = "digits",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 4000,
+    batch_size: Annotated[int, typer.Option(help="Batch size per process.")] = 128,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
+    channels: Annotated[int, typer.Option(help="U-Net base width.")] = 32,
+    sampler_steps: Annotated[int, typer.Option(help="DDIM steps recorded in the model spec.")] = 10,
+    checkpoint_every: Annotated[int, typer.Option(help="Log raw + EMA checkpoints every N steps.",
+                                                  rich_help_panel="Checkpoints")] = 50,
+    checkpoint_start: Annotated[int, typer.Option(help="First step at which checkpoints are logged.",
+                                                  rich_help_panel="Checkpoints")] = 0,
+    ema_decay: Annotated[float, typer.Option(help="Training EMA decay.", rich_help_panel="Checkpoints")] = 0.999,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.", rich_help_panel="MLflow")] = "lcsc",
+    run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.", rich_help_panel="MLflow")] = None,
+    model_name: Annotated[str, typer.Option(help="Registered model name optimize will use by default.",
+                                            rich_help_panel="MLflow")] = "digits-ddpm",
+    factory: Annotated[str, typer.Option(help="Model factory 'module:callable'.")] = "lcsc_ops.models.unet:digits_unet",
+    factory_kwargs: Annotated[Optional[str], typer.Option(help="Extra factory kwargs as JSON.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Train the digits DDPM, logging raw + EMA checkpoints to MLflow. Prints the run id (last line).
+
+    Multi-process: ``accelerate launch pipelines/train.py --steps ...`` takes the same options.
+    """
+    from lcsc_ops.training import TrainConfig, config_from_env_json, train as run_training
+
+    cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, channels=channels,
+                      sampler_steps=sampler_steps, checkpoint_every=checkpoint_every,
+                      checkpoint_start=checkpoint_start, ema_decay=ema_decay, seed=seed, experiment=experiment,
+                      run_name=run_name, model_name=model_name, tracking_uri=tracking_uri, factory=factory,
+                      factory_kwargs=config_from_env_json(factory_kwargs))
+    run_id = run_training(cfg)
+    if run_id is not None:
+        typer.echo(run_id)
+
+
+@app.command()
+@user_errors
+def optimize(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of the training run.")],
+    window: Annotated[int, typer.Option(help="Use the last N checkpoint steps.", rich_help_panel="Basis")] = 16,
+    basis: Annotated[str, typer.Option(help="Merge raw checkpoints, EMA snapshots, or both.",
+                                       rich_help_panel="Basis")] = "both",
+    strategy: Annotated[str, typer.Option(help="Search strategy: cmaes, cmaes-sep, cmaes-margin, random.",
+                                          rich_help_panel="Search")] = "cmaes",
+    n_trials: Annotated[int, typer.Option(help="Total trials in the study (a resumed study runs the rest).",
+                                          rich_help_panel="Search")] = 100,
+    radius: Annotated[float, typer.Option(help="Half-width of the search box around the strongest baseline.",
+                                          rich_help_panel="Search")] = 0.3,
+    blocks: Annotated[Optional[int], typer.Option(help="Group coefficients into B blocks per kind.",
+                                                  rich_help_panel="Search")] = None,
+    seed: Annotated[int, typer.Option(help="Search strategy seed.", rich_help_panel="Search")] = 0,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: sqlite optuna.db beside "
+                                                        "the MLflow store).", rich_help_panel="Search")] = None,
+    search_samples: Annotated[int, typer.Option(help="Samples per search evaluation.",
+                                                rich_help_panel="Evaluation")] = 1000,
+    search_seeds: Annotated[int, typer.Option(help="Fixed noise seeds averaged per search evaluation.",
+                                              rich_help_panel="Evaluation")] = 1,
+    final_samples: Annotated[int, typer.Option(help="Samples per final evaluation.",
+                                               rich_help_panel="Evaluation")] = 2000,
+    final_seeds: Annotated[int, typer.Option(help="Fresh paired seeds for the final evaluation.",
+                                             rich_help_panel="Evaluation")] = 5,
+    top_k: Annotated[int, typer.Option(help="Best trials re-evaluated (plus their average).",
+                                       rich_help_panel="Evaluation")] = 3,
+    nfe: Annotated[Optional[int], typer.Option(help="Sample with N function evaluations instead of the spec's.",
+                                               rich_help_panel="Evaluation")] = None,
+    evaluator: Annotated[Optional[str], typer.Option(help="Own score 'module:callable(model, num_samples, seed)"
+                                                          " -> float', lower is better.",
+                                                     rich_help_panel="Evaluation")] = None,
+    feature_extractor: Annotated[Optional[str], typer.Option(help="FID feature extractor (default by data set).",
+                                                             rich_help_panel="Evaluation")] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="Local Inception weights for machines "
+                                                                   "without network.",
+                                                              rich_help_panel="Evaluation")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 …")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 500,
+    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default: the training run's).",
+                                                      rich_help_panel="MLflow")] = None,
+    register: Annotated[bool, typer.Option(help="Register the winning merge.", rich_help_panel="MLflow")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Also write the results JSON to this file.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Search merge coefficients for a training run's checkpoints and register the winning merge."""
+    from lcsc_ops.job import run_optimize
+    from lcsc_ops.optimize import OptimizeConfig
+    from lcsc_ops.report import render_table
+
+    if inception_weights is not None and not inception_weights.is_file():
+        raise LcscError(f"inception weights not found: {inception_weights}")
+    cfg = OptimizeConfig(run_id=run_id, window=window, basis=basis, strategy=strategy, n_trials=n_trials,
+                         radius=radius, blocks=blocks, search_samples=search_samples, search_seeds=search_seeds,
+                         final_samples=final_samples, final_seeds=final_seeds, top_k=top_k, nfe=nfe, seed=seed,
+                         model_name=model_name, evaluator=evaluator, feature_extractor=feature_extractor,
+                         inception_weights=str(inception_weights) if inception_weights else None, device=device,
+                         batch_size=batch_size, storage=storage, tracking_uri=tracking_uri, register=register)
+    log = (lambda msg: typer.echo(msg, err=True))
+    result = run_optimize(cfg, log=log)
+    if report is not None:
+        report.write_text(json.dumps(result, indent=2))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        from rich.console import Console
+
+        Console(width=140).print(render_table(result))
+
+
+@app.command()
+@user_errors
+def promote(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    version: Annotated[str, typer.Argument(help="Model version to promote.")],
+    alias: Annotated[str, typer.Option(help="Alias to move onto the version.")] = "champion",
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Move an alias (e.g. champion) onto a registered model version."""
+    from lcsc_ops.tracking.registry import promote as do_promote
+
+    do_promote(name, version, alias, tracking_uri=tracking_uri)
+    typer.echo(f"{name}@{alias} -> version {version} (load with mlflow.pytorch.load_model('models:/{name}@{alias}'))")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Layer 1: pure math, imports torch only."""

@@ -1,0 +1,1 @@
+"""Layer 2: denoisers and samplers (torch only)."""

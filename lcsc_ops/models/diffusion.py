@@ -1,0 +1,88 @@
+"""DDPM training objective and DDIM sampling (epsilon prediction, cosine schedule).
+
+Samplers are looked up by name in :data:`SAMPLERS` from the ``sampler`` settings of a
+:class:`lcsc_ops.spec.ModelSpec`. A sampler turns a fixed starting noise into images
+deterministically, which is what makes search scores comparable across candidates
+(common random numbers): every candidate is sampled from the same noise tensor.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from lcsc_ops.errors import LcscError
+
+
+def cosine_alpha_bar(timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """Cumulative signal level ``alpha_bar_t`` for t = 0..T-1 (Nichol & Dhariwal, Eq. 17)."""
+    t = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    betas = (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def _eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    out = model(x, t)
+    # diffusers-style models return an object with ``.sample``.
+    return out.sample if hasattr(out, "sample") else out
+
+
+class DDIMSampler:
+    """Deterministic DDIM (eta = 0) over ``steps`` evenly spaced timesteps of a T-step DDPM."""
+
+    def __init__(self, steps: int = 10, timesteps: int = 1000, clip: bool = True, **_: Any) -> None:
+        if not 1 <= int(steps) <= int(timesteps):
+            raise LcscError(f"DDIM steps must be in 1..{timesteps}, got {steps}")
+        self.steps, self.timesteps, self.clip = int(steps), int(timesteps), clip
+        self.alpha_bar = cosine_alpha_bar(self.timesteps).float()
+
+    @property
+    def nfe(self) -> int:
+        return self.steps
+
+    def training_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The simple DDPM loss: MSE between true and predicted noise at a random timestep."""
+        n = x0.shape[0]
+        t = torch.randint(0, self.timesteps, (n,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        ab = self.alpha_bar.to(x0.device)[t].view(n, *([1] * (x0.dim() - 1)))
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        return torch.mean((_eps(model, x_t, t) - noise) ** 2)
+
+    @torch.inference_mode()
+    def sample(self, model: nn.Module, noise: torch.Tensor) -> torch.Tensor:
+        """Run DDIM from ``noise`` (x_T) to images in [-1, 1] (Song et al., Eq. 12, eta = 0)."""
+        ab = self.alpha_bar.to(noise.device)
+        ts = torch.linspace(self.timesteps - 1, 0, self.steps).round().long().tolist()
+        x = noise
+        x0 = x
+        for i, t in enumerate(ts):
+            a_t = ab[t]
+            tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+            eps = _eps(model, x, tt)
+            x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            if self.clip:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+            if i + 1 < len(ts):
+                a_prev = ab[ts[i + 1]]
+                x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return x0
+
+
+SAMPLERS: dict[str, Callable[..., Any]] = {"ddim": DDIMSampler}
+
+
+def make_sampler(settings: Mapping[str, Any]) -> Any:
+    """Build the sampler named by ``settings['name']`` with the remaining settings."""
+    settings = dict(settings)
+    name = settings.pop("name", "ddim")
+    try:
+        cls = SAMPLERS[name]
+    except KeyError:
+        raise LcscError(f"unknown sampler {name!r} (known: {', '.join(sorted(SAMPLERS))})") from None
+    return cls(**settings)

@@ -1,0 +1,184 @@
+"""``lcsc-ops optimize``: baselines, the coefficient search, the final evaluation, registration.
+
+The protocol (LCSC paper, Sec. 4; our noise discipline): every candidate is scored by the
+same evaluator on the same fixed noise (search seeds); the strongest baseline is found
+first and becomes the centre of the search space; the best candidates and every baseline
+are then re-evaluated on fresh seeds never used in the search, paired across methods.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from lcsc_ops.errors import LcscError
+from lcsc_ops.math.encoding import AffineEncoding
+from lcsc_ops.math.merge import StackedMerger, merge_state_dicts
+from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, one_hot, quantise, uniform
+from lcsc_ops.tracking.checkpoints import CheckpointWindow
+
+FINAL_SEED_BASE = 10_000  # final seeds never overlap the search seeds (0, 1, ...)
+BASIS_KINDS = {"raw": ("raw",), "ema": ("ema",), "both": ("raw", "ema")}
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """The whole optimization, logged as the parent run's params."""
+
+    run_id: str
+    window: int = 16
+    basis: str = "both"
+    strategy: str = "cmaes"
+    n_trials: int = 100
+    radius: float = 0.3
+    blocks: int | None = None
+    search_samples: int = 1000
+    search_seeds: int = 1
+    final_samples: int = 2000
+    final_seeds: int = 5
+    top_k: int = 3
+    ema_grid: int = 12
+    nfe: int | None = None
+    seed: int = 0
+    model_name: str | None = None
+    evaluator: str | None = None
+    feature_extractor: str | None = None
+    inception_weights: str | None = None
+    device: str = "cpu"
+    batch_size: int = 500
+    storage: str | None = None
+    tracking_uri: str | None = None
+    register: bool = True
+
+    def study_key(self) -> dict[str, Any]:
+        """The settings that define a study; the same key resumes the same study."""
+        keep = ("run_id", "window", "basis", "strategy", "radius", "blocks", "search_samples", "search_seeds",
+                "nfe", "seed", "evaluator", "feature_extractor")
+        return {k: getattr(self, k) for k in keep}
+
+    def validate(self) -> None:
+        if self.basis not in BASIS_KINDS:
+            raise LcscError(f"unknown basis {self.basis!r} (use raw, ema or both)")
+        for name in ("window", "n_trials", "search_samples", "search_seeds", "final_samples", "final_seeds",
+                     "top_k", "ema_grid", "batch_size"):
+            if getattr(self, name) < 1:
+                raise LcscError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.radius <= 0:
+            raise LcscError(f"radius must be > 0, got {self.radius}")
+
+
+@dataclass
+class Candidate:
+    """A merge: coefficients over some entries of the window (indices into ``window.entries``)."""
+
+    name: str
+    indices: tuple[int, ...]
+    coeffs: tuple[float, ...]
+    kind: str  # "baseline" or "lcsc"
+    search_fid: float | None = None
+    note: str = ""
+    final: list[float] = field(default_factory=list)
+    second: list[float] = field(default_factory=list)
+
+    def dense(self, size: int) -> list[float]:
+        out = [0.0] * size
+        for i, c in zip(self.indices, self.coeffs):
+            out[i] = c
+        return out
+
+    @property
+    def final_mean(self) -> float:
+        return statistics.fmean(self.final) if self.final else math.nan
+
+    @property
+    def final_std(self) -> float:
+        return statistics.stdev(self.final) if len(self.final) > 1 else 0.0
+
+    @property
+    def second_mean(self) -> float | None:
+        return statistics.fmean(self.second) if self.second else None
+
+
+def baselines(window: CheckpointWindow, ema_grid: int, score: Callable[[Candidate], float]) -> list[Candidate]:
+    """Last checkpoint, uniform average, EMA* and training EMA, each with its search score.
+
+    EMA* is the best post-hoc EMA recomputed over the saved raw checkpoints on a grid of
+    rates (the paper's EMA* baseline), chosen by the same search protocol as every trial.
+    """
+    raw = tuple(window.indices("raw")) or tuple(window.indices())
+    k = len(raw)
+    out = [Candidate("last", raw, tuple(one_hot(k, k - 1)), "baseline"),
+           Candidate("uniform", raw, tuple(uniform(k)), "baseline")]
+    grid = [Candidate(f"ema@{g:.6g}", raw, tuple(ema_profile(k, g)), "baseline") for g in ema_decay_grid(k, ema_grid)]
+    for c in grid:
+        c.search_fid = score(c)
+    best = min(grid, key=lambda c: c.search_fid)
+    out.append(dataclasses.replace(best, name="ema_star", note=best.name.replace("ema@", "decay ")))
+    if window.training_ema is not None:
+        out.append(Candidate("training_ema", (window.entries.index(window.training_ema),), (1.0,), "baseline"))
+    for c in out:
+        if c.search_fid is None:
+            c.search_fid = score(c)
+    return out
+
+
+def centre_in_basis(cands: Sequence[Candidate], basis: Sequence[int]) -> Candidate:
+    """The strongest baseline (lowest search FID) that the basis can express exactly."""
+    allowed = set(basis)
+    expressible = [c for c in cands if set(c.indices) <= allowed]
+    if not expressible:
+        raise LcscError("no baseline can be expressed in this basis")
+    return min(expressible, key=lambda c: c.search_fid)
+
+
+def restrict(c: Candidate, basis: Sequence[int]) -> list[float]:
+    pos = {i: j for j, i in enumerate(basis)}
+    out = [0.0] * len(basis)
+    for i, a in zip(c.indices, c.coeffs):
+        out[pos[i]] = a
+    return quantise(out)
+
+
+def average_coefficients(vectors: Sequence[Sequence[float]]) -> list[float]:
+    """Mean of several coefficient vectors (still sums to 1): shrinks the winner's curse."""
+    n = len(vectors)
+    return quantise([sum(col) / n for col in zip(*vectors)])
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the paired differences a_i - b_i (same seed i)."""
+    d = [x - y for x, y in zip(a, b)]
+    if not d:
+        return math.nan, math.nan
+    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    return statistics.fmean(d), se
+
+
+def merged_state(window: CheckpointWindow, cand: Candidate) -> dict[str, torch.Tensor]:
+    """The candidate's merged weights, recomputed in float64 from the verified files (streamed)."""
+    entries = [window.entries[i] for i in cand.indices]
+    return merge_state_dicts((e.load() for e in entries), cand.coeffs)
+
+
+class Scorer:
+    """Scores coefficient vectors over the whole window with one stacked merge per call."""
+
+    def __init__(self, window: CheckpointWindow, model_factory: Callable[[], torch.nn.Module], device: str) -> None:
+        self.size = len(window.entries)
+        self.merger = StackedMerger(window.load_all(), device=device)
+        self.model = self.merger.bind(model_factory().to(device).eval())
+
+    def __call__(self, coeffs: Sequence[float], evaluator: Callable, num_samples: int, seeds: Sequence[int]) -> float:
+        self.merger.merge(coeffs)
+        return statistics.fmean(float(evaluator(self.model, num_samples, s)) for s in seeds)
+
+    def per_seed(self, coeffs: Sequence[float], evaluator: Callable, num_samples: int,
+                 seeds: Sequence[int]) -> list[float]:
+        self.merger.merge(coeffs)
+        return [float(evaluator(self.model, num_samples, s)) for s in seeds]

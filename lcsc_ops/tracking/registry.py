@@ -1,0 +1,123 @@
+"""MLflow edges of an optimization: trial child runs, the registered model, aliases.
+
+The objective never logs; these functions are called from Optuna callbacks and from the
+orchestration in :mod:`lcsc_ops.optimize` (tracking at the edge).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from lcsc_ops.errors import LcscError
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def coefficient_params(coeffs: Sequence[float]) -> dict[str, str]:
+    """MLflow params ``c00``, ``c01``, ... holding the exact (round-trip) coefficient values."""
+    width = max(2, len(str(len(coeffs) - 1)))
+    return {f"c{i:0{width}d}": repr(float(c)) for i, c in enumerate(coeffs)}
+
+
+class TrialRunLogger:
+    """Optuna callback: one MLflow child run per finished trial, under the optimization's parent run.
+
+    The child run holds the coefficients as params ``c00…``, the search score as metric
+    ``fid`` and the trial number as tag ``lcsc.trial``. Trials already logged (a resumed
+    study) are skipped, and :meth:`backfill` logs any completed trial that lacks a run.
+    """
+
+    def __init__(self, parent_run_id: str, *, tracking_uri: str | None = None, metric: str = "fid") -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.parent = self.client.get_run(parent_run_id)
+        self.metric = metric
+        self.logged = self._existing()
+
+    def _existing(self) -> set[int]:
+        runs = self.client.search_runs([self.parent.info.experiment_id],
+                                       filter_string=f"tags.`{PARENT_TAG}` = '{self.parent.info.run_id}'",
+                                       max_results=50_000)
+        return {int(r.data.tags["lcsc.trial"]) for r in runs if "lcsc.trial" in r.data.tags}
+
+    def __call__(self, study: Any, trial: Any) -> None:
+        if trial.value is None or trial.number in self.logged:
+            return
+        from mlflow.entities import Metric, Param, RunTag
+
+        coeffs = trial.user_attrs.get("coefficients", [])
+        run = self.client.create_run(self.parent.info.experiment_id, run_name=f"trial-{trial.number:04d}",
+                                     tags={PARENT_TAG: self.parent.info.run_id, "lcsc.trial": str(trial.number),
+                                           "lcsc.kind": "trial", "optuna.study": study.study_name})
+        now = int(time.time() * 1000)
+        params = [Param(k, v) for k, v in coefficient_params(coeffs).items()]
+        params += [Param(k, repr(v)) for k, v in trial.params.items()]
+        self.client.log_batch(run.info.run_id, metrics=[Metric(self.metric, float(trial.value), now, trial.number)],
+                              params=params, tags=[RunTag("lcsc.duration_s", f"{trial.duration.total_seconds():.3f}")]
+                              if trial.duration else [])
+        self.client.set_terminated(run.info.run_id)
+        self.logged.add(trial.number)
+
+    def backfill(self, study: Any) -> int:
+        """Log completed trials that have no child run yet (e.g. after a crash); returns how many."""
+        before = len(self.logged)
+        for trial in study.get_trials(deepcopy=False):
+            self(study, trial)
+        return len(self.logged) - before
+
+
+def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any], tags: Mapping[str, str],
+                   run_id: str, tracking_uri: str | None = None) -> str:
+    """Log ``model`` as an MLflow PyTorch model of ``run_id`` and register it as a new version of ``name``.
+
+    The model is pickled (``serialization_format="pickle"``) so that ``mlflow.pytorch.load_model``
+    returns the user's own ``nn.Module`` class, not a GraphModule; the spec travels in the
+    model's metadata and the lineage in version tags. Returns the version number.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors"]
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle",
+                                        pip_requirements=requirements, metadata={"lcsc_spec": dict(spec)},
+                                        registered_model_name=name)
+    version = getattr(info, "registered_model_version", None)
+    if version is None:
+        raise LcscError(f"MLflow did not register model {name!r}")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    return str(version)
+
+
+def promote(name: str, version: str, alias: str, *, tracking_uri: str | None = None) -> None:
+    """Point ``alias`` of registered model ``name`` at ``version`` (LcscError for unknown name/version)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise LcscError(f"unknown registered model {name!r}") from None
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise LcscError(f"registered model {name!r} has no version {version!r}") from None
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as exc:
+        raise LcscError(f"cannot set alias {alias!r}: {str(exc).splitlines()[0]}") from None
+
+
+def to_json_tag(value: Any) -> str:
+    """Compact JSON for a tag value (MLflow limits tag values to 8,000 characters... 5,000 on some stores)."""
+    text = json.dumps(value, separators=(",", ":"))
+    return text if len(text) <= 5000 else text[:4990] + "…"

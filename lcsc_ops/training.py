@@ -1,0 +1,159 @@
+"""The digits DDPM training pipeline under ``accelerate``, logging checkpoints to MLflow.
+
+Runs the same in one process (``lcsc-ops train``) and in many
+(``accelerate launch pipelines/train.py``). Every process trains; only the main process
+talks to MLflow: it opens the run, records the config and the model spec, logs the loss
+and, through :class:`~lcsc_ops.tracking.checkpoints.CheckpointLogger`, the raw and EMA
+checkpoints every ``checkpoint_every`` steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lcsc_ops.errors import LcscError
+from lcsc_ops.spec import ModelSpec
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs; logged whole as the run's params and ``lcsc/train_config.json``."""
+
+    dataset: str = "digits"
+    steps: int = 4000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    channels: int = 32
+    sampler_steps: int = 10
+    checkpoint_every: int = 50
+    checkpoint_start: int = 0
+    ema_decay: float = 0.999
+    log_every: int = 50
+    seed: int = 0
+    experiment: str = "lcsc"
+    run_name: str | None = None
+    model_name: str = "digits-ddpm"
+    tracking_uri: str | None = None
+    cpu: bool | None = None  # None: CPU when no GPU is visible
+    factory: str = "lcsc_ops.models.unet:digits_unet"
+    factory_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def spec(self, image_shape: tuple[int, ...]) -> ModelSpec:
+        kwargs = {"in_channels": image_shape[0], "channels": self.channels, **self.factory_kwargs}
+        return ModelSpec(factory=self.factory, kwargs=kwargs,
+                         sampler={"name": "ddim", "steps": self.sampler_steps, "timesteps": 1000},
+                         dataset=self.dataset, image_shape=image_shape)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for name in ("steps", "batch_size", "checkpoint_every", "log_every", "sampler_steps", "channels"):
+        if getattr(cfg, name) < 1:
+            raise LcscError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.lr <= 0:
+        raise LcscError(f"lr must be > 0, got {cfg.lr}")
+
+
+def train(cfg: TrainConfig) -> str | None:
+    """Train, logging to MLflow from the main process; returns the run id there (None elsewhere)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from lcsc_ops.evaluation.data import load_dataset
+    from lcsc_ops.models.diffusion import make_sampler
+
+    _validate(cfg)
+    cpu = (not torch.cuda.is_available()) if cfg.cpu is None else cfg.cpu
+    accelerator = Accelerator(cpu=cpu)
+    set_seed(cfg.seed)
+    images = load_dataset(cfg.dataset)
+    spec = cfg.spec(tuple(images.shape[1:]))
+    model = spec.build()
+    sampler = make_sampler(spec.sampler)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=cfg.batch_size,
+                                         shuffle=True, drop_last=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    run, logger = None, None
+    if accelerator.is_main_process:
+        run, logger = _open_run(cfg, spec, accelerator)
+    try:
+        _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run)
+    finally:
+        if logger is not None:
+            logger.close()
+        if run is not None:
+            import mlflow
+
+            mlflow.end_run()
+    accelerator.wait_for_everyone()
+    return run.info.run_id if run is not None else None
+
+
+def _open_run(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
+    import mlflow
+
+    from lcsc_ops.tracking.checkpoints import CheckpointLogger
+
+    if cfg.tracking_uri:
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_experiment(cfg.experiment)
+    run = mlflow.start_run(run_name=cfg.run_name)
+    params = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in dataclasses.asdict(cfg).items()
+              if k != "tracking_uri"}
+    mlflow.log_params({**params, "num_processes": accelerator.num_processes})
+    mlflow.set_tags({"lcsc.kind": "training", "lcsc.model_name": cfg.model_name})
+    mlflow.log_dict(dataclasses.asdict(cfg), "lcsc/train_config.json")
+    logger = CheckpointLogger(spec, every=cfg.checkpoint_every, ema_decay=cfg.ema_decay,
+                              accelerator=accelerator, run_id=run.info.run_id, start_step=cfg.checkpoint_start)
+    return run, logger
+
+
+def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run) -> None:
+    import mlflow
+
+    step, t0, loss_sum, loss_n = 0, time.perf_counter(), torch.zeros((), device=accelerator.device), 0
+    model.train()
+    while step < cfg.steps:
+        for (x0,) in loader:
+            loss = sampler.training_loss(model, x0)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum += loss.detach()
+            loss_n += 1
+            if logger is not None:
+                logger.step(model, step)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                # A collective: every process takes part, the main one logs the mean.
+                mean_loss = accelerator.reduce(loss_sum / loss_n, reduction="mean").item()
+                loss_sum.zero_()
+                loss_n = 0
+                if run is not None:
+                    mlflow.log_metrics({"loss": mean_loss,
+                                        "steps_per_second": step / (time.perf_counter() - t0)}, step=step)
+            if step >= cfg.steps:
+                break
+
+
+def config_from_env_json(text: str | None) -> dict[str, Any]:
+    """Parse ``--factory-kwargs`` JSON given on the command line."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LcscError(f"factory kwargs are not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise LcscError("factory kwargs must be a JSON object")
+    return value
+

@@ -1,0 +1,13 @@
+"""Training pipeline entry point for ``accelerate launch``.
+
+    accelerate launch --multi_gpu --num_processes 2 pipelines/train.py --steps 4000
+
+Takes the same options as ``lcsc-ops train``; every process trains, the main process
+logs the run and its checkpoints to MLflow.
+"""
+import typer
+
+from lcsc_ops.cli import train
+
+if __name__ == "__main__":
+    typer.run(train)

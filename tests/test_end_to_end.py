@@ -1,0 +1,93 @@
+"""Tiny training -> optimize -> register -> promote -> load by alias, and resuming the study."""
+from __future__ import annotations
+
+import json
+
+import mlflow
+import optuna
+import pytest
+import torch
+
+from lcsc_ops.job import run_optimize
+from lcsc_ops.math.merge import merge_state_dicts
+from lcsc_ops.models.unet import DigitsUNet
+from lcsc_ops.tracking.checkpoints import fetch_window, sha256_file
+from lcsc_ops.tracking.registry import promote
+from tests.conftest import tiny_optimize_config
+
+BASELINES = {"last", "uniform", "ema_star", "training_ema"}
+
+
+@pytest.fixture(scope="module")
+def optimized(store, tiny_run):
+    cfg = tiny_optimize_config(tiny_run, store, model_name="tiny-ddpm")
+    return cfg, run_optimize(cfg, log=lambda m: None)
+
+
+def _children(client, parent):
+    exp = client.get_run(parent).info.experiment_id
+    return client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+
+
+def test_report_has_baselines_and_lcsc(optimized):
+    cfg, report = optimized
+    assert BASELINES <= set(report["methods"])
+    assert {"lcsc#1", "lcsc#2", "lcsc_avg"} <= set(report["methods"])
+    for row in report["methods"].values():
+        assert len(row["final"]) == cfg.final_seeds and row["final_mean"] > 0
+        assert sum(row["coefficients"]) == 1.0
+    assert report["strongest_baseline"] in BASELINES
+    assert report["winner"] in report["methods"]
+    # the winner is the best final mean of all methods
+    assert report["methods"][report["winner"]]["final_mean"] == min(r["final_mean"] for r in report["methods"].values())
+
+
+def test_one_child_run_per_trial_with_coefficients(store, optimized):
+    cfg, report = optimized
+    client = mlflow.tracking.MlflowClient(store["uri"])
+    children = _children(client, report["parent_run_id"])
+    assert len(children) == cfg.n_trials
+    basis_size = 2 * cfg.window
+    for run in children:
+        coeffs = [float(run.data.params[f"c{i:02d}"]) for i in range(basis_size)]
+        assert sum(coeffs) == 1.0
+        assert run.data.metrics["fid"] > 0
+    parent = client.get_run(report["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {"search_fid.last", "final_fid.uniform"} <= set(parent.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/search_history.png", "plots/coefficients.png"} <= artifacts
+
+
+def test_registered_promoted_model_is_the_recomputed_merge(store, tiny_run, optimized):
+    _, report = optimized
+    name, version = report["registered_model"]["name"], report["registered_model"]["version"]
+    promote(name, version, "champion", tracking_uri=store["uri"])
+    mlflow.set_tracking_uri(store["uri"])
+    model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    assert type(model) is DigitsUNet  # the user's own class, not a GraphModule
+    mv = mlflow.tracking.MlflowClient(store["uri"]).get_model_version(name, version)
+    tags = mv.tags
+    assert tags["lcsc.source_run"] == tiny_run and tags["lcsc.winner"] == report["winner"]
+    coeffs = json.loads(tags["lcsc.coefficients"])
+    files = json.loads(tags["lcsc.checkpoints"])
+    hashes = json.loads(tags["lcsc.checkpoint_sha256"])
+    assert sum(coeffs) == 1.0 and len(coeffs) == len(files) == len(hashes)
+    window = fetch_window(tiny_run, window=8, tracking_uri=store["uri"], cache_dir=store["cache"])
+    by_file = {e.file: e for e in window.entries}
+    assert [sha256_file(by_file[f].path) for f in files] == hashes
+    expected = merge_state_dicts([by_file[f].load() for f in files], coeffs)
+    got = model.state_dict()
+    assert set(got) == set(expected)
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+
+
+def test_resume_runs_only_missing_trials_under_the_same_parent(store, tiny_run, optimized):
+    cfg, report = optimized
+    more = run_optimize(tiny_optimize_config(tiny_run, store, n_trials=7, register=False), log=lambda m: None)
+    assert more["parent_run_id"] == report["parent_run_id"]
+    study = optuna.load_study(study_name=report["study"], storage=store["storage"])
+    assert len([t for t in study.trials if t.value is not None]) == 7
+    client = mlflow.tracking.MlflowClient(store["uri"])
+    assert len(_children(client, report["parent_run_id"])) == 7
