@@ -12,6 +12,9 @@ import typer
 
 from lcsc_ops.errors import LcscError
 
+# Progress bars on every artifact download would drown the one-line output a CLI owes its user.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Linear Combination of Saved Checkpoints, on MLflow + Optuna + accelerate.")
 

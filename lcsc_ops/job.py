@@ -167,7 +167,7 @@ def _search_and_finish(cfg, client, study, parent_id, window, spec, source, basi
     log(f"search: {ran} new trials ({len(done)} in study {study.study_name}) in {search_seconds:.1f} s; "
         f"best search {metric} {done[0].value:.3f} (trial {done[0].number})")
 
-    cands = [Candidate(f"lcsc#{r + 1}", tuple(basis), tuple(t.user_attrs["coefficients"]), "lcsc",
+    cands = [Candidate(f"lcsc_top{r + 1}", tuple(basis), tuple(t.user_attrs["coefficients"]), "lcsc",
                        search_fid=t.value, note=f"trial {t.number}") for r, t in enumerate(done[:cfg.top_k])]
     if len(cands) > 1:
         avg = Candidate("lcsc_avg", tuple(basis), tuple(average_coefficients([c.coeffs for c in cands])), "lcsc",

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 TINY_TRAIN = dict(steps=60, batch_size=32, channels=8, checkpoint_every=10, sampler_steps=2, log_every=10,
                   warmup_steps=5, experiment="tests", model_name="tiny-ddpm")
 

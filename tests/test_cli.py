@@ -56,4 +56,4 @@ def test_optimize_json_output(store, tiny_run):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["trials"] == 2 and "registered_model" not in report
-    assert {"last", "uniform", "ema_star", "training_ema", "lcsc#1"} <= set(report["methods"])
+    assert {"last", "uniform", "ema_star", "training_ema", "lcsc_top1"} <= set(report["methods"])

@@ -32,7 +32,7 @@ def _children(client, parent):
 def test_report_has_baselines_and_lcsc(optimized):
     cfg, report = optimized
     assert BASELINES <= set(report["methods"])
-    assert {"lcsc#1", "lcsc#2", "lcsc_avg"} <= set(report["methods"])
+    assert {"lcsc_top1", "lcsc_top2", "lcsc_avg"} <= set(report["methods"])
     for row in report["methods"].values():
         assert len(row["final"]) == cfg.final_seeds and row["final_mean"] > 0
         assert sum(row["coefficients"]) == 1.0

@@ -34,7 +34,9 @@ def checkpoints() -> list[dict[str, torch.Tensor]]:
         sd["1.running_var"].abs_()
         sd["1.num_batches_tracked"] = torch.tensor(100 * (i + 1))
         out.append(sd)
-    out[2]["0.weight"][0, 0] = -0.0  # a signed zero must survive a one-hot merge
+    # A signed zero must survive a one-hot merge (0 * 0.5 + -0.0 would be +0.0).
+    for i, sd in enumerate(out):
+        sd["0.weight"][0, 0] = -0.0 if i == 2 else 0.5
     return out
 
 
@@ -220,8 +222,9 @@ def test_16bit_stack_keeps_small_differences(dtype):
     # ... whereas merging 16-bit checkpoints with 16-bit coefficients directly is not.
     naive = sum(torch.tensor(c, dtype=dtype) * sd["w"].to(dtype) for c, sd in zip(coeffs, sds))
     assert (naive.float() - exact).abs().max() > 4 * (got - exact).abs().max()
-    # A one-hot merge gives each checkpoint back to within about one 16-bit rounding.
+    # A one-hot merge gives each checkpoint back to within one 16-bit rounding of the
+    # weight plus one of the deviation (|theta_i - ref| < 1e-2 here).
     merger = StackedMerger(sds, dtype=dtype)
     for i in range(K):
-        one = merger.state_dict(one_hot(K, i))["w"]
-        assert ((one - sds[i]["w"]).abs() <= 2 * u * sds[i]["w"].abs()).all()
+        one, x = merger.state_dict(one_hot(K, i))["w"], sds[i]["w"]
+        assert ((one - x).abs() <= 1.5 * u * x.abs() + u * 1e-2).all()

@@ -37,8 +37,9 @@ def test_quantise_sums_to_exactly_one_in_any_order():
     gen = torch.Generator().manual_seed(0)
     for trial in range(500):
         k = [2, 3, 5, 17, 64, 200][trial % 6]
-        # Up to |a_i| ~ 100 and a sum of |a_i| up to ~5000 (the limit is 2^13).
-        scale = [1e-3, 0.1, 1.0, 10.0, 30.0, 100.0][trial % 6 if k <= 17 else trial % 5]
+        # Up to |a_i| ~ 300 and a sum of |a_i| up to ~5000 (the limit is 2^13).
+        scale = [1e-3, 0.1, 1.0, 10.0, 30.0, 100.0][(trial // 6) % 6]
+        scale = min(scale, 30.0) if k > 64 else scale
         raw = random_affine(k, scale, gen)
         # Naive float sums of the raw vector are usually NOT exactly 1 ...
         q = quantise(raw)

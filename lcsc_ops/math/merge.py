@@ -83,12 +83,15 @@ class StackedMerger:
     the last checkpoint, as in ``merge_state_dicts``.
 
     In float32/float64 each stack row is a checkpoint and ``merge`` computes Eq. 1
-    directly (one-hot merges are bit-exact). In 16-bit dtypes a checkpoint rounded to
-    bf16 (8 significant bits) would lose the small differences between neighbouring
-    checkpoints that the search exploits, and the coefficients themselves would round
-    to 2^-9; so the stack holds deviations ``theta_i - ref`` from a reference (the last
-    checkpoint) and ``merge`` computes ``ref + sum_i a_i (theta_i - ref)``, which equals
-    Eq. 1 because ``sum_i a_i = 1``. Either way ``merge`` requires affine coefficients.
+    directly: a one-hot merge of checkpoints stored in that dtype is bit-exact, except
+    that a -0.0 may come back as +0.0 (``0 * x + -0.0``). In 16-bit dtypes a checkpoint
+    rounded to bf16 (8 significant bits) would lose the small differences between
+    neighbouring checkpoints that the search exploits, and coefficients like 6 and -5
+    would amplify that rounding; so the stack holds deviations ``theta_i - ref`` from a
+    reference (the last checkpoint rounded to the dtype) and ``merge`` computes
+    ``ref + sum_i a_i (theta_i - ref)``, which equals Eq. 1 because ``sum_i a_i = 1``.
+    The result is then within about one 16-bit rounding of the exact merge. Either way
+    ``merge`` requires affine coefficients.
     """
 
     @torch.no_grad()

@@ -84,6 +84,9 @@ def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any]
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors"]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    # start_run(run_id=...) refuses a run outside the active experiment, so select the run's own.
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle",
                                         pip_requirements=requirements, metadata={"lcsc_spec": dict(spec)},
@@ -91,7 +94,6 @@ def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any]
     version = getattr(info, "registered_model_version", None)
     if version is None:
         raise LcscError(f"MLflow did not register model {name!r}")
-    client = MlflowClient(tracking_uri=tracking_uri)
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
     return str(version)
