@@ -156,7 +156,7 @@ def optimize(
     else:
         from rich.console import Console
 
-        Console(width=140).print(render_table(result))
+        Console(width=160).print(render_table(result))
 
 
 @app.command()

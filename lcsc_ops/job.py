@@ -177,9 +177,10 @@ def _search_and_finish(cfg, client, study, parent_id, window, spec, source, basi
     final_seeds = [FINAL_SEED_BASE + i for i in range(cfg.final_seeds)]
     for c in base + cands:
         dense = c.dense(len(window.entries))
-        c.final = scorer.per_seed(dense, evaluator, cfg.final_samples, final_seeds)
         if second is not None:
-            c.second = scorer.per_seed(dense, second, cfg.final_samples, final_seeds)
+            c.final, c.second = scorer.per_seed_pair(dense, evaluator, second, cfg.final_samples, final_seeds)
+        else:
+            c.final = scorer.per_seed(dense, evaluator, cfg.final_samples, final_seeds)
 
     report = build_report(cfg, window, base, cands, centre, metric=metric, search_seconds=search_seconds,
                           trials=len(done), study=study.study_name, storage=storage, parent_run_id=parent_id)

@@ -174,11 +174,18 @@ class Scorer:
         self.merger = StackedMerger(window.load_all(), device=device)
         self.model = self.merger.bind(model_factory().to(device).eval())
 
-    def __call__(self, coeffs: Sequence[float], evaluator: Callable, num_samples: int, seeds: Sequence[int]) -> float:
-        self.merger.merge(coeffs)
-        return statistics.fmean(float(evaluator(self.model, num_samples, s)) for s in seeds)
-
     def per_seed(self, coeffs: Sequence[float], evaluator: Callable, num_samples: int,
                  seeds: Sequence[int]) -> list[float]:
         self.merger.merge(coeffs)
         return [float(evaluator(self.model, num_samples, s)) for s in seeds]
+
+    def per_seed_pair(self, coeffs: Sequence[float], first: Any, second: Any, num_samples: int,
+                      seeds: Sequence[int]) -> tuple[list[float], list[float]]:
+        """Scores under two FID scorers from ONE set of samples per seed (the final evaluation)."""
+        self.merger.merge(coeffs)
+        a, b = [], []
+        for s in seeds:
+            images = first.sample(self.model, num_samples, s)
+            a.append(first.score_images(images))
+            b.append(second.score_images(images))
+        return a, b

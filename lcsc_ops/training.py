@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,8 +140,10 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger
                 loss_sum.zero_()
                 loss_n = 0
                 if run is not None:
-                    mlflow.log_metrics({"loss": mean_loss,
-                                        "steps_per_second": step / (time.perf_counter() - t0)}, step=step)
+                    rate = step / (time.perf_counter() - t0)
+                    mlflow.log_metrics({"loss": mean_loss, "steps_per_second": rate}, step=step)
+                    if step % (10 * cfg.log_every) == 0 or step == cfg.steps:
+                        print(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  {rate:.1f} steps/s", file=sys.stderr)
             if step >= cfg.steps:
                 break
 

@@ -235,27 +235,31 @@ class FIDScorer:
                 return math.inf
         return self._compute()
 
-    def __call__(self, model: nn.Module, num_samples: int, seed: int) -> float:
-        """Sample ``num_samples`` images from the fixed noise of ``seed`` and return their FID.
+    def sample(self, model: nn.Module, num_samples: int, seed: int) -> torch.Tensor:
+        """Images sampled from the fixed noise of ``seed``, batch by batch under inference mode.
 
-        Batches of ``batch_size`` run under ``torch.inference_mode()`` with the model in
-        eval mode (its previous mode is restored). Same model and seed give the same float.
+        The model runs in eval mode (its previous mode is restored). Sampling once and
+        scoring the same images under several extractors (:meth:`score_images`) is how a
+        second, independent metric costs no extra sampling.
         """
         if num_samples < 2:
             raise LcscError(f"FID needs at least 2 generated images, got {num_samples}")
         noise = make_noise(num_samples, self.image_shape, seed)
-        self.metric.reset()
         was_training = model.training
         model.eval()
         try:
-            for batch in noise.split(self.batch_size):
-                with torch.inference_mode():
-                    images = self.sampler.sample(model, batch.to(self.device))
-                if not self._update(images):
-                    return math.inf
+            with torch.inference_mode():
+                return torch.cat([self.sampler.sample(model, batch.to(self.device))
+                                  for batch in noise.split(self.batch_size)])
         finally:
             model.train(was_training)
-        return self._compute()
+
+    def __call__(self, model: nn.Module, num_samples: int, seed: int) -> float:
+        """Sample ``num_samples`` images from the fixed noise of ``seed`` and return their FID.
+
+        Same model and seed give the same float; non-finite samples score ``inf``.
+        """
+        return self.score_images(self.sample(model, num_samples, seed))
 
 
 def load_evaluator(path: str) -> Callable[[nn.Module, int, int], float]:
