@@ -92,6 +92,8 @@ def train(
 def optimize(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of the training run.")],
     window: Annotated[int, typer.Option(help="Use the last N checkpoint steps.", rich_help_panel="Basis")] = 16,
+    end_step: Annotated[Optional[int], typer.Option(help="Window ends at or before this step (default: the last).",
+                                                    rich_help_panel="Basis")] = None,
     basis: Annotated[str, typer.Option(help="Merge raw checkpoints, EMA snapshots, or both.",
                                        rich_help_panel="Basis")] = "both",
     strategy: Annotated[str, typer.Option(help="Search strategy: cmaes, cmaes-sep, cmaes-margin, random.",
@@ -141,7 +143,7 @@ def optimize(
 
     if inception_weights is not None and not inception_weights.is_file():
         raise LcscError(f"inception weights not found: {inception_weights}")
-    cfg = OptimizeConfig(run_id=run_id, window=window, basis=basis, strategy=strategy, n_trials=n_trials,
+    cfg = OptimizeConfig(run_id=run_id, window=window, end_step=end_step, basis=basis, strategy=strategy, n_trials=n_trials,
                          radius=radius, blocks=blocks, search_samples=search_samples, search_seeds=search_seeds,
                          final_samples=final_samples, final_seeds=final_seeds, top_k=top_k, nfe=nfe, seed=seed,
                          model_name=model_name, evaluator=evaluator, feature_extractor=feature_extractor,

@@ -76,7 +76,8 @@ def run_optimize(cfg: OptimizeConfig, *, log: Callable[[str], None] = print,
     client = MlflowClient(tracking_uri=uri)
     cache_dir = cache_dir or default_cache_dir()
     source = get_run_or_fail(cfg.run_id, uri)
-    window = fetch_window(cfg.run_id, window=cfg.window, tracking_uri=uri, cache_dir=cache_dir)
+    window = fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step, tracking_uri=uri,
+                          cache_dir=cache_dir)
     spec = window.spec if cfg.nfe is None else window.spec.with_sampler(steps=cfg.nfe)
     device = resolve_device(cfg.device)
     strategy = make_strategy(cfg.strategy, cfg.seed)

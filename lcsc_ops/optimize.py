@@ -33,6 +33,7 @@ class OptimizeConfig:
 
     run_id: str
     window: int = 16
+    end_step: int | None = None
     basis: str = "both"
     strategy: str = "cmaes"
     n_trials: int = 100
@@ -58,7 +59,7 @@ class OptimizeConfig:
 
     def study_key(self) -> dict[str, Any]:
         """The settings that define a study; the same key resumes the same study."""
-        keep = ("run_id", "window", "basis", "strategy", "radius", "blocks", "search_samples", "search_seeds",
+        keep = ("run_id", "window", "end_step", "basis", "strategy", "radius", "blocks", "search_samples", "search_seeds",
                 "nfe", "seed", "evaluator", "feature_extractor")
         return {k: getattr(self, k) for k in keep}
 

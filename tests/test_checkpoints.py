@@ -76,3 +76,10 @@ def test_logger_in_a_plain_loop_logs_every_n_steps(store):
     assert [(e["step"], e["kind"]) for e in manifest["entries"]] == [(2, "raw"), (2, "ema"), (4, "raw"), (4, "ema")]
     window = fetch_window(run.info.run_id, window=1, tracking_uri=store["uri"], cache_dir=store["cache"])
     assert set(window.entries[0].load()) == {"weight", "bias"}  # unwrapped: no "module." prefix
+
+
+def test_window_can_end_at_an_earlier_step(store, tiny_run):
+    window = fetch_window(tiny_run, window=2, end_step=35, tracking_uri=store["uri"], cache_dir=store["cache"])
+    assert window.steps == (20, 30) and window.training_ema.label == "ema@30"
+    with pytest.raises(LcscError, match="before step 5"):
+        fetch_window(tiny_run, window=2, end_step=5, tracking_uri=store["uri"], cache_dir=store["cache"])

@@ -7,19 +7,12 @@ import pytest
 from lcsc_ops.errors import LcscError
 from lcsc_ops.job import run_optimize
 from tests.conftest import tiny_optimize_config
-
-CALLS: list[tuple[int, int]] = []
-
-
-def weight_energy(model, num_samples, seed):
-    """A deterministic score of the merged weights (lower is better)."""
-    CALLS.append((num_samples, seed))
-    return float(sum(p.double().pow(2).sum() for p in model.parameters()))
+from tests.evaluators import CALLS
 
 
 def test_user_evaluator_scores_every_trial(store, tiny_run):
     CALLS.clear()
-    cfg = tiny_optimize_config(tiny_run, store, evaluator="tests.test_user_evaluator:weight_energy", n_trials=4,
+    cfg = tiny_optimize_config(tiny_run, store, evaluator="tests.evaluators:weight_energy", n_trials=4,
                                register=False, search_samples=11, final_samples=13)
     report = run_optimize(cfg, log=lambda m: None)
     assert report["metric"] == "score"

@@ -280,10 +280,16 @@ def read_manifest(run_id: str, tracking_uri: str | None = None) -> dict[str, Any
     return manifest
 
 
-def _select(entries: list[dict], window: int) -> tuple[list[dict], dict | None, list[int]]:
-    """The last ``window`` checkpoint steps: every entry at those steps (raw by step, then EMA by step)."""
+def _select(entries: list[dict], window: int, end_step: int | None = None
+            ) -> tuple[list[dict], dict | None, list[int]]:
+    """The last ``window`` checkpoint steps (at or before ``end_step``): every entry at those
+    steps, raw by step, then EMA by step."""
     if window < 1:
         raise LcscError(f"window must be >= 1, got {window}")
+    if end_step is not None:
+        entries = [e for e in entries if e["step"] <= end_step]
+        if not entries:
+            raise LcscError(f"no checkpoints at or before step {end_step}")
     raw_steps = sorted({e["step"] for e in entries if e["kind"] == "raw"})
     steps = (raw_steps or sorted({e["step"] for e in entries}))[-window:]
     chosen = sorted((e for e in entries if e["step"] in set(steps)),
@@ -292,9 +298,10 @@ def _select(entries: list[dict], window: int) -> tuple[list[dict], dict | None, 
     return chosen, (emas[-1] if emas else None), steps
 
 
-def fetch_window(run_id: str, *, window: int = 16, tracking_uri: str | None = None,
+def fetch_window(run_id: str, *, window: int = 16, end_step: int | None = None, tracking_uri: str | None = None,
                  cache_dir: Path | None = None) -> CheckpointWindow:
-    """Download (once, into a local cache) and sha256-verify the last ``window`` checkpoint steps of a run.
+    """Download (once, into a local cache) and sha256-verify the last ``window`` checkpoint steps of a run
+    (at or before ``end_step`` when given: merging an earlier part of training).
 
     All checkpoints at those steps (raw and EMA) come back as ``entries``; which of them
     form the search basis is the caller's choice. ``training_ema`` is the newest EMA
@@ -304,7 +311,7 @@ def fetch_window(run_id: str, *, window: int = 16, tracking_uri: str | None = No
     from mlflow.exceptions import MlflowException
 
     manifest = read_manifest(run_id, tracking_uri)
-    chosen, ema_entry, steps = _select(manifest["entries"], window)
+    chosen, ema_entry, steps = _select(manifest["entries"], window, end_step)
     root = (cache_dir or default_cache_dir()) / "checkpoints" / run_id
     root.mkdir(parents=True, exist_ok=True)
 
