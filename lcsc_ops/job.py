@@ -18,7 +18,7 @@ import torch
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.encoding import AffineEncoding, partition_by_kind
 from lcsc_ops.optimize import (BASIS_KINDS, FINAL_SEED_BASE, Candidate, OptimizeConfig, Scorer,
-                               average_coefficients, baselines, centre_in_basis, merged_state, paired, restrict)
+                               average_coefficients, baselines, centre_in_basis, merged_state, restrict)
 from lcsc_ops.spec import ModelSpec
 
 

@@ -10,15 +10,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.math.encoding import AffineEncoding
 from lcsc_ops.math.merge import StackedMerger, merge_state_dicts
 from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, one_hot, quantise, uniform
 from lcsc_ops.tracking.checkpoints import CheckpointWindow

@@ -83,3 +83,27 @@ def test_window_can_end_at_an_earlier_step(store, tiny_run):
     assert window.steps == (20, 30) and window.training_ema.label == "ema@30"
     with pytest.raises(LcscError, match="before step 5"):
         fetch_window(tiny_run, window=2, end_step=5, tracking_uri=store["uri"], cache_dir=store["cache"])
+
+
+def test_ema_snapshots_follow_the_ema_recursion(store):
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_experiment("ema-recursion")
+    spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
+    model, decay = spec.build(), 0.75
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with mlflow.start_run() as run:
+        with CheckpointLogger(spec, every=1, ema_decay=decay) as ckpt:
+            for step in range(1, 5):
+                model(torch.randn(8, 3)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                ckpt.step(model, step)
+    window = fetch_window(run.info.run_id, window=4, tracking_uri=store["uri"], cache_dir=store["cache"])
+    raws = [e.load() for e in window.entries if e.kind == "raw"]
+    emas = [e.load() for e in window.entries if e.kind == "ema"]
+    expected = raws[0]
+    assert all(torch.equal(emas[0][k], expected[k]) for k in expected)  # the EMA starts at the first weights
+    for raw, ema in zip(raws[1:], emas[1:]):
+        expected = {k: decay * expected[k] + (1 - decay) * raw[k] for k in raw}
+        for k in raw:
+            torch.testing.assert_close(ema[k], expected[k])
