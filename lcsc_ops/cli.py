@@ -1,4 +1,4 @@
-"""The ``lcsc-ops`` command line: train, optimize, promote. Thin: parse, configure, call."""
+"""The ``lcsc-ops`` command line: train, optimize, promote, import. Thin: parse, configure, call."""
 from __future__ import annotations
 
 import functools
@@ -96,7 +96,7 @@ def optimize(
                                                     rich_help_panel="Basis")] = None,
     basis: Annotated[str, typer.Option(help="Merge raw checkpoints, EMA snapshots, or both.",
                                        rich_help_panel="Basis")] = "both",
-    strategy: Annotated[str, typer.Option(help="Search strategy: cmaes, cmaes-sep, cmaes-margin, random.",
+    strategy: Annotated[str, typer.Option(help="Search strategy: cmaes, cmaes-sep, cmaes-margin, evolution, random.",
                                           rich_help_panel="Search")] = "cmaes",
     n_trials: Annotated[int, typer.Option(help="Total trials in the study (a resumed study runs the rest).",
                                           rich_help_panel="Search")] = 100,
@@ -129,6 +129,9 @@ def optimize(
                                                               rich_help_panel="Evaluation")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 …")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 500,
+    max_stack_memory: Annotated[Optional[float], typer.Option(
+        help="GiB the stacked window may take on the device; above it, merges stream from the checkpoint files "
+             "(about two model copies).")] = None,
     model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default: the training run's).",
                                                       rich_help_panel="MLflow")] = None,
     register: Annotated[bool, typer.Option(help="Register the winning merge.", rich_help_panel="MLflow")] = True,
@@ -148,7 +151,8 @@ def optimize(
                          final_samples=final_samples, final_seeds=final_seeds, top_k=top_k, nfe=nfe, seed=seed,
                          model_name=model_name, evaluator=evaluator, feature_extractor=feature_extractor,
                          inception_weights=str(inception_weights) if inception_weights else None, device=device,
-                         batch_size=batch_size, storage=storage, tracking_uri=tracking_uri, register=register)
+                         batch_size=batch_size, max_stack_memory=max_stack_memory, storage=storage,
+                         tracking_uri=tracking_uri, register=register)
     log = (lambda msg: typer.echo(msg, err=True))
     result = run_optimize(cfg, log=log)
     if report is not None:
@@ -174,6 +178,62 @@ def promote(
 
     do_promote(name, version, alias, tracking_uri=tracking_uri)
     typer.echo(f"{name}@{alias} -> version {version} (load with mlflow.pytorch.load_model('models:/{name}@{alias}'))")
+
+
+def _image_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise LcscError(f"--image-shape must be positive integers like 1,8,8, got {text!r}")
+    return shape
+
+
+@app.command("import")
+@user_errors
+def import_(
+    folder: Annotated[Path, typer.Argument(help="Folder of .safetensors / .pt / .pth checkpoints.")],
+    factory: Annotated[str, typer.Option(help="Model factory 'module:callable' that rebuilds the network.",
+                                         rich_help_panel="Model spec")],
+    factory_kwargs: Annotated[Optional[str], typer.Option(help="Factory kwargs as JSON.",
+                                                          rich_help_panel="Model spec")] = None,
+    sampler_steps: Annotated[int, typer.Option(help="DDIM steps recorded in the model spec.",
+                                               rich_help_panel="Model spec")] = 10,
+    dataset: Annotated[str, typer.Option(help="Reference data set for FID.", rich_help_panel="Model spec")] = "digits",
+    image_shape: Annotated[str, typer.Option(help="C,H,W of one sample.", rich_help_panel="Model spec")] = "1,8,8",
+    step_pattern: Annotated[Optional[str], typer.Option(help="Regex with one group that finds the step in a file "
+                                                             "name, e.g. 'step(\\d+)' (when metadata has none).",
+                                                        rich_help_panel="Checkpoints")] = None,
+    kind: Annotated[str, typer.Option(help="Kind of the folder's checkpoints: raw or ema.",
+                                      rich_help_panel="Checkpoints")] = "raw",
+    ema_folder: Annotated[Optional[Path], typer.Option(help="A second folder of EMA checkpoints.",
+                                                       rich_help_panel="Checkpoints")] = None,
+    partial: Annotated[bool, typer.Option(help="Checkpoints hold only part of the model (e.g. LoRA adapters); "
+                                               "the factory supplies the rest.",
+                                          rich_help_panel="Checkpoints")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Fully unpickle .pt files that need it (runs code from the "
+                                                    "file: only for files you trust).",
+                                               rich_help_panel="Checkpoints")] = False,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment.", rich_help_panel="MLflow")] = "lcsc-import",
+    run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.", rich_help_panel="MLflow")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="Registered model name optimize will use by default.",
+                                                      rich_help_panel="MLflow")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Turn a folder of saved checkpoints into an MLflow run that optimize accepts. Prints the run id (last line)."""
+    from lcsc_ops.spec import ModelSpec
+    from lcsc_ops.tracking.importer import import_checkpoints
+    from lcsc_ops.training import config_from_env_json
+
+    spec = ModelSpec(factory=factory, kwargs=config_from_env_json(factory_kwargs),
+                     sampler={"name": "ddim", "steps": sampler_steps}, dataset=dataset,
+                     image_shape=_image_shape(image_shape))
+    run_id = import_checkpoints(folder, spec=spec, step_pattern=step_pattern, kind=kind, ema_folder=ema_folder,
+                                partial=partial, allow_pickle=allow_pickle, experiment=experiment, run_name=run_name,
+                                model_name=model_name, tracking_uri=tracking_uri,
+                                log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(run_id)
 
 
 def main() -> None:

@@ -87,7 +87,9 @@ def run_optimize(cfg: OptimizeConfig, *, log: Callable[[str], None] = print,
         raise LcscError(f"run {cfg.run_id} has no {cfg.basis} checkpoints in the window")
     log(f"window: steps {window.steps[0]}..{window.steps[-1]} ({len(window.steps)} steps, "
         f"{len(window.entries)} checkpoints, basis {cfg.basis}: {len(basis)})")
-    scorer = Scorer(window, spec.build, device)
+    scorer = Scorer(window, spec.build, device, max_stack_memory=cfg.max_stack_memory)
+    if scorer.mode == "streaming":
+        log(f"merge: streaming from the checkpoint files (the stack would exceed {cfg.max_stack_memory} GiB)")
     size, search_seeds = len(window.entries), list(range(cfg.search_seeds))
 
     def search_score(dense: list[float]) -> float:
@@ -189,8 +191,10 @@ def _search_and_finish(cfg, client, study, parent_id, window, spec, source, basi
         client.log_metric(parent_id, f"final_{metric}.{name}", row["final_mean"])
     winner = next(c for c in base + cands if c.name == report["winner"])
     if cfg.register:
-        model = spec.build()
-        model.load_state_dict(merged_state(window, winner))
+        from lcsc_ops.math.merge import load_checkpoint_state
+
+        # Checkpoints may hold only part of the model (adapters): the factory's base fills the rest.
+        model = load_checkpoint_state(spec.build(), merged_state(window, winner))
         entries = [window.entries[i] for i in winner.indices]
         tags = _lineage_tags(cfg, report, winner, entries)
         name = cfg.model_name or source.data.tags.get("lcsc.model_name") or "lcsc-model"

@@ -16,8 +16,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.math.merge import StackedMerger, merge_state_dicts
+from lcsc_ops.math.merge import merge_state_dicts
 from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, one_hot, quantise, uniform
+from lcsc_ops.math.streaming import StreamingMerger, make_merger
 from lcsc_ops.tracking.checkpoints import CheckpointWindow
 
 FINAL_SEED_BASE = 10_000  # final seeds never overlap the search seeds (0, 1, ...)
@@ -50,6 +51,7 @@ class OptimizeConfig:
     inception_weights: str | None = None
     device: str = "cpu"
     batch_size: int = 500
+    max_stack_memory: float | None = None  # GiB; a bigger window is merged by streaming from the files
     storage: str | None = None
     tracking_uri: str | None = None
     register: bool = True
@@ -69,6 +71,8 @@ class OptimizeConfig:
                 raise LcscError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.radius <= 0:
             raise LcscError(f"radius must be > 0, got {self.radius}")
+        if self.max_stack_memory is not None and not self.max_stack_memory > 0:
+            raise LcscError(f"max-stack-memory must be > 0 GiB, got {self.max_stack_memory}")
 
 
 @dataclass
@@ -165,11 +169,19 @@ def merged_state(window: CheckpointWindow, cand: Candidate) -> dict[str, torch.T
 
 
 class Scorer:
-    """Scores coefficient vectors over the whole window with one stacked merge per call."""
+    """Scores coefficient vectors over the whole window with one merge per call.
 
-    def __init__(self, window: CheckpointWindow, model_factory: Callable[[], torch.nn.Module], device: str) -> None:
+    The window is stacked once (one pass over the stack per merge) unless the stack would
+    exceed ``max_stack_memory`` GiB; then each merge streams from the memory-mapped
+    checkpoint files, with a peak of about two model copies (``mode`` says which).
+    """
+
+    def __init__(self, window: CheckpointWindow, model_factory: Callable[[], torch.nn.Module], device: str,
+                 max_stack_memory: float | None = None) -> None:
         self.size = len(window.entries)
-        self.merger = StackedMerger(window.load_all(), device=device)
+        limit = None if max_stack_memory is None else int(max_stack_memory * 2**30)
+        self.merger = make_merger(window.entries, device=device, max_stack_bytes=limit)
+        self.mode = "streaming" if isinstance(self.merger, StreamingMerger) else "stacked"
         self.model = self.merger.bind(model_factory().to(device).eval())
 
     def per_seed(self, coeffs: Sequence[float], evaluator: Callable, num_samples: int,

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["merge_state_dicts", "StackedMerger"]
+__all__ = ["merge_state_dicts", "StackedMerger", "load_checkpoint_state"]
 
 
 @torch.no_grad()
@@ -26,6 +26,7 @@ def merge_state_dicts(
     coeffs: Sequence[float],
     *,
     accumulate_dtype: torch.dtype = torch.float64,
+    stats: dict | None = None,
 ) -> dict[str, Tensor]:
     """Reference merge ``sum_i coeffs[i] * state_dicts[i]`` (Eq. 1 of the LCSC paper).
 
@@ -39,9 +40,20 @@ def merge_state_dicts(
     that ``0 * inf`` would give). The coefficients need not sum to 1 here. Raises
     ``ValueError`` on mismatched keys, shapes or dtypes, or a wrong number of
     checkpoints.
+
+    When the coefficients sum to 1, a floating tensor bitwise identical in every
+    checkpoint (a frozen backbone, a LoRA base) is its own merge by Eq. 1, so it is not
+    accumulated but taken from the last checkpoint: exact, and no float64 copy of it is
+    held. It is detected while streaming; a tensor found to differ late is caught up by
+    replaying the same additions, so every other tensor comes out bit for bit as before.
+    Pass a dict as ``stats`` to receive ``num_constant`` (tensors skipped this way) and
+    ``varying_keys`` (the floating tensors actually merged).
     """
     coeffs = [float(c) for c in coeffs]
+    affine = all(math.isfinite(c) for c in coeffs) and abs(math.fsum(coeffs) - 1.0) <= 1e-12
     acc: dict[str, Tensor | None] = {}
+    constant: dict[str, Tensor] = {}  # identical in every checkpoint so far (affine coefficients only)
+    added: list[float] = []  # the non-zero coefficients applied so far, to replay for a late-varying tensor
     layout: dict[str, tuple[torch.Size, torch.dtype]] = {}
     last: Mapping[str, Tensor] = {}
     count = 0
@@ -50,9 +62,15 @@ def merge_state_dicts(
             raise ValueError(f"more checkpoints than the {len(coeffs)} coefficients given")
         if i == 0:
             layout = {name: (t.shape, t.dtype) for name, t in sd.items()}
-            acc = {name: None for name, (_, dtype) in layout.items() if dtype.is_floating_point}
+            floating = [name for name, (_, dtype) in layout.items() if dtype.is_floating_point]
+            if affine:
+                constant = {name: sd[name] for name in floating}
+            else:
+                acc = {name: None for name in floating}
         else:
             _check_layout(layout, sd, f"checkpoint {i}")
+            for name in [n for n, t in constant.items() if not _same_bits(t, sd[n])]:
+                acc[name] = _replay(constant.pop(name), added, accumulate_dtype)
         c = coeffs[i]
         if c != 0.0:
             for name in acc:
@@ -60,6 +78,7 @@ def merge_state_dicts(
                 # The first non-zero term starts the sum (no `0 + x`, which would turn
                 # -0.0 into +0.0); later terms are added in place.
                 acc[name] = term * c if acc[name] is None else acc[name].add_(term, alpha=c)
+            added.append(c)
         last = sd
         count += 1
     if count != len(coeffs):
@@ -70,8 +89,30 @@ def merge_state_dicts(
             total = acc[name]
             out[name] = (torch.zeros(shape, dtype=dtype) if total is None else total.to(dtype))
         else:
-            out[name] = last[name].detach().clone()
+            out[name] = last[name].detach().clone()  # non-floating, or identical in every checkpoint
+    if stats is not None:
+        stats["num_constant"] = len(constant)
+        stats["varying_keys"] = tuple(name for name in layout if name in acc)
     return out
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality (unlike ``torch.equal``, -0.0 differs from +0.0, so a one-hot merge stays exact)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    view = _BITS[a.element_size()]
+    return torch.equal(a.view(view), b.view(view))
+
+
+def _replay(t: Tensor, added: Sequence[float], accumulate_dtype: torch.dtype) -> Tensor | None:
+    """The running sum of ``merge_state_dicts`` for a tensor equal to ``t`` in every checkpoint so far."""
+    total, term = None, t.to(accumulate_dtype)
+    for c in added:
+        total = term * c if total is None else total.add_(term, alpha=c)
+    return total
 
 
 class StackedMerger:
@@ -178,14 +219,19 @@ class StackedMerger:
         varying parameter or buffer has its ``.data`` replaced by a view of the flat
         buffer (parameters stay ``nn.Parameter``; gradients are switched off, as this is
         for inference), and constants are copied in once. After ``merge(c)`` the model
-        computes with the merged weights, with no copy. Raises ``ValueError`` if the
-        model's state-dict keys or shapes differ from the checkpoints'.
+        computes with the merged weights, with no copy.
+
+        The checkpoints may hold only some of the model's keys (adapter checkpoints over a
+        fixed base the model factory loads): the model's other tensors are left as they
+        are. Raises ``ValueError`` if a checkpoint key is not in the model or a shape
+        differs.
         """
         model.to(device=self.device, dtype=self.dtype)
         tensors = model.state_dict(keep_vars=True)
-        missing = set(self._layout) ^ set(tensors)
-        if missing:
-            raise ValueError(f"model and checkpoints disagree on keys: {sorted(missing)[:5]}")
+        unexpected = set(self._layout) - set(tensors)
+        if unexpected:
+            raise ValueError(f"checkpoint keys not in the model: {sorted(unexpected)[:5]}")
+        tensors = {name: t for name, t in tensors.items() if name in self._layout}
         for name, t in tensors.items():
             if t.shape != self._layout[name][0]:
                 raise ValueError(f"shape mismatch for {name!r}: model {tuple(t.shape)}, "
@@ -242,6 +288,24 @@ class StackedMerger:
             torch.addmv(self._ref, self._stack.t(), self._coeffs, out=out)
         else:
             torch.mv(self._stack.t(), self._coeffs, out=out)
+
+
+def load_checkpoint_state(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    """``model.load_state_dict(state)`` where ``state`` may hold a subset of the model's keys.
+
+    The same rule as :meth:`StackedMerger.bind`: every key of ``state`` must be the
+    model's (``ValueError`` otherwise, before anything is loaded); the model's other
+    tensors keep what its factory gave them (the fixed base under adapter checkpoints).
+    """
+    own = set(model.state_dict())
+    unexpected = sorted(set(state) - own)
+    if unexpected:
+        raise ValueError(f"checkpoint keys not in the model: {unexpected[:5]}")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or set(result.missing_keys) != own - set(state):
+        raise ValueError(f"loading the merged state left keys {sorted(result.missing_keys)[:5]} missing and "
+                         f"{sorted(result.unexpected_keys)[:5]} unexpected")
+    return model
 
 
 def _check_layout(

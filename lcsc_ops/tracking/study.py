@@ -18,6 +18,7 @@ import optuna
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.encoding import AffineEncoding
+from lcsc_ops.tracking.evolution import EvolutionSampler
 
 
 def _cmaes(seed: int, **kw: Any) -> optuna.samplers.BaseSampler:
@@ -30,6 +31,7 @@ STRATEGIES: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
     "cmaes": _cmaes,
     "cmaes-sep": lambda seed: _cmaes(seed, use_separable_cma=True),
     "cmaes-margin": lambda seed: _cmaes(seed, with_margin=True),
+    "evolution": lambda seed: EvolutionSampler(seed=seed),
     "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
 }
 

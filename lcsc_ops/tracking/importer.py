@@ -1,0 +1,279 @@
+"""Import an existing folder of checkpoints as an MLflow run that ``lcsc-ops optimize`` accepts.
+
+Each file (``.safetensors``, or a ``.pt``/``.pth`` state dict) is rewritten as safetensors
+with step, kind and spec in its metadata and logged exactly as
+:class:`~lcsc_ops.tracking.checkpoints.CheckpointLogger` logs a training run's checkpoints
+(``lcsc/spec.json``, ``checkpoints/step…-{raw,ema}.safetensors``, the manifest entry added
+only after its file is logged), so :func:`~lcsc_ops.tracking.checkpoints.fetch_window`
+reads an imported run like any other.
+
+Every file is read and checked against the model the spec builds (keys, shapes, one
+layout for all) and every step is resolved BEFORE the run is created: a bad folder
+leaves no half-imported run behind. Torch files are opened with
+``torch.load(weights_only=True)``; a file that needs full unpickling (arbitrary code on
+load) is refused unless ``allow_pickle``.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lcsc_ops.errors import LcscError
+from lcsc_ops.spec import ModelSpec
+from lcsc_ops.tracking.checkpoints import (CHECKPOINT_DIR, KINDS, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT,
+                                           checkpoint_filename, sha256_file, write_checkpoint)
+
+SUFFIXES = (".safetensors", ".pt", ".pth")
+STEP_KEYS = ("lcsc.step", "step", "global_step")  # metadata (or top-level .pt entries) holding the step
+# Where a training script's checkpoint dict keeps the weights, by the kind being imported.
+NESTED_KEYS = {"raw": ("state_dict", "model", "ema"), "ema": ("ema", "state_dict", "model")}
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@dataclass(frozen=True)
+class _Planned:
+    path: Path
+    kind: str
+    step: int
+
+
+def find_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoint files directly inside ``folder`` (LcscError if there are none)."""
+    if not folder.is_dir():
+        raise LcscError(f"not a folder: {folder}")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in SUFFIXES)
+    if not files:
+        raise LcscError(f"no checkpoints ({', '.join('*' + s for s in SUFFIXES)}) in {folder}")
+    return files
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> Any:
+    mmap = zipfile.is_zipfile(path)  # torch.save's zip format maps lazily: reading a layout reads no weights
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        if not allow_pickle:
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f" (it references {found.group(1)})" if found else ""
+            raise LcscError(f"refusing to unpickle {path.name}: it needs full unpickling{what}; "
+                            f"pass --allow-pickle if you trust it") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise LcscError(f"cannot read {path.name}: {_first_line(exc)}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # whatever a foreign pickle raises, the user gets one line
+        raise LcscError(f"cannot read {path.name}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _state_from(obj: Any, kind: str, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded torch object: a state dict, one nested under a usual key, or a module's."""
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise LcscError(f"{name} holds a {type(obj).__name__}, not a state dict")
+    for key in NESTED_KEYS[kind]:
+        inner = obj.get(key)
+        if isinstance(inner, torch.nn.Module):
+            inner = inner.state_dict()
+        if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            obj = inner
+            break
+    # Non-tensor entries beside the weights (epoch counters, configs) are not weights.
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _strip_wrappers(state: dict[str, Any]) -> dict[str, Any]:
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def read_checkpoint(path: Path, *, kind: str, allow_pickle: bool = False, layout_only: bool = False
+                    ) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(state, metadata)`` of one file, with wrapper prefixes stripped.
+
+    With ``layout_only`` the state maps keys to ``(shape, dtype)`` and no weights are read
+    from safetensors (and none from zip-format torch files, which are memory-mapped).
+    Metadata is the safetensors header's, or the top-level step entries of a torch dict.
+    """
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                if layout_only:
+                    slices = {k: f.get_slice(k) for k in f.keys()}
+                    state = {k: (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype()))
+                             for k, s in slices.items()}
+                    return _strip_wrappers(state), meta
+        except Exception as exc:  # safetensors raises its own error types for a bad header
+            raise LcscError(f"cannot read {path.name}: {_first_line(exc)}") from None
+        return _strip_wrappers(load_file(str(path))), meta
+    obj = _torch_load(path, allow_pickle)
+    meta = {}
+    if isinstance(obj, Mapping):
+        meta = {k: str(obj[k]) for k in STEP_KEYS if isinstance(obj.get(k), int) and not isinstance(obj[k], bool)}
+    state = _strip_wrappers(_state_from(obj, kind, path.name))
+    if not state:
+        raise LcscError(f"{path.name} holds no tensors")
+    if layout_only:
+        state = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    return state, meta
+
+
+def step_of(path: Path, metadata: Mapping[str, str], pattern: re.Pattern | None) -> int:
+    """The training step of a file: its metadata first, else the user's filename pattern."""
+    for key in STEP_KEYS:
+        if key in metadata:
+            try:
+                return int(metadata[key])
+            except ValueError:
+                raise LcscError(f"{path.name}: metadata {key}={metadata[key]!r} is not an integer step") from None
+    if pattern is None:
+        raise LcscError(f"no step for file {path.name}: its metadata has none ({'/'.join(STEP_KEYS)}); "
+                        f"pass --step-pattern, e.g. 'step(\\d+)'")
+    found = pattern.search(path.name)
+    if found is None:
+        raise LcscError(f"no step for file {path.name}: it does not match --step-pattern {pattern.pattern!r}")
+    try:
+        return int(found.group(1))
+    except ValueError:
+        raise LcscError(f"no step for file {path.name}: --step-pattern matched {found.group(1)!r}, "
+                        f"not an integer") from None
+
+
+def check_layout(name: str, layout: Layout, model: Mapping[str, tuple[int, ...]], first: tuple[str, Layout] | None,
+                 *, partial: bool) -> None:
+    """LcscError unless the file's keys fit the model (all of them, or a subset when ``partial``),
+    with the model's shapes, and the same keys and dtypes as the first file."""
+    unexpected = sorted(set(layout) - set(model))
+    if unexpected:
+        raise LcscError(f"{name}: key {unexpected[0]!r} is not in the model built from the spec "
+                        f"({len(unexpected)} unexpected keys)")
+    missing = sorted(set(model) - set(layout))
+    if missing and not partial:
+        raise LcscError(f"{name}: the model's key {missing[0]!r} is missing ({len(missing)} missing keys; "
+                        f"pass --partial if the checkpoints hold only part of the model, e.g. adapters)")
+    for key, (shape, _) in layout.items():
+        if tuple(shape) != tuple(model[key]):
+            raise LcscError(f"{name}: {key!r} has shape {tuple(shape)}, the model's is {tuple(model[key])}")
+    if first is not None:
+        first_name, first_layout = first
+        diff = sorted(set(layout) ^ set(first_layout))
+        if diff:
+            raise LcscError(f"{name} and {first_name} hold different keys, e.g. {diff[0]!r}")
+        for key, (_, dtype) in layout.items():
+            if dtype != first_layout[key][1]:
+                raise LcscError(f"{name}: {key!r} is {dtype}, in {first_name} it is {first_layout[key][1]}")
+
+
+def plan_import(folders: list[tuple[Path, str]], *, spec: ModelSpec, step_pattern: str | None, allow_pickle: bool,
+                partial: bool) -> list[_Planned]:
+    """Read every file's layout and step and check them all; the files to import, by kind then step."""
+    pattern = None
+    if step_pattern is not None:
+        try:
+            pattern = re.compile(step_pattern)
+        except re.error as exc:
+            raise LcscError(f"--step-pattern {step_pattern!r} is not a regular expression: {exc}") from None
+        if pattern.groups != 1:
+            raise LcscError(f"--step-pattern {step_pattern!r} needs exactly one group around the step, "
+                            f"e.g. 'step(\\d+)'")
+    model = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
+    planned: list[_Planned] = []
+    seen: dict[tuple[str, int], Path] = {}
+    first: tuple[str, Layout] | None = None
+    for folder, kind in folders:
+        for path in find_checkpoints(folder):
+            layout, meta = read_checkpoint(path, kind=kind, allow_pickle=allow_pickle, layout_only=True)
+            check_layout(path.name, layout, model, first, partial=partial)
+            first = first or (path.name, layout)
+            step = step_of(path, meta, pattern)
+            if (kind, step) in seen:
+                raise LcscError(f"duplicate step {step} ({kind}): {seen[kind, step].name} and {path.name}")
+            seen[kind, step] = path
+            planned.append(_Planned(path, kind, step))
+    return sorted(planned, key=lambda p: (KINDS.index(p.kind), p.step))
+
+
+def import_checkpoints(folder: str | Path, *, spec: ModelSpec, step_pattern: str | None = None, kind: str = "raw",
+                       ema_folder: str | Path | None = None, partial: bool = False, allow_pickle: bool = False,
+                       experiment: str = "lcsc-import", run_name: str | None = None, model_name: str | None = None,
+                       tracking_uri: str | None = None, log: Callable[[str], None] = lambda msg: None) -> str:
+    """Turn a folder of checkpoints (and optionally a folder of EMA ones) into an MLflow run; return its id.
+
+    Files are ``.safetensors`` or ``.pt``/``.pth`` state dicts (also nested under
+    ``state_dict``/``model``/``ema``, with ``module.`` prefixes stripped); each file's
+    step comes from its metadata (``lcsc.step``/``step``) or else from ``step_pattern``,
+    a regex with one group matched against the file name. Files in ``folder`` are logged
+    as ``kind``, those in ``ema_folder`` as ``ema``. ``partial`` accepts checkpoints that
+    hold only some of the model's keys (adapters): the rest then comes from ``spec``'s
+    factory. Everything is checked before the run is created; errors are LcscError.
+    """
+    from mlflow.tracking import MlflowClient
+
+    if kind not in KINDS:
+        raise LcscError(f"unknown checkpoint kind {kind!r} (use {' or '.join(KINDS)})")
+    folders = [(Path(folder), kind)] + ([(Path(ema_folder), "ema")] if ema_folder is not None else [])
+    planned = plan_import(folders, spec=spec, step_pattern=step_pattern, allow_pickle=allow_pickle, partial=partial)
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    tags = {"lcsc.kind": "import", "lcsc.spec": spec.to_json(), "lcsc.source_folder": str(Path(folder).resolve())}
+    if ema_folder is not None:
+        tags["lcsc.ema_folder"] = str(Path(ema_folder).resolve())
+    if model_name:
+        tags["lcsc.model_name"] = model_name
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    try:
+        client.log_text(run_id, json.dumps(spec.to_dict(), indent=2, sort_keys=True), SPEC_ARTIFACT)
+        entries: list[dict[str, Any]] = []
+        with tempfile.TemporaryDirectory(prefix="lcsc-import-") as tmp:
+            for p in planned:
+                state, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle)
+                name = checkpoint_filename(p.step, p.kind)
+                local = Path(tmp) / name
+                write_checkpoint(local, state, step=p.step, kind=p.kind, spec=spec,
+                                 extra={"lcsc.source_file": p.path.name})
+                del state
+                entry = {"step": p.step, "kind": p.kind, "file": name, "sha256": sha256_file(local),
+                         "bytes": local.stat().st_size, "source": p.path.name}
+                client.log_artifact(run_id, str(local), CHECKPOINT_DIR)
+                local.unlink()
+                # As in CheckpointLogger: the manifest lists a file only once it is fully logged.
+                entries.append(entry)
+                manifest = Path(tmp) / MANIFEST_NAME
+                manifest.write_text(json.dumps({"format": MANIFEST_FORMAT, "spec": spec.to_dict(),
+                                                "entries": entries}, indent=1))
+                client.log_artifact(run_id, str(manifest), CHECKPOINT_DIR)
+                log(f"{p.kind}@{p.step} <- {p.path.name}")
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return run_id
