@@ -10,8 +10,9 @@ import dataclasses
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -19,7 +20,9 @@ from lcsc_ops.errors import LcscError
 from lcsc_ops.math.encoding import AffineEncoding, partition_by_kind
 from lcsc_ops.optimize import (BASIS_KINDS, FINAL_SEED_BASE, Candidate, OptimizeConfig, Scorer,
                                average_coefficients, baselines, centre_in_basis, merged_state, restrict)
+from lcsc_ops.report import build_report, save_plots
 from lcsc_ops.spec import ModelSpec
+from lcsc_ops.tracking.study import completed, run_trials
 
 
 def resolve_device(name: str) -> str:
@@ -61,63 +64,178 @@ def build_evaluators(spec: ModelSpec, cfg: OptimizeConfig, device: str, cache_di
 def run_optimize(cfg: OptimizeConfig, *, log: Callable[[str], None] = print,
                  cache_dir: Path | None = None) -> dict[str, Any]:
     """Run (or resume) the whole optimization; returns the report (also logged as ``results.json``)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    job = OptimizeJob(cfg, log=log, cache_dir=cache_dir)
+    job.prepare()
+    return job.run()
 
-    from lcsc_ops.tracking.checkpoints import default_cache_dir, fetch_window, get_run_or_fail
-    from lcsc_ops.tracking.registry import TrialRunLogger
-    from lcsc_ops.tracking.study import (completed, default_storage, make_strategy, open_study, run_trials,
-                                         study_name)
 
-    cfg.validate()
-    if cfg.tracking_uri:
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-    uri = mlflow.get_tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
-    cache_dir = cache_dir or default_cache_dir()
-    source = get_run_or_fail(cfg.run_id, uri)
-    window = fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step, tracking_uri=uri,
-                          cache_dir=cache_dir)
-    spec = window.spec if cfg.nfe is None else window.spec.with_sampler(steps=cfg.nfe)
-    device = resolve_device(cfg.device)
-    strategy = make_strategy(cfg.strategy, cfg.seed)
-    evaluator, second, ref_path, metric = build_evaluators(spec, cfg, device, cache_dir)
-    basis = window.indices(*BASIS_KINDS[cfg.basis])
-    if not basis:
-        raise LcscError(f"run {cfg.run_id} has no {cfg.basis} checkpoints in the window")
-    log(f"window: steps {window.steps[0]}..{window.steps[-1]} ({len(window.steps)} steps, "
-        f"{len(window.entries)} checkpoints, basis {cfg.basis}: {len(basis)})")
-    scorer = Scorer(window, spec.build, device, max_stack_memory=cfg.max_stack_memory)
-    if scorer.mode == "streaming":
-        log(f"merge: streaming from the checkpoint files (the stack would exceed {cfg.max_stack_memory} GiB)")
-    size, search_seeds = len(window.entries), list(range(cfg.search_seeds))
+class OptimizeJob:
+    """One optimization, in stages: prepare (window, evaluators, baselines, study), search,
+    final evaluation, registration. MLflow and Optuna are only touched here and in the
+    tracking modules; the scoring itself is pure (merge + evaluator)."""
 
-    def search_score(dense: list[float]) -> float:
-        return statistics.fmean(scorer.per_seed(dense, evaluator, cfg.search_samples, search_seeds))
+    def __init__(self, cfg: OptimizeConfig, *, log: Callable[[str], None] = print,
+                 cache_dir: Path | None = None) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
 
-    base = baselines(window, cfg.ema_grid, lambda c: search_score(c.dense(size)))
-    centre = centre_in_basis(base, basis)
-    blocks = None
-    if cfg.blocks:
-        kinds = [window.entries[i].kind for i in basis]
-        blocks = partition_by_kind(kinds, cfg.blocks)
-    encoding = AffineEncoding(centre=tuple(restrict(centre, basis)), radius=cfg.radius, blocks=blocks)
-    log("baselines (search " + metric + "): " + ", ".join(f"{c.name} {c.search_fid:.3f}" for c in base)
-        + f"; search centred on {centre.name}")
+        from lcsc_ops.tracking.checkpoints import default_cache_dir
 
-    storage = cfg.storage or default_storage(uri)
-    study = open_study(study_name(cfg.run_id, cfg.study_key()), storage, strategy)
-    parent_id = _parent_run(client, study, source, cfg, storage)
-    with tempfile.TemporaryDirectory() as tmp:
+        cfg.validate()
+        if cfg.tracking_uri:
+            mlflow.set_tracking_uri(cfg.tracking_uri)
+        self.cfg, self.log = cfg, log
+        self.uri = mlflow.get_tracking_uri()
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.cache_dir = cache_dir or default_cache_dir()
+
+    # -- stage 1 -------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Fetch the window, build the evaluators and the merger, score the baselines, open the study."""
+        from lcsc_ops.tracking.checkpoints import fetch_window, get_run_or_fail
+        from lcsc_ops.tracking.study import default_storage, make_strategy, open_study, study_name
+
+        cfg, log = self.cfg, self.log
+        self.source = get_run_or_fail(cfg.run_id, self.uri)
+        self.window = window = fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
+                                            tracking_uri=self.uri, cache_dir=self.cache_dir)
+        self.spec = window.spec if cfg.nfe is None else window.spec.with_sampler(steps=cfg.nfe)
+        device = resolve_device(cfg.device)
+        strategy = make_strategy(cfg.strategy, cfg.seed)
+        self.evaluator, self.second, self.ref_path, self.metric = build_evaluators(
+            self.spec, cfg, device, self.cache_dir)
+        self.basis = window.indices(*BASIS_KINDS[cfg.basis])
+        if not self.basis:
+            raise LcscError(f"run {cfg.run_id} has no {cfg.basis} checkpoints in the window")
+        log(f"window: steps {window.steps[0]}..{window.steps[-1]} ({len(window.steps)} steps, "
+            f"{len(window.entries)} checkpoints, basis {cfg.basis}: {len(self.basis)})")
+        self.scorer = Scorer(window, self.spec.build, device, max_stack_memory=cfg.max_stack_memory)
+        if self.scorer.mode == "streaming":
+            log(f"merge: streaming from the checkpoint files (the stack would exceed {cfg.max_stack_memory} GiB)")
+
+        self.base = baselines(window, cfg.ema_grid, lambda c: self.search_score(c.dense(len(window.entries))))
+        self.storage = cfg.storage or default_storage(self.uri)
+        self.study = open_study(study_name(cfg.run_id, cfg.study_key()), self.storage, strategy)
+        self.centre, self.encoding = self._encoding()
+        log(f"baselines (search {self.metric}): " + ", ".join(f"{c.name} {c.search_fid:.3f}" for c in self.base)
+            + f"; search centred on {self.centre.name}")
+        self.parent_id = _parent_run(self.client, self.study, self.source, cfg, self.storage)
+
+    def search_score(self, dense: Sequence[float]) -> float:
+        """The search objective: mean score over the fixed search seeds (common random numbers)."""
+        seeds = list(range(self.cfg.search_seeds))
+        return statistics.fmean(self.scorer.per_seed(dense, self.evaluator, self.cfg.search_samples, seeds))
+
+    def _encoding(self) -> tuple[Candidate, AffineEncoding]:
+        """Centre the search on the strongest expressible baseline. A resumed study keeps the
+        centre it started with (stored in the study), so its trials keep their meaning."""
+        centre = centre_in_basis(self.base, self.basis)
+        stored = self.study.user_attrs.get("centre")
+        if stored is not None:
+            centre = next(c for c in self.base if c.name == stored["name"])
+            coeffs = tuple(stored["coefficients"])
+        else:
+            coeffs = tuple(restrict(centre, self.basis))
+            self.study.set_user_attr("centre", {"name": centre.name, "coefficients": list(coeffs)})
+        blocks = None
+        if self.cfg.blocks:
+            blocks = partition_by_kind([self.window.entries[i].kind for i in self.basis], self.cfg.blocks)
+        return centre, AffineEncoding(centre=coeffs, radius=self.cfg.radius, blocks=blocks)
+
+    # -- stages 2-4 ----------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Search, evaluate, register; the parent run ends FINISHED (or FAILED on an error)."""
         try:
-            report = _search_and_finish(cfg, client, study, parent_id, window, spec, source, basis, base, centre,
-                                        encoding, scorer, evaluator, second, search_score, metric, ref_path,
-                                        storage, Path(tmp), log, completed, run_trials, TrialRunLogger)
+            with tempfile.TemporaryDirectory() as tmp:
+                self._log_baselines()
+                search_seconds = self._search()
+                cands = self._candidates()
+                self._final_evaluation([*self.base, *cands])
+                report = build_report(self.cfg, self.window, self.base, cands, self.centre, metric=self.metric,
+                                      search_seconds=search_seconds, trials=len(completed(self.study)),
+                                      study=self.study.study_name, storage=self.storage,
+                                      parent_run_id=self.parent_id)
+                winner = next(c for c in [*self.base, *cands] if c.name == report["winner"])
+                if self.cfg.register:
+                    report["registered_model"] = self._register(winner, report)
+                self._log_results(report, cands, winner, Path(tmp))
         except BaseException:
-            client.set_terminated(parent_id, "FAILED")
+            self.client.set_terminated(self.parent_id, "FAILED")
             raise
-    client.set_terminated(parent_id, "FINISHED")
-    return report
+        self.client.set_terminated(self.parent_id, "FINISHED")
+        return report
+
+    def _log_baselines(self) -> None:
+        for c in self.base:
+            self.client.log_metric(self.parent_id, f"search_{self.metric}.{c.name}", c.search_fid)
+        if self.ref_path is not None:
+            self.client.log_artifact(self.parent_id, str(self.ref_path), "fid")
+
+    def _embed(self, coeffs: Sequence[float]) -> list[float]:
+        dense = [0.0] * len(self.window.entries)
+        for i, c in zip(self.basis, coeffs):
+            dense[i] = c
+        return dense
+
+    def _search(self) -> float:
+        from lcsc_ops.tracking.registry import TrialRunLogger
+
+        trial_logger = TrialRunLogger(self.parent_id, metric=self.metric)
+        trial_logger.backfill(self.study)  # trials a crash left without a child run
+        t0 = time.perf_counter()
+        ran = run_trials(self.study, self.encoding, lambda c: self.search_score(self._embed(c)), self.cfg.n_trials,
+                         [trial_logger])
+        seconds = time.perf_counter() - t0
+        best = self.study.best_trial
+        self.log(f"search: {ran} new trials ({len(completed(self.study))} in study {self.study.study_name}) in "
+                 f"{seconds:.1f} s; best search {self.metric} {best.value:.3f} (trial {best.number})")
+        return seconds
+
+    def _candidates(self) -> list[Candidate]:
+        """The top-k trials, plus the average of their coefficients (which shrinks the winner's curse)."""
+        done = sorted(completed(self.study), key=lambda t: t.value)[:self.cfg.top_k]
+        basis = tuple(self.basis)
+        cands = [Candidate(f"lcsc_top{r + 1}", basis, tuple(t.user_attrs["coefficients"]), "lcsc",
+                           search_fid=t.value, note=f"trial {t.number}") for r, t in enumerate(done)]
+        if len(cands) > 1:
+            avg = Candidate("lcsc_avg", basis, tuple(average_coefficients([c.coeffs for c in cands])), "lcsc",
+                            note=f"mean of top {len(cands)}")
+            avg.search_fid = self.search_score(self._embed(avg.coeffs))
+            cands.append(avg)
+        return cands
+
+    def _final_evaluation(self, cands: Sequence[Candidate]) -> None:
+        """Every candidate on the same fresh seeds (paired), never used in the search."""
+        seeds = [FINAL_SEED_BASE + i for i in range(self.cfg.final_seeds)]
+        n = self.cfg.final_samples
+        for c in cands:
+            dense = c.dense(len(self.window.entries))
+            if self.second is not None:
+                c.final, c.second = self.scorer.per_seed_pair(dense, self.evaluator, self.second, n, seeds)
+            else:
+                c.final = self.scorer.per_seed(dense, self.evaluator, n, seeds)
+
+    def _register(self, winner: Candidate, report: dict[str, Any]) -> dict[str, str]:
+        from lcsc_ops.math.merge import load_checkpoint_state
+        from lcsc_ops.tracking.registry import register_model
+
+        # Checkpoints may hold only part of the model (adapters): the factory's base fills the rest.
+        model = load_checkpoint_state(self.spec.build(), merged_state(self.window, winner))
+        entries = [self.window.entries[i] for i in winner.indices]
+        name = self.cfg.model_name or self.source.data.tags.get("lcsc.model_name") or "lcsc-model"
+        version = register_model(model, name=name, spec=self.spec.to_dict(),
+                                 tags=_lineage_tags(self.cfg, report, winner, entries), run_id=self.parent_id)
+        self.client.set_tag(self.parent_id, "lcsc.registered_model", f"{name}/{version}")
+        self.log(f"registered {name} version {version} ({winner.name})")
+        return {"name": name, "version": version}
+
+    def _log_results(self, report: dict[str, Any], cands: Sequence[Candidate], winner: Candidate, tmp: Path) -> None:
+        for name, row in report["methods"].items():
+            self.client.log_metric(self.parent_id, f"final_{self.metric}.{name}", row["final_mean"])
+        (tmp / "results.json").write_text(json.dumps(report, indent=2))
+        self.client.log_artifact(self.parent_id, str(tmp / "results.json"))
+        for path in save_plots(self.study, self.base, cands, winner, self.window, tmp, metric=self.metric):
+            self.client.log_artifact(self.parent_id, str(path), "plots")
 
 
 def _parent_run(client: Any, study: Any, source: Any, cfg: OptimizeConfig, storage: str) -> str:
@@ -139,74 +257,6 @@ def _parent_run(client: Any, study: Any, source: Any, cfg: OptimizeConfig, stora
         client.log_param(run.info.run_id, key, value)
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
     return run.info.run_id
-
-
-def _search_and_finish(cfg, client, study, parent_id, window, spec, source, basis, base, centre, encoding, scorer,
-                       evaluator, second, search_score, metric, ref_path, storage, tmp, log, completed, run_trials,
-                       TrialRunLogger) -> dict[str, Any]:
-    import time
-
-    from lcsc_ops.report import build_report, save_plots
-    from lcsc_ops.tracking.registry import register_model
-
-    for c in base:
-        client.log_metric(parent_id, f"search_{metric}.{c.name}", c.search_fid)
-    if ref_path is not None:
-        client.log_artifact(parent_id, str(ref_path), "fid")
-
-    def embed(coeffs: list[float]) -> list[float]:
-        dense = [0.0] * len(window.entries)
-        for i, c in zip(basis, coeffs):
-            dense[i] = c
-        return dense
-
-    trial_logger = TrialRunLogger(parent_id, metric=metric)
-    trial_logger.backfill(study)
-    t0 = time.perf_counter()
-    ran = run_trials(study, encoding, lambda coeffs: search_score(embed(coeffs)), cfg.n_trials, [trial_logger])
-    search_seconds = time.perf_counter() - t0
-    trial_logger.backfill(study)
-    done = sorted(completed(study), key=lambda t: t.value)
-    log(f"search: {ran} new trials ({len(done)} in study {study.study_name}) in {search_seconds:.1f} s; "
-        f"best search {metric} {done[0].value:.3f} (trial {done[0].number})")
-
-    cands = [Candidate(f"lcsc_top{r + 1}", tuple(basis), tuple(t.user_attrs["coefficients"]), "lcsc",
-                       search_fid=t.value, note=f"trial {t.number}") for r, t in enumerate(done[:cfg.top_k])]
-    if len(cands) > 1:
-        avg = Candidate("lcsc_avg", tuple(basis), tuple(average_coefficients([c.coeffs for c in cands])), "lcsc",
-                        note=f"mean of top {len(cands)}")
-        avg.search_fid = search_score(avg.dense(len(window.entries)))
-        cands.append(avg)
-    final_seeds = [FINAL_SEED_BASE + i for i in range(cfg.final_seeds)]
-    for c in base + cands:
-        dense = c.dense(len(window.entries))
-        if second is not None:
-            c.final, c.second = scorer.per_seed_pair(dense, evaluator, second, cfg.final_samples, final_seeds)
-        else:
-            c.final = scorer.per_seed(dense, evaluator, cfg.final_samples, final_seeds)
-
-    report = build_report(cfg, window, base, cands, centre, metric=metric, search_seconds=search_seconds,
-                          trials=len(done), study=study.study_name, storage=storage, parent_run_id=parent_id)
-    for name, row in report["methods"].items():
-        client.log_metric(parent_id, f"final_{metric}.{name}", row["final_mean"])
-    winner = next(c for c in base + cands if c.name == report["winner"])
-    if cfg.register:
-        from lcsc_ops.math.merge import load_checkpoint_state
-
-        # Checkpoints may hold only part of the model (adapters): the factory's base fills the rest.
-        model = load_checkpoint_state(spec.build(), merged_state(window, winner))
-        entries = [window.entries[i] for i in winner.indices]
-        tags = _lineage_tags(cfg, report, winner, entries)
-        name = cfg.model_name or source.data.tags.get("lcsc.model_name") or "lcsc-model"
-        version = register_model(model, name=name, spec=spec.to_dict(), tags=tags, run_id=parent_id)
-        report["registered_model"] = {"name": name, "version": version}
-        client.set_tag(parent_id, "lcsc.registered_model", f"{name}/{version}")
-        log(f"registered {name} version {version} ({winner.name})")
-    (tmp / "results.json").write_text(json.dumps(report, indent=2))
-    client.log_artifact(parent_id, str(tmp / "results.json"))
-    for path in save_plots(study, base, cands, winner, window, tmp, metric=metric):
-        client.log_artifact(parent_id, str(path), "plots")
-    return report
 
 
 def _lineage_tags(cfg, report, winner: Candidate, entries) -> dict[str, str]:
