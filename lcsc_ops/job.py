@@ -6,6 +6,7 @@ plots and results as artifacts, and the winning merge registered with lineage ta
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import statistics
@@ -100,6 +101,10 @@ class OptimizeJob:
         self.window = window = fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
                                             tracking_uri=self.uri, cache_dir=self.cache_dir)
         self.spec = window.spec if cfg.nfe is None else window.spec.with_sampler(steps=cfg.nfe)
+        # With --nfe the bar is the base model at ITS default NFE (the paper's 15 -> 9 steps claim).
+        self.default_nfe = int(window.spec.sampler.get("steps", 0)) or None
+        if cfg.nfe is not None and cfg.evaluator:
+            raise LcscError("--nfe applies to the built-in FID only; a custom evaluator samples by itself")
         device = resolve_device(cfg.device)
         strategy = make_strategy(cfg.strategy, cfg.seed)
         self.evaluator, self.second, self.ref_path, self.metric = build_evaluators(
@@ -154,7 +159,7 @@ class OptimizeJob:
                 report = build_report(self.cfg, self.window, self.base, cands, self.centre, metric=self.metric,
                                       search_seconds=search_seconds, trials=len(completed(self.study)),
                                       study=self.study.study_name, storage=self.storage,
-                                      parent_run_id=self.parent_id)
+                                      parent_run_id=self.parent_id, default_nfe=self.default_nfe)
                 winner = next(c for c in [*self.base, *cands] if c.name == report["winner"])
                 if self.cfg.register:
                     report["registered_model"] = self._register(winner, report)
@@ -205,15 +210,26 @@ class OptimizeJob:
         return cands
 
     def _final_evaluation(self, cands: Sequence[Candidate]) -> None:
-        """Every candidate on the same fresh seeds (paired), never used in the search."""
+        """Every candidate on the same fresh seeds (paired), never used in the search.
+
+        With ``--nfe`` the baselines are also scored at the spec's default NFE
+        (``final_default_nfe``), the figure a merged model at fewer steps must match."""
         seeds = [FINAL_SEED_BASE + i for i in range(self.cfg.final_seeds)]
         n = self.cfg.final_samples
+        at_default = None
+        if self.cfg.nfe is not None and self.cfg.nfe != self.default_nfe:
+            from lcsc_ops.models.diffusion import make_sampler
+
+            at_default = copy.copy(self.evaluator)  # same extractor and reference, default sampler
+            at_default.sampler = make_sampler(self.window.spec.sampler)
         for c in cands:
             dense = c.dense(len(self.window.entries))
             if self.second is not None:
                 c.final, c.second = self.scorer.per_seed_pair(dense, self.evaluator, self.second, n, seeds)
             else:
                 c.final = self.scorer.per_seed(dense, self.evaluator, n, seeds)
+            if at_default is not None and c.kind == "baseline":
+                c.final_default_nfe = self.scorer.per_seed(dense, at_default, n, seeds)
 
     def _register(self, winner: Candidate, report: dict[str, Any]) -> dict[str, str]:
         from lcsc_ops.math.merge import load_checkpoint_state

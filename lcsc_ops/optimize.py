@@ -87,6 +87,7 @@ class Candidate:
     note: str = ""
     final: list[float] = field(default_factory=list)
     second: list[float] = field(default_factory=list)
+    final_default_nfe: list[float] = field(default_factory=list)  # baselines at the spec's NFE (with --nfe)
 
     def dense(self, size: int) -> list[float]:
         out = [0.0] * size

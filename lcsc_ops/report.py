@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,7 +13,7 @@ BASELINE_ORDER = ("last", "training_ema", "ema_star", "uniform")
 
 def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequence[Candidate], centre: Candidate,
                  *, metric: str, search_seconds: float, trials: int, study: str, storage: str,
-                 parent_run_id: str) -> dict[str, Any]:
+                 parent_run_id: str, default_nfe: int | None = None) -> dict[str, Any]:
     """Everything the table, the JSON output and the lineage tags are made from.
 
     The strongest baseline is the one with the best mean on the fresh final seeds (the bar
@@ -31,6 +32,8 @@ def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequen
         methods[c.name] = {"kind": c.kind, "search_mean": c.search_fid, "final_mean": c.final_mean,
                            "final_std": c.final_std, "final": c.final, "second_metric_mean": c.second_mean,
                            "note": c.note, "checkpoints": [window.entries[i].label for i in c.indices],
+                           "final_default_nfe_mean": (statistics.fmean(c.final_default_nfe)
+                                                      if c.final_default_nfe else None),
                            "coefficients": list(c.coeffs)}
     return {
         "source_run_id": cfg.run_id, "parent_run_id": parent_run_id, "metric": metric,
@@ -44,6 +47,7 @@ def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequen
                    "t": diff / se if se and not math.isnan(se) and se > 0 else None},
         "winners_curse": {"search_gain": search_gain, "final_gain": diff},
         "second_metric_worse": bool(second_worse),
+        "nfe": {"default": default_nfe, "used": cfg.nfe or default_nfe},
         "methods": methods,
     }
 
@@ -59,7 +63,13 @@ def render_table(report: dict[str, Any]) -> Any:
     m = report["metric"]
     table = Table(title=f"LCSC on run {report['source_run_id']} — {report['trials']} trials "
                         f"({report['strategy']}, basis {report['basis']})")
-    for col in ("method", f"search {m}", f"final {m} (mean ± std)", "2nd metric", "note"):
+    nfe = report.get("nfe") or {}
+    reduced = nfe.get("used") != nfe.get("default")
+    cols = ["method", f"search {m}", f"final {m} (mean ± std)"]
+    if reduced:
+        cols[2] = f"final {m} @ NFE {nfe['used']} (mean ± std)"
+        cols.append(f"final {m} @ NFE {nfe['default']}")
+    for col in (*cols, "2nd metric", "note"):
         table.add_column(col, justify="left" if col in ("method", "note") else "right")
     methods = report["methods"]
     order = [n for n in BASELINE_ORDER if n in methods] + [n for n in methods if n not in BASELINE_ORDER]
@@ -67,9 +77,10 @@ def render_table(report: dict[str, Any]) -> Any:
         row = methods[name]
         tag = " ★" if name == report["winner"] else ""
         label = name + (" (strongest baseline)" if name == report["strongest_baseline"] else "")
-        table.add_row(label + tag, _fmt(row["search_mean"]),
-                      f"{_fmt(row['final_mean'])} ± {_fmt(row['final_std'])}",
-                      _fmt(row["second_metric_mean"]), row["note"])
+        cells = [label + tag, _fmt(row["search_mean"]), f"{_fmt(row['final_mean'])} ± {_fmt(row['final_std'])}"]
+        if reduced:
+            cells.append(_fmt(row.get("final_default_nfe_mean")))
+        table.add_row(*cells, _fmt(row["second_metric_mean"]), row["note"])
     p = report["paired"]
     table.caption = (f"final: {report['final_seeds']} fresh paired seeds × {report['final_samples']} samples; "
                      f"{report['best_lcsc']} − {report['strongest_baseline']} = {_fmt(p['diff_mean'])} "
