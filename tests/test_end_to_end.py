@@ -91,3 +91,16 @@ def test_resume_runs_only_missing_trials_under_the_same_parent(store, tiny_run, 
     assert len([t for t in study.trials if t.value is not None]) == 7
     client = mlflow.tracking.MlflowClient(store["uri"])
     assert len(_children(client, report["parent_run_id"])) == 7
+
+
+def test_search_is_centred_on_the_strongest_baseline(store, optimized):
+    _, report = optimized
+    study = optuna.load_study(study_name=report["study"], storage=store["storage"])
+    centre = study.user_attrs["centre"]
+    baselines = {n: r for n, r in report["methods"].items() if r["kind"] == "baseline"}
+    assert centre["name"] == min(baselines, key=lambda n: baselines[n]["search_mean"]) == report["centre"]
+    # the stored centre, over the basis (raw then EMA), is that baseline's own coefficients
+    labels = [f"raw@{s}" for s in report["window_steps"]] + [f"ema@{s}" for s in report["window_steps"]]
+    own = dict(zip(baselines[centre["name"]]["checkpoints"], baselines[centre["name"]]["coefficients"]))
+    assert centre["coefficients"] == [own.get(label, 0.0) for label in labels]
+    assert sum(centre["coefficients"]) == 1.0
