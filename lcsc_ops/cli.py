@@ -56,7 +56,8 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Batch size per process.")] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
     channels: Annotated[int, typer.Option(help="U-Net base width.")] = 32,
-    sampler_steps: Annotated[int, typer.Option(help="DDIM steps recorded in the model spec.")] = 10,
+    sampler_steps: Annotated[Optional[int], typer.Option(
+        help="Sampling steps recorded in the model spec (default: 10 DDIM steps; 1 for consistency models).")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Log raw + EMA checkpoints every N steps.",
                                                   rich_help_panel="Checkpoints")] = 50,
     checkpoint_start: Annotated[int, typer.Option(help="First step at which checkpoints are logged.",
@@ -65,13 +66,20 @@ def train(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.", rich_help_panel="MLflow")] = "lcsc",
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.", rich_help_panel="MLflow")] = None,
-    model_name: Annotated[str, typer.Option(help="Registered model name optimize will use by default.",
-                                            rich_help_panel="MLflow")] = "digits-ddpm",
+    model_name: Annotated[Optional[str], typer.Option(
+        help="Registered model name optimize will use by default (default: digits-ddpm; digits-cm for "
+             "consistency models).", rich_help_panel="MLflow")] = None,
     factory: Annotated[str, typer.Option(help="Model factory 'module:callable'.")] = "lcsc_ops.models.unet:digits_unet",
     factory_kwargs: Annotated[Optional[str], typer.Option(help="Extra factory kwargs as JSON.")] = None,
+    model_kind: Annotated[str, typer.Option(help="diffusion (DDPM, DDIM sampling) or consistency (iCT, or CD with "
+                                                 "--teacher-run).", rich_help_panel="Model kind")] = "diffusion",
+    teacher_run: Annotated[Optional[str], typer.Option(help="Distil a consistency model from this diffusion run's "
+                                                            "training EMA.", rich_help_panel="Model kind")] = None,
+    cm_settings: Annotated[Optional[str], typer.Option(help="Consistency sampler settings as JSON (sigma_max, s0, s1, "
+                                                            "p_mean, ...).", rich_help_panel="Model kind")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Train the digits DDPM, logging raw + EMA checkpoints to MLflow. Prints the run id (last line).
+    """Train a digits DDPM or consistency model, logging raw + EMA checkpoints to MLflow. Prints the run id (last line).
 
     Multi-process: ``accelerate launch pipelines/train.py --steps ...`` takes the same options.
     """
@@ -81,7 +89,8 @@ def train(
                       sampler_steps=sampler_steps, checkpoint_every=checkpoint_every,
                       checkpoint_start=checkpoint_start, ema_decay=ema_decay, seed=seed, experiment=experiment,
                       run_name=run_name, model_name=model_name, tracking_uri=tracking_uri, factory=factory,
-                      factory_kwargs=config_from_env_json(factory_kwargs))
+                      factory_kwargs=config_from_env_json(factory_kwargs), model_kind=model_kind,
+                      teacher_run=teacher_run, cm_settings=config_from_env_json(cm_settings, "cm settings"))
     run_id = run_training(cfg)
     if run_id is not None:
         typer.echo(run_id)

@@ -1,10 +1,12 @@
-"""The digits DDPM training pipeline under ``accelerate``, logging checkpoints to MLflow.
+"""The digits training pipeline (DDPM or consistency model) under ``accelerate``, logging checkpoints to MLflow.
 
 Runs the same in one process (``lcsc-ops train``) and in many
 (``accelerate launch pipelines/train.py``). Every process trains; only the main process
 talks to MLflow: it opens the run, records the config and the model spec, logs the loss
 and, through :class:`~lcsc_ops.tracking.checkpoints.CheckpointLogger`, the raw and EMA
-checkpoints every ``checkpoint_every`` steps.
+checkpoints every ``checkpoint_every`` steps. The model kind only changes the sampler
+recorded in the spec (whose ``training_loss`` the loop calls): DDIM for diffusion, the
+consistency sampler (iCT, or distillation from a finished diffusion run) for CMs.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ class TrainConfig:
     lr: float = 2e-3
     warmup_steps: int = 100
     channels: int = 32
-    sampler_steps: int = 10
+    sampler_steps: int | None = None  # None: 10 (DDIM) for diffusion, 1 for consistency models
     checkpoint_every: int = 50
     checkpoint_start: int = 0
     ema_decay: float = 0.999
@@ -39,17 +41,53 @@ class TrainConfig:
     seed: int = 0
     experiment: str = "lcsc"
     run_name: str | None = None
-    model_name: str = "digits-ddpm"
+    model_name: str | None = None  # None: "digits-ddpm" / "digits-cm" by model kind
     tracking_uri: str | None = None
     cpu: bool | None = None  # None: CPU when no GPU is visible
     factory: str = "lcsc_ops.models.unet:digits_unet"
     factory_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_kind: str = "diffusion"  # a key of MODEL_KINDS
+    teacher_run: str | None = None  # consistency distillation from this diffusion run's training EMA
+    cm_settings: dict[str, Any] = field(default_factory=dict)  # ConsistencySampler settings (sigma_max, s1, ...)
+
+    def __post_init__(self) -> None:
+        # Resolve the per-kind defaults here, so the logged config holds the values used.
+        if self.model_kind not in MODEL_KINDS:
+            raise LcscError(f"unknown model kind {self.model_kind!r} (known: {', '.join(sorted(MODEL_KINDS))})")
+        kind = MODEL_KINDS[self.model_kind]
+        if self.sampler_steps is None:
+            object.__setattr__(self, "sampler_steps", kind["sampler_steps"])
+        if self.model_name is None:
+            object.__setattr__(self, "model_name", kind["model_name"])
 
     def spec(self, image_shape: tuple[int, ...]) -> ModelSpec:
         kwargs = {"in_channels": image_shape[0], "channels": self.channels, **self.factory_kwargs}
-        return ModelSpec(factory=self.factory, kwargs=kwargs,
-                         sampler={"name": "ddim", "steps": self.sampler_steps, "timesteps": 1000},
+        return ModelSpec(factory=self.factory, kwargs=kwargs, sampler=MODEL_KINDS[self.model_kind]["sampler"](self),
                          dataset=self.dataset, image_shape=image_shape)
+
+
+def _ddim_settings(cfg: TrainConfig) -> dict[str, Any]:
+    return {"name": "ddim", "steps": cfg.sampler_steps, "timesteps": 1000}
+
+
+def _consistency_settings(cfg: TrainConfig) -> dict[str, Any]:
+    from lcsc_ops.models.consistency import ConsistencySampler
+
+    if "teacher" in cfg.cm_settings:
+        raise LcscError("cm settings: give the distillation teacher as teacher-run")
+    settings = {k: v for k, v in cfg.cm_settings.items() if k != "name"}
+    try:  # every setting, defaults included, goes into the spec: old runs keep their recipe
+        return ConsistencySampler(**{**settings, "steps": cfg.sampler_steps}).settings()
+    except TypeError as exc:
+        raise LcscError(f"cm settings: {exc}") from None
+
+
+# What each model kind records in the spec, and its defaults. The training objective is the
+# sampler's ``training_loss``, so the loop itself does not depend on the kind.
+MODEL_KINDS: dict[str, dict[str, Any]] = {
+    "diffusion": {"sampler": _ddim_settings, "sampler_steps": 10, "model_name": "digits-ddpm"},
+    "consistency": {"sampler": _consistency_settings, "sampler_steps": 1, "model_name": "digits-cm"},
+}
 
 
 def _validate(cfg: TrainConfig) -> None:
@@ -58,6 +96,8 @@ def _validate(cfg: TrainConfig) -> None:
             raise LcscError(f"{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.lr <= 0:
         raise LcscError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.model_kind != "consistency" and (cfg.teacher_run or cfg.cm_settings):
+        raise LcscError("teacher-run and cm-settings apply to consistency models only (--model-kind consistency)")
 
 
 def train(cfg: TrainConfig) -> str | None:
@@ -75,7 +115,8 @@ def train(cfg: TrainConfig) -> str | None:
     images = load_dataset(cfg.dataset)
     spec = cfg.spec(tuple(images.shape[1:]))
     model = spec.build()
-    sampler = make_sampler(spec.sampler)
+    teacher = _load_teacher(cfg, spec, accelerator) if cfg.teacher_run else None
+    sampler = make_sampler(spec.sampler, **({"teacher": teacher} if teacher is not None else {}))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=cfg.batch_size,
                                          shuffle=True, drop_last=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -98,6 +139,28 @@ def train(cfg: TrainConfig) -> str | None:
     return run.info.run_id if run is not None else None
 
 
+def _load_teacher(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
+    """The distillation teacher: the training EMA of the finished diffusion run ``cfg.teacher_run``."""
+    from lcsc_ops.models.consistency import DiffusionTeacher
+    from lcsc_ops.models.diffusion import make_sampler
+    from lcsc_ops.tracking.checkpoints import fetch_window
+
+    with accelerator.main_process_first():  # one download into the shared cache, then cache hits
+        window = fetch_window(cfg.teacher_run, window=1, tracking_uri=cfg.tracking_uri)
+    tspec = window.spec
+    if window.training_ema is None:
+        raise LcscError(f"teacher run {cfg.teacher_run} has no EMA checkpoint")
+    if tspec.sampler.get("name") != "ddim":
+        raise LcscError(f"teacher run {cfg.teacher_run} is not a diffusion (ddim) run: "
+                        f"sampler {tspec.sampler.get('name')!r}")
+    if (tspec.dataset, tspec.image_shape) != (spec.dataset, spec.image_shape):
+        raise LcscError(f"teacher run {cfg.teacher_run} was trained on {tspec.dataset} {tspec.image_shape}, "
+                        f"not {spec.dataset} {spec.image_shape}")
+    net = tspec.build()
+    net.load_state_dict(window.training_ema.load())
+    return DiffusionTeacher(net.to(accelerator.device), make_sampler(tspec.sampler).alpha_bar)
+
+
 def _open_run(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
     import mlflow
 
@@ -110,7 +173,8 @@ def _open_run(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
     params = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in dataclasses.asdict(cfg).items()
               if k != "tracking_uri"}
     mlflow.log_params({**params, "num_processes": accelerator.num_processes})
-    mlflow.set_tags({"lcsc.kind": "training", "lcsc.model_name": cfg.model_name})
+    mlflow.set_tags({"lcsc.kind": "training", "lcsc.model_name": cfg.model_name, "lcsc.model_kind": cfg.model_kind,
+                     **({"lcsc.teacher_run": cfg.teacher_run} if cfg.teacher_run else {})})
     mlflow.log_dict(dataclasses.asdict(cfg), "lcsc/train_config.json")
     logger = CheckpointLogger(spec, every=cfg.checkpoint_every, ema_decay=cfg.ema_decay,
                               accelerator=accelerator, run_id=run.info.run_id, start_step=cfg.checkpoint_start)
@@ -124,7 +188,7 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger
     model.train()
     while step < cfg.steps:
         for (x0,) in loader:
-            loss = sampler.training_loss(model, x0)
+            loss = sampler.training_loss(model, x0, step=step, total_steps=cfg.steps)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()
@@ -148,15 +212,15 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger
                 break
 
 
-def config_from_env_json(text: str | None) -> dict[str, Any]:
-    """Parse ``--factory-kwargs`` JSON given on the command line."""
+def config_from_env_json(text: str | None, what: str = "factory kwargs") -> dict[str, Any]:
+    """Parse a JSON object given on the command line (``--factory-kwargs``, ``--cm-settings``)."""
     if not text:
         return {}
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise LcscError(f"factory kwargs are not valid JSON: {exc}") from None
+        raise LcscError(f"{what} are not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise LcscError("factory kwargs must be a JSON object")
+        raise LcscError(f"{what} must be a JSON object")
     return value
 

@@ -1,7 +1,8 @@
 """DDPM training objective and DDIM sampling (epsilon prediction, cosine schedule).
 
 Samplers are looked up by name in :data:`SAMPLERS` from the ``sampler`` settings of a
-:class:`lcsc_ops.spec.ModelSpec`. A sampler turns a fixed starting noise into images
+:class:`lcsc_ops.spec.ModelSpec` (``"ddim"`` here, ``"consistency"`` from
+:mod:`lcsc_ops.models.consistency`). A sampler turns a fixed starting noise into images
 deterministically, which is what makes search scores comparable across candidates
 (common random numbers): every candidate is sampled from the same noise tensor.
 """
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.models.consistency import ConsistencySampler
 
 
 def cosine_alpha_bar(timesteps: int, s: float = 0.008) -> torch.Tensor:
@@ -44,8 +46,12 @@ class DDIMSampler:
     def nfe(self) -> int:
         return self.steps
 
-    def training_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """The simple DDPM loss: MSE between true and predicted noise at a random timestep."""
+    def training_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None, *,
+                      step: int = 0, total_steps: int = 1) -> torch.Tensor:
+        """The simple DDPM loss: MSE between true and predicted noise at a random timestep.
+
+        ``step`` / ``total_steps`` (the training progress, for samplers with a curriculum) are ignored.
+        """
         n = x0.shape[0]
         t = torch.randint(0, self.timesteps, (n,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
@@ -74,15 +80,21 @@ class DDIMSampler:
         return x0
 
 
-SAMPLERS: dict[str, Callable[..., Any]] = {"ddim": DDIMSampler}
+SAMPLERS: dict[str, Callable[..., Any]] = {"ddim": DDIMSampler, "consistency": ConsistencySampler}
 
 
-def make_sampler(settings: Mapping[str, Any]) -> Any:
-    """Build the sampler named by ``settings['name']`` with the remaining settings."""
-    settings = dict(settings)
+def make_sampler(settings: Mapping[str, Any], **runtime: Any) -> Any:
+    """Build the sampler named by ``settings['name']`` with the remaining settings.
+
+    ``runtime`` passes objects that are not settings (a distillation ``teacher``) to the constructor.
+    """
+    settings = {**settings, **runtime}
     name = settings.pop("name", "ddim")
     try:
         cls = SAMPLERS[name]
     except KeyError:
         raise LcscError(f"unknown sampler {name!r} (known: {', '.join(sorted(SAMPLERS))})") from None
-    return cls(**settings)
+    try:
+        return cls(**settings)
+    except TypeError as exc:  # an unknown or missing setting
+        raise LcscError(f"sampler {name!r}: {exc}") from None
