@@ -146,3 +146,26 @@ def test_scorer_streams_above_its_memory_limit(files):
         x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
         outputs[limit] = scorer.per_seed(coeffs, lambda model, n, s: model(x).sum().item(), 3, [0])[0]
     assert outputs[None] == pytest.approx(outputs[1e-9], rel=1e-5, abs=1e-5)
+
+
+def test_cli_rejects_a_non_positive_limit(store):
+    from typer.testing import CliRunner
+
+    from lcsc_ops.cli import app
+
+    result = CliRunner().invoke(app, ["optimize", "0" * 32, "--max-stack-memory", "0", "--tracking-uri", store["uri"]])
+    assert result.exit_code == 1 and "max-stack-memory" in result.output
+
+
+def test_optimize_streams_above_the_limit(store, tiny_run):
+    import math
+
+    from lcsc_ops.job import run_optimize
+    from tests.conftest import tiny_optimize_config
+
+    # seed 11: a study of its own (max_stack_memory is not part of the study key).
+    cfg = tiny_optimize_config(tiny_run, store, window=3, n_trials=2, seed=11, register=False, max_stack_memory=1e-9)
+    lines: list[str] = []
+    report = run_optimize(cfg, log=lines.append)
+    assert any("streaming" in line for line in lines)
+    assert all(math.isfinite(row["final_mean"]) for row in report["methods"].values())

@@ -198,7 +198,9 @@ def make_merger(sources: Sequence[Any], *, device: torch.device | str = "cpu", d
 
     A ``StackedMerger`` when the stack fits ``max_stack_bytes`` (or no limit is given),
     else a ``StreamingMerger`` over the same files. The stack size is read from a file
-    header (:func:`stack_nbytes`), so choosing streaming never loads the window.
+    header (:func:`stack_nbytes`), so choosing streaming never loads the window. Building
+    the stack maps all K files at once (zero-copy ``load_file``): until it is built, the
+    resident set also holds those clean, reclaimable file pages.
     """
     if max_stack_bytes is not None:
         if max_stack_bytes <= 0:
