@@ -10,29 +10,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from _perf_common import best, interleaved, write_window
-
-
-def _wal_storage(path: Path) -> Any:
-    """Optuna on sqlite in WAL mode with synchronous=NORMAL (no fsync per commit): a what-if, not the default."""
-    import optuna
-    from sqlalchemy import event
-
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
-
-    @event.listens_for(storage.engine, "connect")
-    def _pragmas(conn: Any, _record: Any) -> None:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-
-    storage.engine.dispose()  # reconnect with the pragmas
-    return storage
 
 
 class _TimedSampler:
@@ -75,7 +58,7 @@ def bench_trials_and_fid(work: Path, cfg: dict) -> tuple[dict, dict]:
     from lcsc_ops.spec import ModelSpec
     from lcsc_ops.tracking.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file
     from lcsc_ops.tracking.registry import TrialRunLogger
-    from lcsc_ops.tracking.study import default_storage, make_strategy, open_study, run_trials
+    from lcsc_ops.tracking.study import default_storage, make_storage, make_strategy, open_study, run_trials
 
     k, channels, samples = cfg["k"], cfg["trial_channels"], cfg["samples"]
     spec = ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": channels},
@@ -122,15 +105,20 @@ def bench_trials_and_fid(work: Path, cfg: dict) -> tuple[dict, dict]:
     encoding = AffineEncoding(centre=tuple(uniform(k)), radius=0.3)
     warm, n = cfg["warmup_trials"], cfg["trials"]
 
-    def timed_trials(study: Any, callbacks: list, objective: Any = score) -> float:
-        """Wall seconds of ``n`` trials after ``warm`` untimed ones; resets the clock first."""
+    def timed_trials(study: Any, callbacks: list, objective: Any = score, after: Any = None) -> float:
+        """Wall seconds of ``n`` trials after ``warm`` untimed ones (plus ``after()``, e.g. waiting
+        for the background child runs); resets the clock first."""
         run_trials(study, encoding, objective, warm, callbacks)
+        if after is not None:
+            after()
         clock.update({name: 0.0 for name in clock})
         t0 = time.perf_counter()
         assert run_trials(study, encoding, objective, warm + n, callbacks) == n
+        if after is not None:
+            after()
         return time.perf_counter() - t0
 
-    wall = timed_trials(study, [log_trial])
+    wall = timed_trials(study, [log_trial], after=trial_logger.flush)
     assert len(trial_logger.logged) == warm + n
     per = {name: 1e3 * v / n for name, v in clock.items()}
     trial = {"trials": n, "samples_per_trial": samples, "k": k, "params": scorer.merger.num_parameters,
@@ -141,33 +129,20 @@ def bench_trials_and_fid(work: Path, cfg: dict) -> tuple[dict, dict]:
              "optuna_ms": 1e3 * wall / n - per["objective"] - per["mlflow"]}
     trial["overhead_fraction"] = 1.0 - (per["sampling"] + per["features"]) / (1e3 * wall / n)
     # Where Optuna's share goes: the same study with a constant objective, on sqlite and in memory.
-    for name, storage in (("sqlite", default_storage(uri)), ("sqlite_wal", _wal_storage(work / "optuna-wal.db")),
+    for name, storage in (("sqlite", make_storage(f"sqlite:///{work / 'optuna-bare.db'}")),
+                          ("sqlite_plain_journal_mode", f"sqlite:///{work / 'optuna-plain.db'}"),
                           ("journal", optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
                               str(work / "optuna.journal")))), ("memory", None)):
         bare = optuna.create_study(study_name=f"bench-bare-{name}", storage=storage, direction="minimize",
                                    sampler=make_strategy("cmaes", 0))
         trial[f"optuna_only_{name}_ms"] = 1e3 * timed_trials(bare, [], lambda coeffs: 1.0) / n
-    # What-if, not the shipped path: Optuna on a journal file and the child runs logged from a
-    # background thread, to size the fix that belongs in tracking/study.py and tracking/registry.py.
-    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(work / "whatif.journal")))
-    whatif = optuna.create_study(study_name="bench-whatif", storage=journal, direction="minimize",
-                                 sampler=make_strategy("cmaes", 0))
-    async_logger = TrialRunLogger(client.create_run(exp, run_name="optimize-whatif").info.run_id, tracking_uri=uri)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        futures: list = []
-        wall_whatif = timed_trials(whatif, [lambda st, tr: futures.append(pool.submit(async_logger, st, tr))])
-        kept = dict(clock)
-    for future in futures:
-        future.result()
-    trial["whatif_wall_ms"] = 1e3 * wall_whatif / n
-    trial["whatif_overhead_fraction"] = 1.0 - (kept["sampling"] + kept["features"]) / wall_whatif
     print(f"trials [{n} x {samples} samples, K={k}]: {trial['wall_ms']:.0f} ms/trial = sampling "
           f"{trial['sampling_ms']:.0f} + features {trial['features_ms']:.0f} + merge {trial['merge_ms']:.1f} + "
           f"FID statistics {trial['fid_statistics_ms']:.1f} + MLflow {trial['mlflow_child_run_ms']:.0f} + "
           f"Optuna {trial['optuna_ms']:.0f}; overhead {trial['overhead_fraction']:.1%} (Optuna alone, ms/trial: sqlite "
-          f"{trial['optuna_only_sqlite_ms']:.0f}, sqlite WAL {trial['optuna_only_sqlite_wal_ms']:.0f}, journal file "
-          f"{trial['optuna_only_journal_ms']:.0f}, in memory {trial['optuna_only_memory_ms']:.1f}); what-if with a "
-          f"journal file + background child runs: {trial['whatif_overhead_fraction']:.1%}", flush=True)
+          f"WAL {trial['optuna_only_sqlite_ms']:.0f}, sqlite default journal mode "
+          f"{trial['optuna_only_sqlite_plain_journal_mode_ms']:.0f}, journal file "
+          f"{trial['optuna_only_journal_ms']:.0f}, in memory {trial['optuna_only_memory_ms']:.1f})", flush=True)
 
     # FID of one trial's samples: cached reference vs recomputing both sides each trial.
     scorer.merger.merge = merge

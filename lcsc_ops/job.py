@@ -186,11 +186,14 @@ class OptimizeJob:
         from lcsc_ops.tracking.registry import TrialRunLogger
 
         trial_logger = TrialRunLogger(self.parent_id, metric=self.metric)
-        trial_logger.backfill(self.study)  # trials a crash left without a child run
-        t0 = time.perf_counter()
-        ran = run_trials(self.study, self.encoding, lambda c: self.search_score(self._embed(c)), self.cfg.n_trials,
-                         [trial_logger])
-        seconds = time.perf_counter() - t0
+        try:
+            trial_logger.backfill(self.study)  # trials a crash left without a child run
+            t0 = time.perf_counter()
+            ran = run_trials(self.study, self.encoding, lambda c: self.search_score(self._embed(c)),
+                             self.cfg.n_trials, [trial_logger])
+            seconds = time.perf_counter() - t0
+        finally:
+            trial_logger.close()  # every finished trial has its child run before we go on
         best = self.study.best_trial
         self.log(f"search: {ran} new trials ({len(completed(self.study))} in study {self.study.study_name}) in "
                  f"{seconds:.1f} s; best search {self.metric} {best.value:.3f} (trial {best.number})")

@@ -129,12 +129,16 @@ class CheckpointLogger:
         if self._ema is None:
             self._ema = {k: v.detach().clone() for k, v in state.items()}
             return
+        floats, sources = [], []
         for k, v in state.items():
             e = self._ema[k]
             if e.is_floating_point():
-                e.lerp_(v.detach(), 1.0 - self.ema_decay)  # e = d*e + (1-d)*v
+                floats.append(e)
+                sources.append(v.detach())
             else:
                 e.copy_(v)
+        # e = d*e + (1-d)*v for every tensor in one fused call (a per-tensor loop costs ~1 ms/step).
+        torch._foreach_lerp_(floats, sources, 1.0 - self.ema_decay)
 
     @torch.no_grad()
     def save(self, model: torch.nn.Module, step: int) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -26,8 +27,10 @@ class TrialRunLogger:
     """Optuna callback: one MLflow child run per finished trial, under the optimization's parent run.
 
     The child run holds the coefficients as params ``c00…``, the search score as metric
-    ``fid`` and the trial number as tag ``lcsc.trial``. Trials already logged (a resumed
-    study) are skipped, and :meth:`backfill` logs any completed trial that lacks a run.
+    ``fid`` and the trial number as tag ``lcsc.trial``. Runs are written by one background
+    thread, so the next trial's sampling does not wait for the tracking store; call
+    :meth:`flush` to wait for them (it re-raises a failed write). Trials already logged (a
+    resumed study) are skipped, and :meth:`backfill` logs any completed trial that lacks a run.
     """
 
     def __init__(self, parent_run_id: str, *, tracking_uri: str | None = None, metric: str = "fid") -> None:
@@ -37,6 +40,8 @@ class TrialRunLogger:
         self.parent = self.client.get_run(parent_run_id)
         self.metric = metric
         self.logged = self._existing()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcsc-trial-log")
+        self._pending: list[Future] = []
 
     def _existing(self) -> set[int]:
         runs = self.client.search_runs([self.parent.info.experiment_id],
@@ -47,27 +52,52 @@ class TrialRunLogger:
     def __call__(self, study: Any, trial: Any) -> None:
         if trial.value is None or trial.number in self.logged:
             return
+        self.logged.add(trial.number)
+        duration = trial.duration.total_seconds() if trial.duration else None
+        self._pending.append(self._executor.submit(
+            self._log, study.study_name, trial.number, float(trial.value),
+            list(trial.user_attrs.get("coefficients", [])), dict(trial.params), duration))
+
+    def _log(self, study_name: str, number: int, value: float, coeffs: list[float], z: dict[str, float],
+             duration: float | None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        coeffs = trial.user_attrs.get("coefficients", [])
-        run = self.client.create_run(self.parent.info.experiment_id, run_name=f"trial-{trial.number:04d}",
-                                     tags={PARENT_TAG: self.parent.info.run_id, "lcsc.trial": str(trial.number),
-                                           "lcsc.kind": "trial", "optuna.study": study.study_name})
-        now = int(time.time() * 1000)
-        params = [Param(k, v) for k, v in coefficient_params(coeffs).items()]
-        params += [Param(k, repr(v)) for k, v in trial.params.items()]
-        self.client.log_batch(run.info.run_id, metrics=[Metric(self.metric, float(trial.value), now, trial.number)],
-                              params=params, tags=[RunTag("lcsc.duration_s", f"{trial.duration.total_seconds():.3f}")]
-                              if trial.duration else [])
-        self.client.set_terminated(run.info.run_id)
-        self.logged.add(trial.number)
+        try:
+            run = self.client.create_run(self.parent.info.experiment_id, run_name=f"trial-{number:04d}",
+                                         tags={PARENT_TAG: self.parent.info.run_id, "lcsc.trial": str(number),
+                                               "lcsc.kind": "trial", "optuna.study": study_name})
+            params = [Param(k, v) for k, v in coefficient_params(coeffs).items()]
+            params += [Param(k, repr(v)) for k, v in z.items()]
+            tags = [RunTag("lcsc.duration_s", f"{duration:.3f}")] if duration is not None else []
+            self.client.log_batch(run.info.run_id, metrics=[Metric(self.metric, value, int(time.time() * 1000),
+                                                                   number)], params=params, tags=tags)
+            self.client.set_terminated(run.info.run_id)
+        except BaseException:
+            self.logged.discard(number)  # so a later backfill retries it
+            raise
+
+    def flush(self) -> None:
+        """Wait for every child run submitted so far; re-raise the first failure."""
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        for error in errors:
+            if error is not None:
+                raise error
 
     def backfill(self, study: Any) -> int:
         """Log completed trials that have no child run yet (e.g. after a crash); returns how many."""
+        self.flush()
         before = len(self.logged)
         for trial in study.get_trials(deepcopy=False):
             self(study, trial)
+        self.flush()
         return len(self.logged) - before
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._executor.shutdown(wait=True)
 
 
 def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any], tags: Mapping[str, str],

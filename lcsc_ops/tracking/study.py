@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
@@ -61,11 +61,31 @@ def study_name(run_id: str, config: dict[str, Any]) -> str:
     return f"lcsc-{run_id}-{digest}"
 
 
+def make_storage(url: str) -> str | optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``; a sqlite file is opened in WAL mode with ``synchronous=NORMAL``.
+
+    Each ``suggest_float`` is its own commit, so with a default (rollback-journal, fully
+    synchronous) sqlite file a 32-coefficient trial spends ~90 ms in fsyncs; WAL mode
+    cuts that to a third and still survives a crash of the process (only an OS crash or
+    power loss can lose the last commits). Other URLs go to Optuna unchanged.
+    """
+    if not url.startswith("sqlite:///"):
+        return url
+    path = url[len("sqlite:///"):]
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=60, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    return optuna.storages.RDBStorage(url, engine_kwargs={"creator": connect})
+
+
 def open_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    os.environ.setdefault("OPTUNA_LOG_LEVEL", "WARNING")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+        return optuna.create_study(study_name=name, storage=make_storage(storage), sampler=sampler,
                                    direction="minimize", load_if_exists=True)
     except Exception as exc:  # bad URL, unreachable server, locked file
         raise LcscError(f"cannot open Optuna storage {storage!r}: {str(exc).splitlines()[0]}") from None
