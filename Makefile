@@ -35,5 +35,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Per-trial cost benchmarks (~5-10 min on 2 cores): benchmarks/results/perf.json + benchmarks/RESULTS.md.
+bench: $(STAMP)
+	$(PY) benchmarks/bench_perf.py
+
+# Quality benchmark (~55 min on 2 CPU cores): every search strategy vs the baselines on one digits recipe;
+# table -> benchmarks/RESULTS.md, figures -> benchmarks/results/quality.json. `--quick` checks the plumbing.
+bench-quality: $(STAMP)
+	$(PY) benchmarks/bench_quality.py
+
 clean:
 	rm -rf $(VENV) mlflow.db optuna.db .lcsc-demo.json

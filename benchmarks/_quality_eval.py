@@ -1,0 +1,123 @@
+"""Helpers for bench_quality: a tuned training EMA, protocol-exact scoring, checkpoint density.
+
+Kept out of the library on purpose: these exist so the benchmark's baselines are as strong
+as we can make them (several online EMA decays, each scored under the optimize protocol),
+and so the density claim (post-hoc EMA over logged checkpoints ≈ online EMA) is measured.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from lcsc_ops.math.merge import merge_state_dicts
+from lcsc_ops.math.profiles import ema_profile
+from lcsc_ops.optimize import FINAL_SEED_BASE, OptimizeConfig, Scorer
+from lcsc_ops.tracking import checkpoints as ckpt_mod
+from lcsc_ops.tracking.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file, write_checkpoint
+
+
+@contextlib.contextmanager
+def extra_online_emas(decays: Sequence[float], out_dir: Path) -> Iterator[None]:
+    """While training, keep online EMAs at more ``decays`` and write them to ``out_dir`` at the end.
+
+    ``lcsc_ops.training`` looks its ``CheckpointLogger`` up at call time, so swapping the
+    class for a subclass here adds EMAs without touching the library. Files are
+    ``ema-<decay>.safetensors`` (same metadata format as logged checkpoints).
+    """
+    base = ckpt_mod.CheckpointLogger
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    class MultiEmaLogger(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._extra: dict[float, dict[str, torch.Tensor]] = {}
+            self._last_step = 0
+
+        def step(self, model: torch.nn.Module, step: int) -> None:
+            self._last_step = step
+            super().step(model, step)
+
+        @torch.no_grad()
+        def _update_ema(self, net: torch.nn.Module) -> None:
+            super()._update_ema(net)
+            state = net.state_dict()
+            for d in decays:
+                ema = self._extra.get(d)
+                if ema is None:
+                    self._extra[d] = {k: v.detach().clone() for k, v in state.items()}
+                    continue
+                for k, v in state.items():
+                    if ema[k].is_floating_point():
+                        ema[k].lerp_(v.detach(), 1.0 - d)
+                    else:
+                        ema[k].copy_(v)
+
+        def close(self) -> None:
+            if self.is_main:
+                for d, ema in self._extra.items():
+                    write_checkpoint(out_dir / f"ema-{d}.safetensors", ema, step=self._last_step, kind="ema",
+                                     spec=self.spec, extra={"lcsc.ema_decay": repr(d)})
+            super().close()
+
+    ckpt_mod.CheckpointLogger = MultiEmaLogger
+    try:
+        yield
+    finally:
+        ckpt_mod.CheckpointLogger = base
+
+
+def local_entry(path: Path, step: int, kind: str = "ema") -> CheckpointEntry:
+    return CheckpointEntry(step=step, kind=kind, file=path.name, sha256=sha256_file(path),
+                           bytes=path.stat().st_size, path=path)
+
+
+class ProtocolScorer:
+    """Scores fixed state dicts exactly as ``lcsc-ops optimize`` scores its candidates.
+
+    Search: mean FID over search seeds ``0..S-1`` at ``search_samples``; final: FID and the
+    second metric from one set of samples per fresh seed ``10000 + i`` at ``final_samples``.
+    """
+
+    def __init__(self, cfg: OptimizeConfig, spec: Any, entries: Sequence[CheckpointEntry], cache_dir: Path) -> None:
+        from lcsc_ops.job import build_evaluators
+
+        self.cfg = cfg
+        self.window = CheckpointWindow(run_id=cfg.run_id, spec=spec, entries=tuple(entries), training_ema=None,
+                                       steps=tuple(sorted({e.step for e in entries})))
+        self.first, self.second, _, _ = build_evaluators(spec, cfg, cfg.device, cache_dir)
+        self.scorer = Scorer(self.window, spec.build, cfg.device)
+
+    def one_hot(self, i: int) -> list[float]:
+        out = [0.0] * len(self.window.entries)
+        out[i] = 1.0
+        return out
+
+    def search(self, dense: Sequence[float]) -> float:
+        seeds = list(range(self.cfg.search_seeds))
+        return statistics.fmean(self.scorer.per_seed(dense, self.first, self.cfg.search_samples, seeds))
+
+    def final(self, dense: Sequence[float], n_seeds: int | None = None) -> tuple[list[float], list[float]]:
+        seeds = [FINAL_SEED_BASE + i for i in range(n_seeds or self.cfg.final_seeds)]
+        if self.second is None:
+            return self.scorer.per_seed(dense, self.first, self.cfg.final_samples, seeds), []
+        return self.scorer.per_seed_pair(dense, self.first, self.second, self.cfg.final_samples, seeds)
+
+
+def posthoc_ema_state(raw: Sequence[CheckpointEntry], decay_per_step: float, interval: int) -> dict[str, torch.Tensor]:
+    """Post-hoc EMA over raw checkpoints ``interval`` steps apart (per-checkpoint decay ``d**interval``)."""
+    coeffs = ema_profile(len(raw), decay_per_step ** interval)
+    return merge_state_dicts((e.load() for e in raw), coeffs)
+
+
+def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
+    """``||a - b|| / ||ref - b||`` over the floating-point tensors (b is the target)."""
+    num = den = 0.0
+    for k, v in b.items():
+        if v.is_floating_point():
+            num += float((a[k].double() - v.double()).pow(2).sum())
+            den += float((ref[k].double() - v.double()).pow(2).sum())
+    return (num / den) ** 0.5 if den > 0 else float("nan")
