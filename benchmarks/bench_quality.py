@@ -360,7 +360,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"{r['search_seeds']} fixed seed(s); final FID at {r['final_samples']} samples on {r['final_seeds']} fresh "
              f"paired seeds; second metric = FID under the independent digits MLP features. "
              f"Wall time {res['wall_seconds'] / 60:.1f} min on 2 CPU cores (training {r['train_seconds'] / 60:.1f} min)"
-             + (f"; cumulative at the end of each pass (a rerun resumes): "
+             + ("; cumulative at the end of each pass (a rerun resumes): "
                 + ", ".join(f"{x / 60:.1f}" for x in res.get("passes_s", [])) + " min" if len(res.get("passes_s", [])) > 1
                 else "") + ".",
              "", "| method | search FID | final FID (mean ± std) | 2nd metric | note |", "|---|---|---|---|---|"]
