@@ -265,19 +265,24 @@ def _store(tracking_uri: str | None) -> str:
     return tracking_uri or mlflow.get_tracking_uri()
 
 
-def read_manifest(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Download and parse ``checkpoints/manifest.json`` of a run (LcscError if absent)."""
+def _download(run_id: str, name: str, dst: str, tracking_uri: str | None, missing: str) -> str:
+    """Download ``checkpoints/<name>`` of a run into ``dst``; LcscError(``missing``) if it is not there."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{name}",
+                                                   dst_path=dst, tracking_uri=tracking_uri)
+    except (MlflowException, OSError):
+        raise LcscError(missing) from None
+
+
+def read_manifest(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Download and parse ``checkpoints/manifest.json`` of a run (LcscError if absent)."""
     get_run_or_fail(run_id, tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{MANIFEST_NAME}", dst_path=tmp,
-                tracking_uri=tracking_uri)
-        except (MlflowException, OSError):
-            raise LcscError(f"run {run_id} has no checkpoints (no {CHECKPOINT_DIR}/{MANIFEST_NAME} artifact)") from None
+        local = _download(run_id, MANIFEST_NAME, tmp, tracking_uri,
+                          f"run {run_id} has no checkpoints (no {CHECKPOINT_DIR}/{MANIFEST_NAME} artifact)")
         manifest = json.loads(Path(local).read_text())
     if manifest.get("format") != MANIFEST_FORMAT or not manifest.get("entries"):
         raise LcscError(f"run {run_id} has no checkpoints listed in its manifest")
@@ -311,9 +316,6 @@ def fetch_window(run_id: str, *, window: int = 16, end_step: int | None = None, 
     form the search basis is the caller's choice. ``training_ema`` is the newest EMA
     snapshot at or before the window's last step.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     manifest = read_manifest(run_id, tracking_uri)
     chosen, ema_entry, steps = _select(manifest["entries"], window, end_step)
     root = (cache_dir or default_cache_dir()) / "checkpoints" / run_id
@@ -323,12 +325,8 @@ def fetch_window(run_id: str, *, window: int = 16, end_step: int | None = None, 
         local = root / e["file"]
         if not (local.exists() and local.stat().st_size == e["bytes"] and sha256_file(local) == e["sha256"]):
             with tempfile.TemporaryDirectory(dir=root) as tmp:
-                try:
-                    got = mlflow.artifacts.download_artifacts(
-                        run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{e['file']}", dst_path=tmp,
-                        tracking_uri=tracking_uri)
-                except (MlflowException, OSError):
-                    raise LcscError(f"run {run_id}: checkpoint {e['file']} is listed but missing") from None
+                got = _download(run_id, e["file"], tmp, tracking_uri,
+                                f"run {run_id}: checkpoint {e['file']} is listed but missing")
                 digest = sha256_file(got)
                 if digest != e["sha256"]:
                     raise LcscError(f"run {run_id}: checkpoint {e['file']} fails its sha256 check "
