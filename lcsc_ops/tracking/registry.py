@@ -150,6 +150,13 @@ def promote(name: str, version: str, alias: str, *, tracking_uri: str | None = N
 
 
 def to_json_tag(value: Any) -> str:
-    """Compact JSON for a tag value (MLflow limits tag values to 8,000 characters... 5,000 on some stores)."""
+    """Compact JSON for a model-version tag value; refuses to truncate lineage silently.
+
+    MLflow allows 100,000 characters in a model-version tag value: a window of ~1,000
+    checkpoints' hashes. Beyond that, registration fails with a clear message instead of
+    registering a version whose lineage cannot be recomputed.
+    """
     text = json.dumps(value, separators=(",", ":"))
-    return text if len(text) <= 5000 else text[:4990] + "…"
+    if len(text) > 100_000:
+        raise LcscError(f"lineage tag of {len(text)} characters exceeds MLflow's 100,000; use a smaller --window")
+    return text
