@@ -83,14 +83,14 @@ def train(
 
     Multi-process: ``accelerate launch pipelines/train.py --steps ...`` takes the same options.
     """
-    from lcsc_ops.training import TrainConfig, config_from_env_json, train as run_training
+    from lcsc_ops.training import TrainConfig, parse_json_object, train as run_training
 
     cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, channels=channels,
                       sampler_steps=sampler_steps, checkpoint_every=checkpoint_every,
                       checkpoint_start=checkpoint_start, ema_decay=ema_decay, seed=seed, experiment=experiment,
                       run_name=run_name, model_name=model_name, tracking_uri=tracking_uri, factory=factory,
-                      factory_kwargs=config_from_env_json(factory_kwargs), model_kind=model_kind,
-                      teacher_run=teacher_run, cm_settings=config_from_env_json(cm_settings, "cm settings"))
+                      factory_kwargs=parse_json_object(factory_kwargs), model_kind=model_kind,
+                      teacher_run=teacher_run, cm_settings=parse_json_object(cm_settings, "cm settings"))
     run_id = run_training(cfg)
     if run_id is not None:
         typer.echo(run_id)
@@ -233,9 +233,9 @@ def import_(
     """Turn a folder of saved checkpoints into an MLflow run that optimize accepts. Prints the run id (last line)."""
     from lcsc_ops.spec import ModelSpec
     from lcsc_ops.tracking.importer import import_checkpoints
-    from lcsc_ops.training import config_from_env_json
+    from lcsc_ops.training import parse_json_object
 
-    spec = ModelSpec(factory=factory, kwargs=config_from_env_json(factory_kwargs),
+    spec = ModelSpec(factory=factory, kwargs=parse_json_object(factory_kwargs),
                      sampler={"name": "ddim", "steps": sampler_steps}, dataset=dataset,
                      image_shape=_image_shape(image_shape))
     run_id = import_checkpoints(folder, spec=spec, step_pattern=step_pattern, kind=kind, ema_folder=ema_folder,

@@ -179,7 +179,6 @@ class Scorer:
 
     def __init__(self, window: CheckpointWindow, model_factory: Callable[[], torch.nn.Module], device: str,
                  max_stack_memory: float | None = None) -> None:
-        self.size = len(window.entries)
         limit = None if max_stack_memory is None else int(max_stack_memory * 2**30)
         self.merger = make_merger(window.entries, device=device, max_stack_bytes=limit)
         self.mode = "streaming" if isinstance(self.merger, StreamingMerger) else "stacked"

@@ -212,7 +212,7 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger
                 break
 
 
-def config_from_env_json(text: str | None, what: str = "factory kwargs") -> dict[str, Any]:
+def parse_json_object(text: str | None, what: str = "factory kwargs") -> dict[str, Any]:
     """Parse a JSON object given on the command line (``--factory-kwargs``, ``--cm-settings``)."""
     if not text:
         return {}

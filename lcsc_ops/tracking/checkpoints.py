@@ -22,7 +22,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -236,9 +236,6 @@ class CheckpointWindow:
         """Positions of the entries of the given kinds (all kinds when none are given)."""
         return [i for i, e in enumerate(self.entries) if not kinds or e.kind in kinds]
 
-    def load_all(self, device: str | torch.device = "cpu") -> list[dict[str, torch.Tensor]]:
-        return [e.load(device) for e in self.entries]
-
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LCSC_OPS_CACHE", Path.home() / ".cache" / "lcsc-ops"))
@@ -342,8 +339,3 @@ def fetch_window(run_id: str, *, window: int = 16, end_step: int | None = None, 
         training_ema = by_file.get(ema_entry["file"]) or fetch(ema_entry)
     return CheckpointWindow(run_id=run_id, spec=ModelSpec.from_dict(manifest["spec"]), entries=fetched,
                             training_ema=training_ema, steps=tuple(steps))
-
-
-def iter_state_dicts(entries: Iterable[CheckpointEntry]) -> Iterable[dict[str, torch.Tensor]]:
-    for e in entries:
-        yield e.load()
