@@ -45,6 +45,7 @@ def extra_online_emas(decays: Sequence[float], out_dir: Path) -> Iterator[None]:
         def _update_ema(self, net: torch.nn.Module) -> None:
             super()._update_ema(net)
             state = net.state_dict()
+            n = self._ema_updates  # the library's own warm-up schedule, counted the same way
             for d in decays:
                 ema = self._extra.get(d)
                 if ema is None:
@@ -52,7 +53,7 @@ def extra_online_emas(decays: Sequence[float], out_dir: Path) -> Iterator[None]:
                     continue
                 for k, v in state.items():
                     if ema[k].is_floating_point():
-                        ema[k].lerp_(v.detach(), 1.0 - d)
+                        ema[k].lerp_(v.detach(), 1.0 - ckpt_mod.ema_decay_at(d, n, self.ema_warmup))
                     else:
                         ema[k].copy_(v)
 

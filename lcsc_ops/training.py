@@ -37,6 +37,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     checkpoint_start: int = 0
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # diffusers' EMAModel warm-up: min(decay, (1 + n) / (10 + n))
     log_every: int = 50
     seed: int = 0
     experiment: str = "lcsc"
@@ -176,7 +177,7 @@ def _open_run(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
     mlflow.set_tags({"lcsc.kind": "training", "lcsc.model_name": cfg.model_name, "lcsc.model_kind": cfg.model_kind,
                      **({"lcsc.teacher_run": cfg.teacher_run} if cfg.teacher_run else {})})
     mlflow.log_dict(dataclasses.asdict(cfg), "lcsc/train_config.json")
-    logger = CheckpointLogger(spec, every=cfg.checkpoint_every, ema_decay=cfg.ema_decay,
+    logger = CheckpointLogger(spec, every=cfg.checkpoint_every, ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup,
                               accelerator=accelerator, run_id=run.info.run_id, start_step=cfg.checkpoint_start)
     return run, logger
 

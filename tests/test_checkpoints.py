@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.tracking.checkpoints import CheckpointLogger, fetch_window, read_manifest, sha256_file
+from lcsc_ops.tracking.checkpoints import CheckpointLogger, ema_decay_at, fetch_window, read_manifest, sha256_file
 from tests.conftest import TINY_TRAIN
 
 
@@ -92,7 +92,7 @@ def test_ema_snapshots_follow_the_ema_recursion(store):
     model, decay = spec.build(), 0.75
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     with mlflow.start_run() as run:
-        with CheckpointLogger(spec, every=1, ema_decay=decay) as ckpt:
+        with CheckpointLogger(spec, every=1, ema_decay=decay, ema_warmup=False) as ckpt:
             for step in range(1, 5):
                 model(torch.randn(8, 3)).pow(2).mean().backward()
                 opt.step()
@@ -107,3 +107,30 @@ def test_ema_snapshots_follow_the_ema_recursion(store):
         expected = {k: decay * expected[k] + (1 - decay) * raw[k] for k in raw}
         for k in raw:
             torch.testing.assert_close(ema[k], expected[k])
+
+
+def test_ema_warmup_follows_the_diffusers_schedule(store):
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_experiment("ema-warmup")
+    spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
+    model, decay = spec.build(), 0.3
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    with mlflow.start_run() as run:
+        with CheckpointLogger(spec, every=1, ema_decay=decay) as ckpt:  # warm-up on by default
+            for step in range(1, 6):
+                model(torch.randn(8, 3)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                ckpt.step(model, step)
+    window = fetch_window(run.info.run_id, window=5, tracking_uri=store["uri"], cache_dir=store["cache"])
+    raws = [e.load() for e in window.entries if e.kind == "raw"]
+    emas = [e.load() for e in window.entries if e.kind == "ema"]
+    expected = raws[0]
+    for n, (raw, ema) in enumerate(zip(raws[1:], emas[1:]), start=1):
+        d = min(decay, (1 + n) / (10 + n))  # 2/11, 3/12, 4/13 (< 0.3), then 0.3
+        assert d == ema_decay_at(decay, n)
+        expected = {k: d * expected[k] + (1 - d) * raw[k] for k in raw}
+        for k in raw:
+            torch.testing.assert_close(ema[k], expected[k])
+    assert ema_decay_at(0.999, 10 ** 6) == 0.999 and ema_decay_at(0.999, 1, warmup=False) == 0.999
+    assert read_manifest(run.info.run_id, store["uri"])["entries"][1]["ema_warmup"] is True
