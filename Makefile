@@ -10,7 +10,7 @@ DEMO_STEPS  ?= 5000
 DEMO_TRIALS ?= 60
 DEMO_MODEL  ?= digits-ddpm
 
-.PHONY: install demo test bench bench-quality clean
+.PHONY: install demo test bench bench-quality bench-prune clean
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,diffusers]'
 	@$(PY) -m pip list 2>/dev/null | grep -E '^torch ' | grep -q '2.13.0' || { echo "error: wrong torch installed"; exit 1; }
 	touch $(STAMP)
 
@@ -43,6 +43,11 @@ bench: $(STAMP)
 # table -> benchmarks/RESULTS.md, figures -> benchmarks/results/quality.json. `--quick` checks the plumbing.
 bench-quality: $(STAMP)
 	$(PY) benchmarks/bench_quality.py
+
+# Early stopping (~5 min on 2 cores): the same search with and without --prune (reuses bench-quality's run
+# when its checkpoints are cached); figures -> benchmarks/results/prune.json, section in benchmarks/RESULTS.md.
+bench-prune: $(STAMP)
+	$(PY) benchmarks/bench_prune.py
 
 clean:
 	rm -rf $(VENV) mlflow.db optuna.db .lcsc-demo.json

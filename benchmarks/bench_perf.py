@@ -6,9 +6,12 @@ Every figure is a ratio of two things measured side by side in this one run, int
 
 * ``merge_speedup_vs_naive``: per-trial merge of K = 32 checkpoints, the naive way (load
   the K state dicts from their safetensors files, a Python loop of weighted adds,
-  ``load_state_dict``) over the engine (``StackedMerger.merge`` into a bound model).
+  ``load_state_dict``) over the engine (``StackedMerger.merge`` into a bound model) with
+  the float32 stack ``lcsc-ops optimize`` builds by default. The bf16 stack of
+  ``--search-precision bf16`` is measured beside it, against the same naive loop, and
+  reported in the details (``merge.large_bf16``, ``merge.digits_bf16``).
 * ``merge_fraction_of_memcpy``: the engine's memory throughput over a plain copy of the
-  stack's bytes (both count bytes read + bytes written).
+  stack's bytes (both count bytes read + bytes written); per dtype in the details.
 * ``trial_overhead_fraction``: share of a trial's wall time that is not sampling or
   features, over real trials: ``run_trials`` (Optuna CMA-ES, sqlite) + ``TrialRunLogger``
   (MLflow child runs, sqlite) + ``Scorer`` + ``FIDScorer`` on the digits DDPM.
@@ -22,6 +25,8 @@ Every figure is a ratio of two things measured side by side in this one run, int
 Microbenchmarks keep the fastest of their interleaved repetitions (the least disturbed).
 
 ``--quick`` runs tiny sizes in seconds (a smoke test; writes nothing unless ``--out``).
+``--only SECTION`` (repeatable: merge, memory, trials, training) runs only those sections and
+updates their entries in perf.json and their lines in RESULTS.md, leaving the rest as it is.
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _perf_common import best, interleaved, naive_merge, random_affine, write_window  # noqa: E402
-from _perf_report import TARGETS, write_results_md  # noqa: E402
+from _perf_report import TARGETS, update_results_md, write_results_md  # noqa: E402
 from _perf_trials import bench_trials_and_fid  # noqa: E402
 
 FULL = dict(k=32, merge_channels=160, merge_reps=10, naive_reps=5, small_reps=10, trial_channels=32, samples=1000,
@@ -62,48 +67,112 @@ QUICK = dict(k=4, merge_channels=16, merge_reps=3, naive_reps=2, small_reps=3, t
 
 
 # -- 1. merge ------------------------------------------------------------------------------
-def _merge_row(folder: Path, channels: int, reps: int, cfg: dict, with_memcpy: bool) -> dict:
-    """Engine vs naive (and, optionally, vs a copy of the stack's bytes) on one window."""
+# The stacks a user gets: float32 by default, bf16 with `lcsc-ops optimize --search-precision bf16`.
+MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _kernel_probe(engines: dict, reps: int) -> dict:
+    """torch's matrix-vector product alone, on the stacks just measured: on one thread vs all of them,
+    and bf16 with twice the rows as one product vs groups of ``CPU_16BIT_ROWS`` rows (what the engine does)."""
+    threads, out = torch.get_num_threads(), {"threads": torch.get_num_threads()}
+
+    def on(n: int, fn: Any) -> Any:
+        def run() -> None:
+            torch.set_num_threads(n)
+            fn()
+        return run
+
+    try:
+        for name, m in engines.items():
+            stack, c = m._stack, m._coeffs
+            y = torch.empty(stack.shape[1], dtype=stack.dtype)
+            fns = {n: on(n, lambda: torch.mv(stack.t(), c, out=y)) for n in sorted({1, threads})}
+            times = interleaved(fns, reps)
+            for n, t in times.items():
+                out[f"{name}_mv_gb_s_{n}_threads"] = stack.numel() * stack.element_size() / best(t) / 1e9
+        m = engines["bf16"]
+        rows, stack, c = m.CPU_16BIT_ROWS, torch.cat([m._stack, m._stack]), torch.cat([m._coeffs, m._coeffs])
+        y, part = torch.empty(stack.shape[1], dtype=stack.dtype), torch.empty(stack.shape[1], dtype=stack.dtype)
+
+        def grouped() -> None:
+            torch.mv(stack[:rows].t(), c[:rows], out=y)
+            for s in range(rows, stack.shape[0], rows):
+                torch.mv(stack[s:s + rows].t(), c[s:s + rows], out=part)
+                y.add_(part)
+
+        times = interleaved({"single": on(threads, lambda: torch.mv(stack.t(), c, out=y)),
+                             "grouped": on(threads, grouped)}, reps)
+    finally:
+        torch.set_num_threads(threads)
+    out.update({"bf16_2k_rows": stack.shape[0], "bf16_2k_single_mv_ms": 1e3 * best(times["single"]),
+                "bf16_2k_grouped_ms": 1e3 * best(times["grouped"]),
+                "bf16_2k_single_mv_gb_s": stack.numel() * 2 / best(times["single"]) / 1e9})
+    print(f"kernel: bf16 mv {out['bf16_mv_gb_s_1_threads']:.1f} GB/s on 1 thread, "
+          f"{out[f'bf16_mv_gb_s_{threads}_threads']:.1f} on {threads}; float32 {out['fp32_mv_gb_s_1_threads']:.1f} and "
+          f"{out[f'fp32_mv_gb_s_{threads}_threads']:.1f}; bf16 at {stack.shape[0]} rows: one mv "
+          f"{out['bf16_2k_single_mv_ms']:.1f} ms, groups of {rows} {out['bf16_2k_grouped_ms']:.1f} ms", flush=True)
+    return out
+
+
+def _vs_memcpy(engine: Any, nbytes: int, reps: int) -> tuple[float, float]:
+    """Best seconds of the engine and of a plain copy of ``nbytes``, alternated in the same run."""
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    times = interleaved({"engine": engine, "memcpy": lambda: dst.copy_(src)}, reps)
+    return best(times["engine"]), best(times["memcpy"])
+
+
+def _merge_rows(folder: Path, channels: int, reps: int, cfg: dict, probe: bool = False) -> dict[str, dict]:
+    """Engine (each stack dtype) vs naive, interleaved in one group, then each engine vs a copy of its stack's bytes."""
     from lcsc_ops.math.streaming import make_merger
     from lcsc_ops.models.unet import DigitsUNet
 
     paths = write_window(folder, channels, cfg["k"])
     coeffs = random_affine(cfg["k"])
-    merger = make_merger(paths)  # as the Scorer builds it (no memory limit: stacked)
-    merger.bind(DigitsUNet(channels=channels))
+    engines = {}
+    for name, dtype in MERGE_DTYPES.items():
+        engines[name] = make_merger(paths, dtype=dtype)  # as the Scorer builds it (no memory limit: stacked)
+        engines[name].bind(DigitsUNet(channels=channels))
     target = DigitsUNet(channels=channels)
-    times = interleaved({"engine": lambda: merger.merge(coeffs), "naive": lambda: naive_merge(paths, coeffs, target),
+    fns = {f"engine_{n}": (lambda m=m: m.merge(coeffs)) for n, m in engines.items()}
+    times = interleaved({**fns, "naive": lambda: naive_merge(paths, coeffs, target),
                          "naive_fused": lambda: naive_merge(paths, coeffs, target, fused=True)}, reps)
-    params = merger.num_parameters
-    row = {"channels": channels, "params": params, "k": cfg["k"], "stack_bytes": merger.nbytes,
-           **{f"{n}_ms": 1e3 * best(t) for n, t in times.items()},
-           "speedup_vs_naive": best(times["naive"]) / best(times["engine"]),
-           "speedup_vs_naive_fused": best(times["naive_fused"]) / best(times["engine"])}
-    if with_memcpy:
-        # The same bytes through a plain copy, alternated with the engine in the same run.
-        src = torch.randn(merger.nbytes // 4)
-        dst = torch.empty_like(src)
-        ct = interleaved({"engine": lambda: merger.merge(coeffs), "memcpy": lambda: dst.copy_(src)}, cfg["merge_reps"])
-        row["engine_gb_s"] = (merger.nbytes + params * 4) / best(ct["engine"]) / 1e9  # stack read + merge written
-        row["memcpy_gb_s"] = 2 * src.numel() * 4 / best(ct["memcpy"]) / 1e9           # read + written
+    naive, fused = best(times["naive"]), best(times["naive_fused"])
+    rows = {}
+    for name, merger in engines.items():
+        params, engine = merger.num_parameters, best(times[f"engine_{name}"])
+        row = {"dtype": name, "channels": channels, "params": params, "k": cfg["k"], "stack_bytes": merger.nbytes,
+               "engine_ms": 1e3 * engine, "naive_ms": 1e3 * naive, "naive_fused_ms": 1e3 * fused,
+               "speedup_vs_naive": naive / engine, "speedup_vs_naive_fused": fused / engine}
+        engine_s, memcpy_s = _vs_memcpy(fns[f"engine_{name}"], merger.nbytes, cfg["merge_reps"])
+        written = params * merger.dtype.itemsize
+        row["engine_gb_s"] = (merger.nbytes + written) / engine_s / 1e9  # stack read + merge written
+        row["memcpy_gb_s"] = 2 * merger.nbytes / memcpy_s / 1e9          # read + written
         row["fraction_of_memcpy"] = row["engine_gb_s"] / row["memcpy_gb_s"]
-    print(f"merge [{params / 1e6:.2f}M params x K={cfg['k']}]: engine {row['engine_ms']:.2f} ms, naive "
-          f"{row['naive_ms']:.1f} ms ({row['speedup_vs_naive']:.1f}x), naive fused {row['naive_fused_ms']:.1f} ms "
-          f"({row['speedup_vs_naive_fused']:.1f}x)" + (f"; engine {row['engine_gb_s']:.1f} GB/s vs memcpy "
-                                                     f"{row['memcpy_gb_s']:.1f} GB/s ({row['fraction_of_memcpy']:.2f})"
-                                                     if with_memcpy else ""), flush=True)
-    return row
+        rows[name] = row
+        print(f"merge [{params / 1e6:.2f}M params x K={cfg['k']}, {name} stack {merger.nbytes / 1e6:.0f} MB]: engine "
+              f"{row['engine_ms']:.2f} ms, naive {row['naive_ms']:.1f} ms ({row['speedup_vs_naive']:.1f}x), naive "
+              f"fused {row['naive_fused_ms']:.1f} ms ({row['speedup_vs_naive_fused']:.1f}x); engine "
+              f"{row['engine_gb_s']:.1f} GB/s vs memcpy {row['memcpy_gb_s']:.1f} GB/s "
+              f"({row['fraction_of_memcpy']:.2f})", flush=True)
+    if probe:
+        rows["kernel"] = _kernel_probe(engines, cfg["merge_reps"])
+    return rows
 
 
 def bench_merge(work: Path, cfg: dict) -> dict:
     """A model big enough for memory traffic to dominate, then the digits model the trials use."""
-    return {"large": _merge_row(work / "merge-large", cfg["merge_channels"], cfg["naive_reps"], cfg, True),
-            "digits": _merge_row(work / "merge-digits", cfg["trial_channels"], cfg["small_reps"], cfg, False),
-            "window_dir": str(work / "merge-large")}
+    large = _merge_rows(work / "merge-large", cfg["merge_channels"], cfg["naive_reps"], cfg, probe=True)
+    digits = _merge_rows(work / "merge-digits", cfg["trial_channels"], cfg["small_reps"], cfg)
+    return {"large": large["fp32"], "digits": digits["fp32"], "large_bf16": large["bf16"],
+            "digits_bf16": digits["bf16"], "kernel": large["kernel"], "window_dir": str(work / "merge-large")}
 
 
 # -- 2. peak memory ------------------------------------------------------------------------
-def bench_memory(window_dir: str, cfg: dict) -> dict:
+def bench_memory(window_dir: str | None, cfg: dict, work: Path) -> dict:
+    if window_dir is None:  # run without the merge section: write the same window
+        window_dir = str(write_window(work / "merge-large", cfg["merge_channels"], cfg["k"])[0].parent)
+
     def probe(mode: str) -> dict:
         cmd = [sys.executable, str(HERE / "_peak_rss.py"), mode, str(cfg["merge_channels"]), window_dir]
         return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
@@ -211,47 +280,87 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "load_average_start": os.getloadavg()}
 
 
+# section -> (its keys in "details", its headline figures and where they come from)
+SECTIONS: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
+    "merge": (("merge",), {"merge_speedup_vs_naive": ("merge", "large", "speedup_vs_naive"),
+                           "merge_fraction_of_memcpy": ("merge", "large", "fraction_of_memcpy")}),
+    "memory": (("memory",), {"streaming_peak_model_copies": ("memory", "streaming_copies")}),
+    "trials": (("trial", "fid"), {"trial_overhead_fraction": ("trial", "overhead_fraction"),
+                                  "fid_speedup_vs_recompute": ("fid", "speedup")}),
+    "training": (("training",), {"train_logging_slowdown_fraction": ("training", "slowdown")}),
+}
+
+
+def _figure(details: dict, path: tuple[str, ...]) -> float:
+    value: Any = details
+    for key in path:
+        value = value[key]
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test (writes nothing by default)")
+    parser.add_argument("--only", action="append", choices=tuple(SECTIONS), metavar="SECTION",
+                        help=f"run only this section ({', '.join(SECTIONS)}; repeatable) and update only its entries "
+                             "in perf.json and its lines in RESULTS.md")
     parser.add_argument("--out", type=Path, help="perf.json path (default: benchmarks/results/perf.json)")
     parser.add_argument("--results-md", type=Path, help="RESULTS.md path (default: benchmarks/RESULTS.md)")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     out = args.out or (None if args.quick else HERE / "results" / "perf.json")
     md = args.results_md or (None if args.quick else HERE / "RESULTS.md")
+    only = [name for name in SECTIONS if name in (args.only or SECTIONS)]
+    partial = len(only) < len(SECTIONS)
     info = machine()
     started = time.perf_counter()
     (HERE / "work").mkdir(exist_ok=True)
+    details: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=HERE / "work", prefix="perf-") as tmp:
         work = Path(tmp)
-        merge = bench_merge(work, cfg)
-        memory = bench_memory(merge.pop("window_dir"), cfg)
-        trial, fid = bench_trials_and_fid(work, cfg)
-        training = bench_training(work, cfg)
+        if "merge" in only:
+            details["merge"] = bench_merge(work, cfg)
+        window_dir = details.get("merge", {}).pop("window_dir", None)
+        if "memory" in only:
+            details["memory"] = bench_memory(window_dir, cfg, work)
+        if "trials" in only:
+            details["trial"], details["fid"] = bench_trials_and_fid(work, cfg)
+        if "training" in only:
+            details["training"] = bench_training(work, cfg)
     info["load_average_end"] = os.getloadavg()
-    result = {
-        "merge_speedup_vs_naive": merge["large"]["speedup_vs_naive"],
-        "merge_fraction_of_memcpy": merge["large"]["fraction_of_memcpy"],
-        "trial_overhead_fraction": trial["overhead_fraction"],
-        "fid_speedup_vs_recompute": fid["speedup"],
-        "streaming_peak_model_copies": memory["streaming_copies"],
-        "train_logging_slowdown_fraction": training["slowdown"],
-        "targets": {key: f"{op} {value}" for key, (op, value) in TARGETS.items()},
-        "details": {"merge": merge, "memory": memory, "trial": trial, "fid": fid, "training": training},
-        "machine": info, "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "make bench" if not args.quick else "python benchmarks/bench_perf.py --quick",
-        "seconds": time.perf_counter() - started, "quick": args.quick,
-    }
-    print("\n" + "\n".join(f"{key:34s} {result[key]:10.3f}   target {op} {value}"
-                           for key, (op, value) in TARGETS.items()))
+    figures = {key: _figure(details, path) for name in only for key, path in SECTIONS[name][1].items()}
+    command = ("make bench" if not args.quick else "python benchmarks/bench_perf.py --quick") if not partial else \
+        "python benchmarks/bench_perf.py" + (" --quick" if args.quick else "") + "".join(f" --only {n}" for n in only)
+    date = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    seconds = time.perf_counter() - started
+    if partial:
+        # Only these sections' entries change; the file keeps the rest (and says which run made what).
+        result = json.loads(out.read_text()) if out is not None and out.is_file() else {"details": {}}
+        result.update(figures)
+        result["details"].update(details)
+        for name in only:
+            result.setdefault("section_runs", {})[name] = {"date": date, "command": command, "seconds": seconds,
+                                                           "machine": info, "quick": args.quick}
+    else:
+        result = {**figures, "targets": {key: f"{op} {value}" for key, (op, value) in TARGETS.items()},
+                  "details": details, "machine": info, "date": date, "command": command, "seconds": seconds,
+                  "quick": args.quick}
+    print("\n" + "\n".join(f"{key:34s} {figures[key]:10.3f}   target {op} {value}"
+                            for key, (op, value) in TARGETS.items() if key in figures))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
     if md is not None:
-        write_results_md(md, result)
-        print(f"wrote {md}")
+        if not partial:
+            write_results_md(md, result)
+        elif all(key in result for key in TARGETS):
+            update_results_md(md, result, only)
+        else:
+            print(f"not writing {md}: {out} lacks the other sections' figures (run without --only first)")
+            md = None
+        if md is not None:
+            print(f"wrote {md}")
     return result
 
 

@@ -63,6 +63,8 @@ def train(
     checkpoint_start: Annotated[int, typer.Option(help="First step at which checkpoints are logged.",
                                                   rich_help_panel="Checkpoints")] = 0,
     ema_decay: Annotated[float, typer.Option(help="Training EMA decay.", rich_help_panel="Checkpoints")] = 0.999,
+    ema_warmup: Annotated[bool, typer.Option(help="Warm the EMA up like diffusers' EMAModel: decay min(d, (1+n)/(10+n)) "
+                                             "at update n.", rich_help_panel="Checkpoints")] = True,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.", rich_help_panel="MLflow")] = "lcsc",
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.", rich_help_panel="MLflow")] = None,
@@ -87,7 +89,7 @@ def train(
 
     cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, channels=channels,
                       sampler_steps=sampler_steps, checkpoint_every=checkpoint_every,
-                      checkpoint_start=checkpoint_start, ema_decay=ema_decay, seed=seed, experiment=experiment,
+                      checkpoint_start=checkpoint_start, ema_decay=ema_decay, ema_warmup=ema_warmup, seed=seed, experiment=experiment,
                       run_name=run_name, model_name=model_name, tracking_uri=tracking_uri, factory=factory,
                       factory_kwargs=parse_json_object(factory_kwargs), model_kind=model_kind,
                       teacher_run=teacher_run, cm_settings=parse_json_object(cm_settings, "cm settings"))
@@ -114,6 +116,11 @@ def optimize(
     blocks: Annotated[Optional[int], typer.Option(help="Group coefficients into B blocks per kind.",
                                                   rich_help_panel="Search")] = None,
     seed: Annotated[int, typer.Option(help="Search strategy seed.", rich_help_panel="Search")] = 0,
+    prune: Annotated[bool, typer.Option(help="Stop hopeless trials early: score each trial at growing sample counts "
+                                             "and prune one worse than the median of complete trials at the same "
+                                             "count (off by default, see README).", rich_help_panel="Search")] = False,
+    prune_rungs: Annotated[str, typer.Option(help="With --prune: the earlier sample counts, as fractions of "
+                                                  "--search-samples.", rich_help_panel="Search")] = "0.25,0.5",
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: sqlite optuna.db beside "
                                                         "the MLflow store).", rich_help_panel="Search")] = None,
     search_samples: Annotated[int, typer.Option(help="Samples per search evaluation.",
@@ -137,6 +144,10 @@ def optimize(
                                                                    "without network.",
                                                               rich_help_panel="Evaluation")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 …")] = "auto",
+    search_precision: Annotated[str, typer.Option(
+        help="Search evaluations in fp32, tf32 (TF32 matmuls and convolutions on CUDA) or bf16 (a bf16 merge "
+             "stack, half the memory, and bf16 autocast for sampling and features). The final evaluation and the "
+             "registered model are always full precision.", rich_help_panel="Evaluation")] = "fp32",
     batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 500,
     max_stack_memory: Annotated[Optional[float], typer.Option(
         help="GiB the stacked window may take on the device; above it, merges stream from the checkpoint files "
@@ -161,7 +172,8 @@ def optimize(
                          model_name=model_name, evaluator=evaluator, feature_extractor=feature_extractor,
                          inception_weights=str(inception_weights) if inception_weights else None, device=device,
                          batch_size=batch_size, max_stack_memory=max_stack_memory, storage=storage,
-                         tracking_uri=tracking_uri, register=register)
+                         tracking_uri=tracking_uri, register=register, prune=prune,
+                         prune_rungs=_fractions(prune_rungs, "--prune-rungs"), search_precision=search_precision)
     log = (lambda msg: typer.echo(msg, err=True))
     result = run_optimize(cfg, log=log)
     if report is not None:
@@ -189,6 +201,13 @@ def promote(
     typer.echo(f"{name}@{alias} -> version {version} (load with mlflow.pytorch.load_model('models:/{name}@{alias}'))")
 
 
+def _fractions(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(s) for s in text.split(","))
+    except ValueError:
+        raise LcscError(f"{option} must be comma-separated fractions like 0.25,0.5, got {text!r}") from None
+
+
 def _image_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(s) for s in text.split(","))
@@ -202,21 +221,32 @@ def _image_shape(text: str) -> tuple[int, ...]:
 @app.command("import")
 @user_errors
 def import_(
-    folder: Annotated[Path, typer.Argument(help="Folder of .safetensors / .pt / .pth checkpoints.")],
-    factory: Annotated[str, typer.Option(help="Model factory 'module:callable' that rebuilds the network.",
-                                         rich_help_panel="Model spec")],
+    folder: Annotated[Path, typer.Argument(help="Folder of .safetensors / .pt / .pth checkpoints, or of diffusers "
+                                                "UNet2DModel folders (checkpoint-<step>/unet/, or one per step).")],
+    factory: Annotated[Optional[str], typer.Option(help="Model factory 'module:callable' that rebuilds the network "
+                                                        "(required, except for diffusers folders: their config.json "
+                                                        "gives the model).", rich_help_panel="Model spec")] = None,
     factory_kwargs: Annotated[Optional[str], typer.Option(help="Factory kwargs as JSON.",
                                                           rich_help_panel="Model spec")] = None,
-    sampler_steps: Annotated[int, typer.Option(help="DDIM steps recorded in the model spec.",
-                                               rich_help_panel="Model spec")] = 10,
+    sampler_steps: Annotated[int, typer.Option(help="Sampling steps recorded in the model spec (DDIM, or the "
+                                                    "diffusers scheduler's).", rich_help_panel="Model spec")] = 10,
     dataset: Annotated[str, typer.Option(help="Reference data set for FID.", rich_help_panel="Model spec")] = "digits",
-    image_shape: Annotated[str, typer.Option(help="C,H,W of one sample.", rich_help_panel="Model spec")] = "1,8,8",
+    image_shape: Annotated[Optional[str], typer.Option(help="C,H,W of one sample (default 1,8,8; for diffusers "
+                                                            "folders: in_channels and sample_size of config.json).",
+                                                       rich_help_panel="Model spec")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="Diffusers folders: the diffusers scheduler class that "
+                                                          "samples (default DDIMScheduler), configured from the "
+                                                          "folder's scheduler_config.json if it has one.",
+                                                     rich_help_panel="Model spec")] = None,
     step_pattern: Annotated[Optional[str], typer.Option(help="Regex with one group that finds the step in a file "
-                                                             "name, e.g. 'step(\\d+)' (when metadata has none).",
+                                                             "name, e.g. 'step(\\d+)' (when metadata has none), or "
+                                                             "in a diffusers model folder's name (default for "
+                                                             "checkpoint-<step>/ folders: 'checkpoint-(\\d+)').",
                                                         rich_help_panel="Checkpoints")] = None,
     kind: Annotated[str, typer.Option(help="Kind of the folder's checkpoints: raw or ema.",
                                       rich_help_panel="Checkpoints")] = "raw",
-    ema_folder: Annotated[Optional[Path], typer.Option(help="A second folder of EMA checkpoints.",
+    ema_folder: Annotated[Optional[Path], typer.Option(help="A second folder of EMA checkpoints (or of diffusers "
+                                                            "model folders).",
                                                        rich_help_panel="Checkpoints")] = None,
     partial: Annotated[bool, typer.Option(help="Checkpoints hold only part of the model (e.g. LoRA adapters); "
                                                "the factory supplies the rest.",
@@ -232,16 +262,32 @@ def import_(
 ) -> None:
     """Turn a folder of saved checkpoints into an MLflow run that optimize accepts. Prints the run id (last line)."""
     from lcsc_ops.spec import ModelSpec
+    from lcsc_ops.tracking.diffusers_import import find_diffusers_layout, import_diffusers
     from lcsc_ops.tracking.importer import import_checkpoints
     from lcsc_ops.training import parse_json_object
 
-    spec = ModelSpec(factory=factory, kwargs=parse_json_object(factory_kwargs),
-                     sampler={"name": "ddim", "steps": sampler_steps}, dataset=dataset,
-                     image_shape=_image_shape(image_shape))
-    run_id = import_checkpoints(folder, spec=spec, step_pattern=step_pattern, kind=kind, ema_folder=ema_folder,
-                                partial=partial, allow_pickle=allow_pickle, experiment=experiment, run_name=run_name,
-                                model_name=model_name, tracking_uri=tracking_uri,
-                                log=lambda msg: typer.echo(msg, err=True))
+    log = functools.partial(typer.echo, err=True)
+    common = dict(step_pattern=step_pattern, kind=kind, ema_folder=ema_folder, allow_pickle=allow_pickle,
+                  experiment=experiment, run_name=run_name, model_name=model_name, tracking_uri=tracking_uri, log=log)
+    if find_diffusers_layout(folder) is not None:
+        given = [flag for flag, value in (("--factory", factory), ("--factory-kwargs", factory_kwargs),
+                                          ("--partial", partial)) if value]
+        if given:
+            raise LcscError(f"{folder} holds diffusers model folders, whose config.json gives the model: "
+                            f"drop {', '.join(given)}")
+        run_id = import_diffusers(folder, steps=sampler_steps, scheduler=scheduler or "DDIMScheduler",
+                                  dataset=dataset, image_shape=_image_shape(image_shape) if image_shape else None,
+                                  **common)
+    else:
+        if factory is None:
+            raise LcscError("--factory is required (the 'module:callable' that rebuilds the network), "
+                            "except for a folder of diffusers UNet2DModel folders")
+        if scheduler is not None:
+            raise LcscError("--scheduler applies to diffusers folders only (use --sampler-steps for DDIM)")
+        spec = ModelSpec(factory=factory, kwargs=parse_json_object(factory_kwargs),
+                         sampler={"name": "ddim", "steps": sampler_steps}, dataset=dataset,
+                         image_shape=_image_shape(image_shape or "1,8,8"))
+        run_id = import_checkpoints(folder, spec=spec, partial=partial, **common)
     typer.echo(run_id)
 
 

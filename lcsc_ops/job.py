@@ -19,11 +19,12 @@ import torch
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.encoding import AffineEncoding, partition_by_kind
+from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, embed
 from lcsc_ops.optimize import (BASIS_KINDS, FINAL_SEED_BASE, Candidate, OptimizeConfig, Scorer,
                                average_coefficients, baselines, centre_in_basis, merged_state, restrict)
 from lcsc_ops.report import build_report, save_plots
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.tracking.study import completed, run_trials
+from lcsc_ops.tracking.study import completed, pruned, run_trials
 
 
 def resolve_device(name: str) -> str:
@@ -94,7 +95,7 @@ class OptimizeJob:
     def prepare(self) -> None:
         """Fetch the window, build the evaluators and the merger, score the baselines, open the study."""
         from lcsc_ops.tracking.checkpoints import fetch_window, get_run_or_fail
-        from lcsc_ops.tracking.study import default_storage, make_strategy, open_study, study_name
+        from lcsc_ops.tracking.study import RungPruner, default_storage, make_strategy, open_study, study_name
 
         cfg, log = self.cfg, self.log
         self.source = get_run_or_fail(cfg.run_id, self.uri)
@@ -114,14 +115,20 @@ class OptimizeJob:
             raise LcscError(f"run {cfg.run_id} has no {cfg.basis} checkpoints in the window")
         log(f"window: steps {window.steps[0]}..{window.steps[-1]} ({len(window.steps)} steps, "
             f"{len(window.entries)} checkpoints, basis {cfg.basis}: {len(self.basis)})")
-        self.scorer = Scorer(window, self.spec.build, device, max_stack_memory=cfg.max_stack_memory)
+        self.scorer = Scorer(window, self.spec.build, device, max_stack_memory=cfg.max_stack_memory,
+                             precision=cfg.search_precision)
         if self.scorer.mode == "streaming":
             log(f"merge: streaming from the checkpoint files (the stack would exceed {cfg.max_stack_memory} GiB)")
+        if cfg.search_precision != "fp32":
+            log(f"search evaluations in {cfg.search_precision} ({self.scorer.merger.dtype} merge); "
+                "the final evaluation and the registered model in full precision")
 
         self.base = baselines(window, cfg.ema_grid, lambda c: self.search_score(c.dense(len(window.entries))))
         self.storage = cfg.storage or default_storage(self.uri)
-        self.study = open_study(study_name(cfg.run_id, cfg.study_key()), self.storage, strategy)
+        self.study = open_study(study_name(cfg.run_id, cfg.study_key()), self.storage, strategy,
+                                pruner=RungPruner() if cfg.prune else None)
         self.centre, self.encoding = self._encoding()
+        self._seed_population()
         log(f"baselines (search {self.metric}): " + ", ".join(f"{c.name} {c.search_fid:.3f}" for c in self.base)
             + f"; search centred on {self.centre.name}")
         self.parent_id = _parent_run(self.client, self.study, self.source, cfg, self.storage)
@@ -130,6 +137,22 @@ class OptimizeJob:
         """The search objective: mean score over the fixed search seeds (common random numbers)."""
         seeds = list(range(self.cfg.search_seeds))
         return statistics.fmean(self.scorer.per_seed(dense, self.evaluator, self.cfg.search_samples, seeds))
+
+    def search_rungs(self) -> Any:
+        """The search objective at growing sample counts (``--prune``): the same fixed noise, its
+        first n samples per seed, the mean over seeds at each count; the last count is
+        :meth:`search_score` itself (see :mod:`lcsc_ops.evaluation.rungs`)."""
+        from lcsc_ops.evaluation.rungs import fid_rungs, rung_counts
+        from lcsc_ops.tracking.study import Rungs
+
+        counts = rung_counts(self.cfg.search_samples, self.cfg.prune_rungs)
+        seeds = list(range(self.cfg.search_seeds))
+
+        def scores(coeffs: Sequence[float]) -> Any:
+            self.scorer.merger.merge(self._embed(coeffs))
+            return self.scorer.lazily(fid_rungs(self.evaluator, self.scorer.model, counts, seeds))
+
+        return Rungs(counts, scores)
 
     def _encoding(self) -> tuple[Candidate, AffineEncoding]:
         """Centre the search on the strongest expressible baseline. A resumed study keeps the
@@ -147,6 +170,21 @@ class OptimizeJob:
             blocks = partition_by_kind([self.window.entries[i].kind for i in self.basis], self.cfg.blocks)
         return centre, AffineEncoding(centre=coeffs, radius=self.cfg.radius, blocks=blocks)
 
+    def _seed_population(self) -> None:
+        """The evolution strategy starts from EMA profiles (the LCSC paper's initialisation):
+        post-hoc EMAs over the basis's raw checkpoints (its EMA snapshots if it has none) at
+        every other rate of the EMA* grid, expressed in the search encoding."""
+        from lcsc_ops.tracking.evolution import EvolutionSampler, seed_points_from_profiles
+
+        sampler = self.study.sampler
+        if not isinstance(sampler, EvolutionSampler) or sampler.seed_points:
+            return
+        kinds = [self.window.entries[i].kind for i in self.basis]
+        pos = [j for j, k in enumerate(kinds) if k == "raw"] or list(range(len(kinds)))
+        grid = ema_decay_grid(len(pos), self.cfg.ema_grid)[::2]
+        profiles = [embed(ema_profile(len(pos), g), pos, len(kinds)) for g in grid]
+        sampler.seed_points = seed_points_from_profiles(self.encoding, profiles)  # gen 0: these, the centre, jitter
+
     # -- stages 2-4 ----------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Search, evaluate, register; the parent run ends FINISHED (or FAILED on an error)."""
@@ -160,6 +198,8 @@ class OptimizeJob:
                                       search_seconds=search_seconds, trials=len(completed(self.study)),
                                       study=self.study.study_name, storage=self.storage,
                                       parent_run_id=self.parent_id, default_nfe=self.default_nfe)
+                if self.cfg.prune:
+                    report["pruned_trials"] = len(pruned(self.study))
                 winner = next(c for c in [*self.base, *cands] if c.name == report["winner"])
                 if self.cfg.register:
                     report["registered_model"] = self._register(winner, report)
@@ -190,13 +230,15 @@ class OptimizeJob:
             trial_logger.backfill(self.study)  # trials a crash left without a child run
             t0 = time.perf_counter()
             ran = run_trials(self.study, self.encoding, lambda c: self.search_score(self._embed(c)),
-                             self.cfg.n_trials, [trial_logger])
+                             self.cfg.n_trials, [trial_logger], rungs=self.search_rungs() if self.cfg.prune else None)
             seconds = time.perf_counter() - t0
         finally:
             trial_logger.close()  # every finished trial has its child run before we go on
         best = self.study.best_trial
-        self.log(f"search: {ran} new trials ({len(completed(self.study))} in study {self.study.study_name}) in "
-                 f"{seconds:.1f} s; best search {self.metric} {best.value:.3f} (trial {best.number})")
+        n_pruned = len(pruned(self.study))
+        self.log(f"search: {ran} new trials ({len(completed(self.study))} in study {self.study.study_name}"
+                 + (f", {n_pruned} more pruned" if n_pruned else "") + f") in {seconds:.1f} s; "
+                 f"best search {self.metric} {best.value:.3f} (trial {best.number})")
         return seconds
 
     def _candidates(self) -> list[Candidate]:
@@ -219,6 +261,7 @@ class OptimizeJob:
         (``final_default_nfe``), the figure a merged model at fewer steps must match."""
         seeds = [FINAL_SEED_BASE + i for i in range(self.cfg.final_seeds)]
         n = self.cfg.final_samples
+        self.scorer.full_precision()  # whatever --search-precision was: float32 merge, no autocast, no TF32
         at_default = None
         if self.cfg.nfe is not None and self.cfg.nfe != self.default_nfe:
             from lcsc_ops.models.diffusion import make_sampler

@@ -7,22 +7,61 @@ are then re-evaluated on fresh seeds never used in the search, paired across met
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.merge import merge_state_dicts
 from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, one_hot, quantise, uniform
-from lcsc_ops.math.streaming import StreamingMerger, make_merger
+from lcsc_ops.math.streaming import StreamingMerger, make_merger, stack_nbytes
 from lcsc_ops.tracking.checkpoints import CheckpointWindow
 
 FINAL_SEED_BASE = 10_000  # final seeds never overlap the search seeds (0, 1, ...)
 BASIS_KINDS = {"raw": ("raw",), "ema": ("ema",), "both": ("raw", "ema")}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How search evaluations compute (``--search-precision``); the final evaluation is always ``fp32``.
+
+    ``stack_dtype``: the merge stack's dtype (bf16: the deviation stack of ``StackedMerger``,
+    so the bound model's weights are bf16); ``autocast``: the dtype sampling and features
+    run in under ``torch.autocast``; ``tf32``: TF32 matmuls and convolutions on CUDA (no
+    effect on the CPU).
+    """
+
+    stack_dtype: torch.dtype
+    autocast: torch.dtype | None = None
+    tf32: bool = False
+
+
+PRECISIONS = {"fp32": Precision(torch.float32), "tf32": Precision(torch.float32, tf32=True),
+              "bf16": Precision(torch.bfloat16, autocast=torch.bfloat16)}
+
+
+@contextlib.contextmanager
+def precision_context(name: str, device: str | torch.device) -> Iterator[None]:
+    """Run the enclosed evaluations at precision ``name``, restoring torch's TF32 flags after.
+
+    ``fp32`` switches TF32 off for the duration (PyTorch allows it for cuDNN convolutions by
+    default), so a full-precision evaluation is full precision on CUDA too.
+    """
+    p = PRECISIONS[name]
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32)
+    matmul.allow_tf32 = cudnn.allow_tf32 = p.tf32
+    try:
+        with torch.autocast(torch.device(device).type, dtype=p.autocast or torch.bfloat16,
+                            enabled=p.autocast is not None):
+            yield
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
 @dataclass(frozen=True)
@@ -55,12 +94,23 @@ class OptimizeConfig:
     storage: str | None = None
     tracking_uri: str | None = None
     register: bool = True
+    # Early stopping (--prune): score each trial at these fractions of search_samples, then at
+    # all of them, and stop one that is hopeless at an earlier count. Not in the study key: a
+    # complete trial's value is the same with or without it, so a study resumes either way.
+    prune: bool = False
+    prune_rungs: tuple[float, ...] = (0.25, 0.5)
+    # Search evaluations in reduced precision (PRECISIONS); the final evaluation and the
+    # registered model stay full precision. In the study key unless fp32 (trial values change).
+    search_precision: str = "fp32"
 
     def study_key(self) -> dict[str, Any]:
         """The settings that define a study; the same key resumes the same study."""
         keep = ("run_id", "window", "end_step", "basis", "strategy", "radius", "blocks", "search_samples", "search_seeds",
                 "nfe", "seed", "evaluator", "feature_extractor")
-        return {k: getattr(self, k) for k in keep}
+        key = {k: getattr(self, k) for k in keep}
+        if self.search_precision != "fp32":  # absent for fp32, so studies made before the option still resume
+            key["search_precision"] = self.search_precision
+        return key
 
     def validate(self) -> None:
         if self.basis not in BASIS_KINDS:
@@ -73,6 +123,13 @@ class OptimizeConfig:
             raise LcscError(f"radius must be > 0, got {self.radius}")
         if self.max_stack_memory is not None and not self.max_stack_memory > 0:
             raise LcscError(f"max-stack-memory must be > 0 GiB, got {self.max_stack_memory}")
+        if self.search_precision not in PRECISIONS:
+            raise LcscError(f"unknown search precision {self.search_precision!r} (use {', '.join(PRECISIONS)})")
+        if self.prune:
+            if self.evaluator:
+                raise LcscError("--prune needs the built-in FID: a custom evaluator scores all its samples at once")
+            if not self.prune_rungs or not all(0 < f < 1 for f in self.prune_rungs):
+                raise LcscError(f"prune rungs must be fractions strictly between 0 and 1, got {list(self.prune_rungs)}")
 
 
 @dataclass
@@ -175,27 +232,73 @@ class Scorer:
     The window is stacked once (one pass over the stack per merge) unless the stack would
     exceed ``max_stack_memory`` GiB; then each merge streams from the memory-mapped
     checkpoint files, with a peak of about two model copies (``mode`` says which).
+
+    ``precision`` (a key of ``PRECISIONS``) sets the stack's dtype and the context every
+    evaluation runs in (:meth:`evaluating`). :meth:`full_precision` switches to ``fp32``
+    for the final evaluation, rebuilding the merger and the model if the stack was 16-bit.
+    A streaming merger always accumulates in float32 (16-bit partial sums would round).
     """
 
     def __init__(self, window: CheckpointWindow, model_factory: Callable[[], torch.nn.Module], device: str,
-                 max_stack_memory: float | None = None) -> None:
-        limit = None if max_stack_memory is None else int(max_stack_memory * 2**30)
-        self.merger = make_merger(window.entries, device=device, max_stack_bytes=limit)
+                 max_stack_memory: float | None = None, precision: str = "fp32") -> None:
+        if precision not in PRECISIONS:
+            raise LcscError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+        self._entries, self._factory, self.device = window.entries, model_factory, device
+        self._limit = None if max_stack_memory is None else int(max_stack_memory * 2**30)
+        self.precision = precision
+        self._build()
+
+    def _build(self) -> None:
+        dtype = PRECISIONS[self.precision].stack_dtype
+        if self._limit is not None and stack_nbytes(self._entries, dtype) > self._limit:
+            dtype = torch.float32  # it will stream
+        self.merger = make_merger(self._entries, device=self.device, dtype=dtype, max_stack_bytes=self._limit)
         self.mode = "streaming" if isinstance(self.merger, StreamingMerger) else "stacked"
-        self.model = self.merger.bind(model_factory().to(device).eval())
+        self.model = self.merger.bind(self._factory().to(self.device).eval())
+
+    def full_precision(self) -> None:
+        """Evaluate in ``fp32`` from now on (the final evaluation); a 16-bit stack is rebuilt in float32."""
+        if self.precision == "fp32":
+            return
+        self.precision = "fp32"
+        if self.merger.dtype != torch.float32:
+            self.merger = self.model = None  # free the 16-bit stack before building the float32 one
+            self._build()
+
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """The context evaluations run in at the current precision (autocast, TF32 flags)."""
+        return precision_context(self.precision, self.device)
+
+    def lazily(self, scores: Iterator[float]) -> Iterator[float]:
+        """``scores`` (a lazy iterator that evaluates, e.g. FID rungs) with each step run in :meth:`evaluating`."""
+        scores = iter(scores)
+        try:
+            while True:
+                with self.evaluating():
+                    try:
+                        value = next(scores)
+                    except StopIteration:
+                        return
+                yield value
+        finally:  # a consumer that stops early (a pruned trial) closes the inner iterator too
+            close = getattr(scores, "close", None)
+            if close is not None:
+                close()
 
     def per_seed(self, coeffs: Sequence[float], evaluator: Callable, num_samples: int,
                  seeds: Sequence[int]) -> list[float]:
         self.merger.merge(coeffs)
-        return [float(evaluator(self.model, num_samples, s)) for s in seeds]
+        with self.evaluating():
+            return [float(evaluator(self.model, num_samples, s)) for s in seeds]
 
     def per_seed_pair(self, coeffs: Sequence[float], first: Any, second: Any, num_samples: int,
                       seeds: Sequence[int]) -> tuple[list[float], list[float]]:
         """Scores under two FID scorers from ONE set of samples per seed (the final evaluation)."""
         self.merger.merge(coeffs)
         a, b = [], []
-        for s in seeds:
-            images = first.sample(self.model, num_samples, s)
-            a.append(first.score_images(images))
-            b.append(second.score_images(images))
+        with self.evaluating():
+            for s in seeds:
+                images = first.sample(self.model, num_samples, s)
+                a.append(first.score_images(images))
+                b.append(second.score_images(images))
         return a, b

@@ -107,3 +107,29 @@ def test_rejects_bad_settings():
         EvolutionSampler(crossover="two-point")
     with pytest.raises(ValueError):
         EvolutionSampler(sigma_decay=0.0)
+
+
+def test_optimize_seeds_the_evolution_population_with_ema_profiles(store, tiny_run):
+    """`--strategy evolution`: generation 0 opens with post-hoc EMA profiles over the raw checkpoints."""
+    import optuna
+
+    from lcsc_ops.job import OptimizeJob
+    from lcsc_ops.math.profiles import ema_decay_grid, ema_profile
+    from tests.conftest import tiny_optimize_config
+
+    job = OptimizeJob(tiny_optimize_config(tiny_run, store, strategy="evolution", n_trials=3, register=False,
+                                           ema_grid=4, search_samples=32))
+    job.prepare()
+    job.run()
+    raw = [j for j, i in enumerate(job.basis) if job.window.entries[i].kind == "raw"]
+    grid = ema_decay_grid(len(raw), 4)[::2]
+    trials = sorted(job.study.get_trials(states=[optuna.trial.TrialState.COMPLETE]), key=lambda t: t.number)
+    assert len(job.study.sampler.seed_points) == len(grid) == 2
+    lo, hi = job.encoding.bounds
+    for t, g in zip(trials, grid):  # each opening trial is the encoding of one profile, clipped to the box
+        dense = [0.0] * len(job.basis)
+        for j, c in zip(raw, ema_profile(len(raw), g)):
+            dense[j] = c
+        want = [min(hi, max(lo, z)) for z in job.encoding.encode(dense)]
+        assert [t.params[n] for n in job.encoding.names] == pytest.approx(want, abs=1e-12)
+        assert sum(t.user_attrs["coefficients"]) == 1.0

@@ -228,3 +228,46 @@ def test_16bit_stack_keeps_small_differences(dtype):
     for i in range(K):
         one, x = merger.state_dict(one_hot(K, i))["w"], sds[i]["w"]
         assert ((one - x).abs() <= 1.5 * u * x.abs() + u * 1e-2).all()
+
+
+def _nearby(n: int = 4096, k: int = K, seed: int = 7) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen)
+    return [{"w": base + 1e-3 * torch.randn(n, generator=gen)} for _ in range(k)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_one_hot_is_the_documented_rounding(dtype):
+    """One-hot merges give round(ref + round(theta_i - ref)), ref = round(last), as the docstring says."""
+    sds = _nearby()
+    merger = StackedMerger(sds, dtype=dtype)
+    ref = sds[-1]["w"].to(dtype)
+    for i in range(K):
+        expected = (ref.float() + (sds[i]["w"] - ref.float()).to(dtype).float()).to(dtype)
+        assert torch.equal(bits(merger.state_dict(one_hot(K, i))["w"].to(dtype)), bits(expected)), i
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_16bit_groups_of_rows_agree_with_one_product(monkeypatch, rows):
+    """On the CPU a 16-bit stack is multiplied in groups of rows; the groups change no one-hot merge
+    and keep general merges within one rounding of the exact merge."""
+    sds = _nearby()
+    whole = StackedMerger(sds, dtype=torch.bfloat16)
+    assert len(whole._groups) == 1
+    monkeypatch.setattr(StackedMerger, "CPU_16BIT_ROWS", rows)
+    grouped = StackedMerger(sds, dtype=torch.bfloat16)
+    assert grouped._groups == [(s, min(s + rows, K)) for s in range(0, K, rows)]
+    for i in range(K):
+        assert torch.equal(bits(grouped.state_dict(one_hot(K, i))["w"].bfloat16()),
+                           bits(whole.state_dict(one_hot(K, i))["w"].bfloat16()))
+    coeffs = [6.0, -5.0, 2.5, -2.5]
+    exact = merge_state_dicts(sds, coeffs)["w"]
+    u = 2.0 ** -8
+    got = grouped.state_dict(coeffs)["w"]
+    assert ((got - exact).abs() <= 1.5 * u * exact.abs() + 1e-4).all()
+    # The bound model sees the same merge as state_dict.
+    target = nn.Module()
+    target.w = nn.Parameter(torch.zeros(4096))
+    grouped.bind(target)
+    grouped.merge(coeffs)
+    assert torch.equal(target.w.detach().float(), got)

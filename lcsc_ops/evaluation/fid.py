@@ -35,12 +35,29 @@ from lcsc_ops.spec import import_object
 _SUBSET_SEED = 0
 
 
+class _Float32Features(nn.Module):
+    """The extractor, with 16-bit features (bf16 autocast, ``--search-precision bf16``) cast to float32.
+
+    torchmetrics accumulates features in float64 but casts the Fréchet distance back to the
+    features' dtype: from bf16 features every score would come back rounded to 8 bits.
+    float32 and float64 features pass through untouched, so statistics are unchanged.
+    """
+
+    def __init__(self, extractor: nn.Module) -> None:
+        super().__init__()
+        self.extractor, self.num_features = extractor, extractor.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.extractor(x)
+        return features.float() if features.dtype.itemsize < 4 else features
+
+
 def _make_metric(extractor: nn.Module, device: str | torch.device) -> FrechetInceptionDistance:
     # reset_real_features=False: reset() then clears only the fake side (checked in the
     # torchmetrics 1.9 source: it deep-copies the real states around Metric.reset()).
     if not isinstance(getattr(extractor, "num_features", None), int):
         raise LcscError(f"feature extractor {type(extractor).__name__} lacks an int 'num_features' attribute")
-    metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
+    metric = FrechetInceptionDistance(feature=_Float32Features(extractor), reset_real_features=False)
     return metric.to(device)
 
 

@@ -130,10 +130,24 @@ class StackedMerger:
     neighbouring checkpoints that the search exploits, and coefficients like 6 and -5
     would amplify that rounding; so the stack holds deviations ``theta_i - ref`` from a
     reference (the last checkpoint rounded to the dtype) and ``merge`` computes
-    ``ref + sum_i a_i (theta_i - ref)``, which equals Eq. 1 because ``sum_i a_i = 1``.
-    The result is then within about one 16-bit rounding of the exact merge. Either way
-    ``merge`` requires affine coefficients.
+    ``ref + sum_i a_i (theta_i - ref)``, which equals Eq. 1 because ``sum_i a_i = 1``:
+    the deviation sum is rounded to the dtype (once per group of rows, see below), then
+    added to ``ref`` and rounded once more. Deviations are small next to the weights, so
+    the result is within about one 16-bit rounding of the exact merge, one-hot merges
+    included (they give ``round(ref + round(theta_i - ref))``, not ``theta_i``). Either
+    way ``merge`` requires affine coefficients.
+
+    On the CPU, torch's 16-bit matrix-vector product is compute-bound and slows down
+    sharply past 32 rows (measured with torch 2.13 on a shared 2-core Xeon with
+    AVX512-BF16: a bf16 stack of 7.3M parameters read at 12-14 GB/s for K <= 32, 6 GB/s
+    at K = 33..48 and 3-4 GB/s at K = 64, where float32 read at 15-30 GB/s depending on
+    the machine's other load; benchmarks/RESULTS.md has the current figures), so there
+    the deviation sum is computed over groups of at most ``CPU_16BIT_ROWS`` rows and the
+    groups are added. On such a CPU a bf16 stack saves memory more than time. float16
+    was slower than float32 there (K = 32); bfloat16 is the 16-bit dtype to use on a CPU.
     """
+
+    CPU_16BIT_ROWS = 32  # rows per 16-bit matrix-vector product on the CPU (see above)
 
     @torch.no_grad()
     def __init__(
@@ -190,6 +204,14 @@ class StackedMerger:
         # buffer; both are reused by every merge. It starts as the last checkpoint.
         self._flat = torch.empty(p, dtype=dtype, device=self.device)
         self._coeffs = torch.empty(self._k, dtype=dtype, device=self.device)
+        # 16-bit: the deviation sum's buffers (one more for a second group of rows), and the groups.
+        rows = self.CPU_16BIT_ROWS if self.device.type == "cpu" else self._k
+        self._groups = [(s, min(s + rows, self._k)) for s in range(0, self._k, rows)]
+        self._dev = self._part = None
+        if self._ref is not None:
+            self._dev = torch.empty(p, dtype=dtype, device=self.device)
+            if len(self._groups) > 1:
+                self._part = torch.empty(p, dtype=dtype, device=self.device)
         self._merge_into(self._flat, [0.0] * (self._k - 1) + [1.0])
 
     @property
@@ -250,8 +272,9 @@ class StackedMerger:
     def merge(self, coeffs: Sequence[float]) -> None:
         """Write the merge with ``coeffs`` into the flat buffer (and so into bound models).
 
-        One ``torch.mv`` (``torch.addmv`` for 16-bit stacks) with ``out=`` the flat
-        buffer: no allocation beyond a K-element coefficient tensor. Raises
+        One ``torch.mv`` with ``out=`` the flat buffer (16-bit stacks: one per group of
+        rows into a reused buffer, then one ``torch.add`` of the reference into the flat
+        buffer): no allocation beyond a K-element coefficient tensor. Raises
         ``ValueError`` unless there are K finite coefficients summing to 1 (within 1e-6).
         """
         self._merge_into(self._flat, coeffs)
@@ -284,10 +307,17 @@ class StackedMerger:
             raise ValueError(f"merge coefficients must be finite and sum to 1, sum is {total!r}")
         # float64 -> stack dtype on the host, then one small copy to the device.
         self._coeffs.copy_(torch.tensor(coeffs, dtype=torch.float64).to(self.dtype))
-        if self._ref is not None:
-            torch.addmv(self._ref, self._stack.t(), self._coeffs, out=out)
-        else:
+        if self._ref is None:
             torch.mv(self._stack.t(), self._coeffs, out=out)
+            return
+        # ref + sum_i a_i (theta_i - ref). Not one addmv: in 16 bits on the CPU it took 1.8x
+        # as long as mv followed by an add (torch 2.13), and it cannot be split into groups.
+        for n, (start, end) in enumerate(self._groups):
+            dst = self._dev if n == 0 else self._part
+            torch.mv(self._stack[start:end].t(), self._coeffs[start:end], out=dst)
+            if n:
+                self._dev.add_(dst)
+        torch.add(self._ref, self._dev, out=out)
 
 
 def load_checkpoint_state(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:

@@ -2,9 +2,10 @@
 
 Samplers are looked up by name in :data:`SAMPLERS` from the ``sampler`` settings of a
 :class:`lcsc_ops.spec.ModelSpec` (``"ddim"`` here, ``"consistency"`` from
-:mod:`lcsc_ops.models.consistency`). A sampler turns a fixed starting noise into images
-deterministically, which is what makes search scores comparable across candidates
-(common random numbers): every candidate is sampled from the same noise tensor.
+:mod:`lcsc_ops.models.consistency`, ``"diffusers"`` from :mod:`lcsc_ops.models.diffusers_unet`).
+A sampler turns a fixed starting noise into images deterministically, which is what makes
+search scores comparable across candidates (common random numbers): every candidate is
+sampled from the same noise tensor.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.models.consistency import ConsistencySampler
+from lcsc_ops.models.diffusers_unet import DiffusersSampler  # imports diffusers only when one is made
 
 
 def cosine_alpha_bar(timesteps: int, s: float = 0.008) -> torch.Tensor:
@@ -80,7 +82,8 @@ class DDIMSampler:
         return x0
 
 
-SAMPLERS: dict[str, Callable[..., Any]] = {"ddim": DDIMSampler, "consistency": ConsistencySampler}
+SAMPLERS: dict[str, Callable[..., Any]] = {"ddim": DDIMSampler, "consistency": ConsistencySampler,
+                                           "diffusers": DiffusersSampler}
 
 
 def make_sampler(settings: Mapping[str, Any], **runtime: Any) -> Any:

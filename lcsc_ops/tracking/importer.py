@@ -11,7 +11,8 @@ Every file is read and checked against the model the spec builds (keys, shapes, 
 layout for all) and every step is resolved BEFORE the run is created: a bad folder
 leaves no half-imported run behind. Torch files are opened with
 ``torch.load(weights_only=True)``; a file that needs full unpickling (arbitrary code on
-load) is refused unless ``allow_pickle``.
+load) is refused unless ``allow_pickle``. Folders of diffusers ``UNet2DModel`` checkpoints
+are planned by :mod:`lcsc_ops.tracking.diffusers_import` and logged by the same code.
 """
 from __future__ import annotations
 
@@ -46,10 +47,17 @@ Layout = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 @dataclass(frozen=True)
-class _Planned:
+class PlannedFile:
+    """One checked file to import, with the kind and step it is logged as."""
+
     path: Path
     kind: str
     step: int
+    source: str = ""  # as recorded in the manifest; default: the file name
+
+    @property
+    def label(self) -> str:
+        return self.source or self.path.name
 
 
 def find_checkpoints(folder: Path) -> list[Path]:
@@ -191,20 +199,26 @@ def check_layout(name: str, layout: Layout, model: Mapping[str, tuple[int, ...]]
                 raise LcscError(f"{name}: {key!r} is {dtype}, in {first_name} it is {first_layout[key][1]}")
 
 
+def compile_step_pattern(step_pattern: str | None) -> re.Pattern | None:
+    """The user's ``--step-pattern`` compiled (LcscError unless it is a regex with exactly one group)."""
+    if step_pattern is None:
+        return None
+    try:
+        pattern = re.compile(step_pattern)
+    except re.error as exc:
+        raise LcscError(f"--step-pattern {step_pattern!r} is not a regular expression: {exc}") from None
+    if pattern.groups != 1:
+        raise LcscError(f"--step-pattern {step_pattern!r} needs exactly one group around the step, "
+                        f"e.g. 'step(\\d+)'")
+    return pattern
+
+
 def plan_import(folders: list[tuple[Path, str]], *, spec: ModelSpec, step_pattern: str | None, allow_pickle: bool,
-                partial: bool) -> list[_Planned]:
+                partial: bool) -> list[PlannedFile]:
     """Read every file's layout and step and check them all; the files to import, by kind then step."""
-    pattern = None
-    if step_pattern is not None:
-        try:
-            pattern = re.compile(step_pattern)
-        except re.error as exc:
-            raise LcscError(f"--step-pattern {step_pattern!r} is not a regular expression: {exc}") from None
-        if pattern.groups != 1:
-            raise LcscError(f"--step-pattern {step_pattern!r} needs exactly one group around the step, "
-                            f"e.g. 'step(\\d+)'")
+    pattern = compile_step_pattern(step_pattern)
     model = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
-    planned: list[_Planned] = []
+    planned: list[PlannedFile] = []
     seen: dict[tuple[str, int], Path] = {}
     first: tuple[str, Layout] | None = None
     for folder, kind in folders:
@@ -216,7 +230,7 @@ def plan_import(folders: list[tuple[Path, str]], *, spec: ModelSpec, step_patter
             if (kind, step) in seen:
                 raise LcscError(f"duplicate step {step} ({kind}): {seen[kind, step].name} and {path.name}")
             seen[kind, step] = path
-            planned.append(_Planned(path, kind, step))
+            planned.append(PlannedFile(path, kind, step))
     return sorted(planned, key=lambda p: (KINDS.index(p.kind), p.step))
 
 
@@ -234,17 +248,27 @@ def import_checkpoints(folder: str | Path, *, spec: ModelSpec, step_pattern: str
     hold only some of the model's keys (adapters): the rest then comes from ``spec``'s
     factory. Everything is checked before the run is created; errors are LcscError.
     """
-    from mlflow.tracking import MlflowClient
-
     if kind not in KINDS:
         raise LcscError(f"unknown checkpoint kind {kind!r} (use {' or '.join(KINDS)})")
     folders = [(Path(folder), kind)] + ([(Path(ema_folder), "ema")] if ema_folder is not None else [])
     planned = plan_import(folders, spec=spec, step_pattern=step_pattern, allow_pickle=allow_pickle, partial=partial)
+    return write_import_run(planned, spec=spec, folder=folder, ema_folder=ema_folder, allow_pickle=allow_pickle,
+                            experiment=experiment, run_name=run_name, model_name=model_name,
+                            tracking_uri=tracking_uri, log=log)
+
+
+def write_import_run(planned: list[PlannedFile], *, spec: ModelSpec, folder: str | Path,
+                     ema_folder: str | Path | None = None, allow_pickle: bool = False, experiment: str = "lcsc-import",
+                     run_name: str | None = None, model_name: str | None = None, tracking_uri: str | None = None,
+                     tags: Mapping[str, str] | None = None, log: Callable[[str], None] = lambda msg: None) -> str:
+    """Create the run for checked ``planned`` files and log them as a training run logs its checkpoints."""
+    from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-    tags = {"lcsc.kind": "import", "lcsc.spec": spec.to_json(), "lcsc.source_folder": str(Path(folder).resolve())}
+    tags = {"lcsc.kind": "import", "lcsc.spec": spec.to_json(), "lcsc.source_folder": str(Path(folder).resolve()),
+            **(tags or {})}
     if ema_folder is not None:
         tags["lcsc.ema_folder"] = str(Path(ema_folder).resolve())
     if model_name:
@@ -259,10 +283,10 @@ def import_checkpoints(folder: str | Path, *, spec: ModelSpec, step_pattern: str
                 name = checkpoint_filename(p.step, p.kind)
                 local = Path(tmp) / name
                 write_checkpoint(local, state, step=p.step, kind=p.kind, spec=spec,
-                                 extra={"lcsc.source_file": p.path.name})
+                                 extra={"lcsc.source_file": p.label})
                 del state
                 entry = {"step": p.step, "kind": p.kind, "file": name, "sha256": sha256_file(local),
-                         "bytes": local.stat().st_size, "source": p.path.name}
+                         "bytes": local.stat().st_size, "source": p.label}
                 client.log_artifact(run_id, str(local), CHECKPOINT_DIR)
                 local.unlink()
                 # As in CheckpointLogger: the manifest lists a file only once it is fully logged.
@@ -271,7 +295,7 @@ def import_checkpoints(folder: str | Path, *, spec: ModelSpec, step_pattern: str
                 manifest.write_text(json.dumps({"format": MANIFEST_FORMAT, "spec": spec.to_dict(),
                                                 "entries": entries}, indent=1))
                 client.log_artifact(run_id, str(manifest), CHECKPOINT_DIR)
-                log(f"{p.kind}@{p.step} <- {p.path.name}")
+                log(f"{p.kind}@{p.step} <- {p.label}")
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise

@@ -27,10 +27,13 @@ class TrialRunLogger:
     """Optuna callback: one MLflow child run per finished trial, under the optimization's parent run.
 
     The child run holds the coefficients as params ``c00…``, the search score as metric
-    ``fid`` and the trial number as tag ``lcsc.trial``. Runs are written by one background
+    ``fid`` and the trial number as tag ``lcsc.trial``. With ``--prune`` the scores at the
+    rungs are the history of metric ``fid_by_samples`` (step = sample count); a pruned trial
+    gets no ``fid`` (its scores come from fewer samples), ends ``KILLED`` and is tagged
+    ``lcsc.pruned=true`` and ``lcsc.pruned_at_samples``. Runs are written by one background
     thread, so the next trial's sampling does not wait for the tracking store; call
     :meth:`flush` to wait for them (it re-raises a failed write). Trials already logged (a
-    resumed study) are skipped, and :meth:`backfill` logs any completed trial that lacks a run.
+    resumed study) are skipped, and :meth:`backfill` logs any finished trial that lacks a run.
     """
 
     def __init__(self, parent_run_id: str, *, tracking_uri: str | None = None, metric: str = "fid") -> None:
@@ -50,16 +53,18 @@ class TrialRunLogger:
         return {int(r.data.tags["lcsc.trial"]) for r in runs if "lcsc.trial" in r.data.tags}
 
     def __call__(self, study: Any, trial: Any) -> None:
-        if trial.value is None or trial.number in self.logged:
+        pruned = getattr(trial.state, "name", "") == "PRUNED"
+        if (trial.value is None and not pruned) or trial.number in self.logged:
             return
         self.logged.add(trial.number)
         duration = trial.duration.total_seconds() if trial.duration else None
         self._pending.append(self._executor.submit(
-            self._log, study.study_name, trial.number, float(trial.value),
-            list(trial.user_attrs.get("coefficients", [])), dict(trial.params), duration))
+            self._log, study.study_name, trial.number, None if pruned else float(trial.value),
+            list(trial.user_attrs.get("coefficients", [])), dict(trial.params), duration,
+            dict(trial.intermediate_values)))
 
-    def _log(self, study_name: str, number: int, value: float, coeffs: list[float], z: dict[str, float],
-             duration: float | None) -> None:
+    def _log(self, study_name: str, number: int, value: float | None, coeffs: list[float], z: dict[str, float],
+             duration: float | None, rungs: dict[int, float] | None = None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         try:
@@ -69,9 +74,15 @@ class TrialRunLogger:
             params = [Param(k, v) for k, v in coefficient_params(coeffs).items()]
             params += [Param(k, repr(v)) for k, v in z.items()]
             tags = [RunTag("lcsc.duration_s", f"{duration:.3f}")] if duration is not None else []
-            self.client.log_batch(run.info.run_id, metrics=[Metric(self.metric, value, int(time.time() * 1000),
-                                                                   number)], params=params, tags=tags)
-            self.client.set_terminated(run.info.run_id)
+            now = int(time.time() * 1000)
+            rungs = rungs or {}
+            metrics = [Metric(f"{self.metric}_by_samples", float(v), now, int(n)) for n, v in sorted(rungs.items())]
+            if value is None:  # pruned
+                tags += [RunTag("lcsc.pruned", "true"), RunTag("lcsc.pruned_at_samples", str(max(rungs, default=0)))]
+            else:
+                metrics.append(Metric(self.metric, value, now, number))
+            self.client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)
+            self.client.set_terminated(run.info.run_id, "FINISHED" if value is not None else "KILLED")
         except BaseException:
             self.logged.discard(number)  # so a later backfill retries it
             raise
@@ -85,7 +96,7 @@ class TrialRunLogger:
                 raise error
 
     def backfill(self, study: Any) -> int:
-        """Log completed trials that have no child run yet (e.g. after a crash); returns how many."""
+        """Log finished (complete or pruned) trials without a child run yet (e.g. after a crash); returns how many."""
         self.flush()
         before = len(self.logged)
         for trial in study.get_trials(deepcopy=False):

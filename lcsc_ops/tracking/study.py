@@ -4,14 +4,25 @@ Strategies are Optuna samplers looked up by name in :data:`STRATEGIES`. The stud
 in a database (a sqlite file beside the MLflow store by default), so running the same
 optimization again resumes it: only the missing trials are run, and the CMA-ES state is
 rebuilt from the stored trials.
+
+With ``--prune`` a trial reports its score at growing sample counts (rungs) and
+:class:`RungPruner` stops one that is already worse than most complete trials were at the
+same count. Pruned trials teach the strategies nothing: CMA-ES learns from complete trials
+only (``consider_pruned_trials=False``, Optuna's advice beside a median-type pruner; a
+pruned trial's last value is an FID from fewer samples, biased upwards, and CMA-ES would
+otherwise rank it as if it were complete), so a generation is filled with extra trials;
+:class:`~lcsc_ops.tracking.evolution.EvolutionSampler` draws parents from complete trials
+only; random search ignores history.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import optuna
@@ -24,7 +35,10 @@ from lcsc_ops.tracking.evolution import EvolutionSampler
 def _cmaes(seed: int, **kw: Any) -> optuna.samplers.BaseSampler:
     # The search space is centred on the strongest baseline (see AffineEncoding), so CMA-ES's
     # default mean (the middle of the bounds) starts there without the deprecated ``x0``.
-    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, **kw)
+    # consider_pruned_trials=False (Optuna's default, said here on purpose): CMA-ES never
+    # ranks a pruned trial's FID from fewer samples among full-count ones (see the module doc).
+    return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False, consider_pruned_trials=False,
+                                        **kw)
 
 
 STRATEGIES: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
@@ -82,11 +96,49 @@ def make_storage(url: str) -> str | optuna.storages.BaseStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs={"creator": connect})
 
 
-def open_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+class RungPruner(optuna.pruners.BasePruner):
+    """Prune a trial whose score at the sample count it just reached is worse than the
+    ``percentile``-th percentile of the complete trials' scores at that same count.
+
+    Optuna's ``MedianPruner``/``PercentilePruner`` compare the best value a trial reported
+    at ANY step with the others' values at the current step; FID falls as the sample count
+    grows (it is biased by the count), so here a score at n samples only ever meets scores
+    at n samples. Nothing is pruned until ``n_startup_trials`` complete trials have a score
+    at that count (trials run without ``--prune`` have none, so a resumed study re-warms),
+    and a non-finite score (non-finite samples) is pruned at once. The study minimises.
+    """
+
+    def __init__(self, percentile: float = 50.0, n_startup_trials: int = 10) -> None:
+        if not 0.0 < percentile < 100.0:
+            raise ValueError(f"percentile must lie in (0, 100), got {percentile!r}")
+        if n_startup_trials < 1:
+            raise ValueError(f"n_startup_trials must be >= 1, got {n_startup_trials!r}")
+        self.percentile, self.n_startup_trials = float(percentile), int(n_startup_trials)
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        value = trial.intermediate_values[step]
+        if not math.isfinite(value):
+            return True
+        peers = sorted(t.intermediate_values[step] for t in completed(study) if step in t.intermediate_values)
+        if len(peers) < self.n_startup_trials:
+            return False
+        # The nearest rank at or above the percentile: no interpolation, which an inf among the
+        # peers would turn into NaN.
+        bar = peers[math.ceil(self.percentile / 100.0 * (len(peers) - 1))]
+        return value > bar
+
+
+def open_study(name: str, storage: str, sampler: optuna.samplers.BaseSampler,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    """Create or load the study ``name``; ``pruner`` (default: none) acts on reported rung scores."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         return optuna.create_study(study_name=name, storage=make_storage(storage), sampler=sampler,
-                                   direction="minimize", load_if_exists=True)
+                                   pruner=pruner or optuna.pruners.NopPruner(), direction="minimize",
+                                   load_if_exists=True)
     except Exception as exc:  # bad URL, unreachable server, locked file
         raise LcscError(f"cannot open Optuna storage {storage!r}: {str(exc).splitlines()[0]}") from None
 
@@ -95,13 +147,31 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+def pruned(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
+
+
+class Rungs:
+    """A rung scorer for :func:`run_trials`: ``steps`` (increasing sample counts, the last
+    one the full score) and ``scores(coefficients)``, a lazy iterator of the score at each
+    step; a trial that is pruned stops iterating, so the samples beyond are never drawn."""
+
+    def __init__(self, steps: Sequence[int], scores: Callable[[list[float]], Iterator[float]]) -> None:
+        self.steps, self.scores = [int(s) for s in steps], scores
+
+
 def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[list[float]], float],
-               n_trials: int, callbacks: Sequence[Callable] = ()) -> int:
-    """Run trials until the study holds ``n_trials`` complete ones; returns how many ran now.
+               n_trials: int, callbacks: Sequence[Callable] = (), *, rungs: Rungs | None = None) -> int:
+    """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones;
+    returns how many ran now.
 
     Each trial suggests the encoding's coordinates (fixed names and bounds, so CMA-ES never
     falls back to random sampling), decodes them to coefficients that sum to exactly 1,
     stores those as the trial's ``coefficients`` attribute and returns ``score(coefficients)``.
+    With ``rungs``, it instead reports each rung's score (``trial.report(value, step=count)``),
+    asks the study's pruner after every rung but the last, and returns the last rung's score,
+    which is the full score. Pruned trials count towards ``n_trials``: the budget is trials
+    started, and pruning makes some of them cheaper.
     """
     lo, hi = encoding.bounds
 
@@ -109,9 +179,17 @@ def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[l
         z = [trial.suggest_float(n, lo, hi) for n in encoding.names]
         coeffs = encoding.decode(z)
         trial.set_user_attr("coefficients", coeffs)
-        return score(coeffs)
+        if rungs is None:
+            return score(coeffs)
+        value = math.nan
+        with contextlib.closing(rungs.scores(coeffs)) as values:  # a pruned trial's sampler state is released now
+            for step, value in zip(rungs.steps, values):
+                trial.report(value, step)
+                if step != rungs.steps[-1] and trial.should_prune():
+                    raise optuna.TrialPruned(f"score {value:.4g} at {step} samples")
+        return value
 
-    remaining = max(0, n_trials - len(completed(study)))
+    remaining = max(0, n_trials - len(completed(study)) - len(pruned(study)))
     if remaining:
         study.optimize(objective, n_trials=remaining, callbacks=list(callbacks), gc_after_trial=False)
     return remaining
