@@ -149,6 +149,10 @@ def optimize(
              "stack, half the memory, and bf16 autocast for sampling and features). The final evaluation and the "
              "registered model are always full precision.", rich_help_panel="Evaluation")] = "fp32",
     batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 500,
+    score_cache: Annotated[bool, typer.Option(
+        help="Reuse scores computed before for the same files, coefficients, model, evaluator, samples and seed "
+             "(kept in scores.sqlite beside the checkpoint cache): baselines are scored once per run, not per "
+             "optimization.", rich_help_panel="Evaluation")] = True,
     max_stack_memory: Annotated[Optional[float], typer.Option(
         help="GiB the stacked window may take on the device; above it, merges stream from the checkpoint files "
              "(about two model copies).")] = None,
@@ -173,7 +177,8 @@ def optimize(
                          inception_weights=str(inception_weights) if inception_weights else None, device=device,
                          batch_size=batch_size, max_stack_memory=max_stack_memory, storage=storage,
                          tracking_uri=tracking_uri, register=register, prune=prune,
-                         prune_rungs=_fractions(prune_rungs, "--prune-rungs"), search_precision=search_precision)
+                         prune_rungs=_fractions(prune_rungs, "--prune-rungs"), search_precision=search_precision,
+                         score_cache=score_cache)
     log = (lambda msg: typer.echo(msg, err=True))
     result = run_optimize(cfg, log=log)
     if report is not None:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.evaluation.score_cache import ScoreCache
 from lcsc_ops.math.encoding import AffineEncoding, partition_by_kind
 from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, embed
 from lcsc_ops.optimize import (BASIS_KINDS, FINAL_SEED_BASE, Candidate, OptimizeConfig, Scorer,
@@ -58,8 +59,12 @@ def build_evaluators(spec: ModelSpec, cfg: OptimizeConfig, device: str, cache_di
         extractor = build_extractor(name, device=device, inception_weights=cfg.inception_weights)
         stats, path, _ = cache.get(spec.dataset, name, extractor)
         first_path = first_path or path
-        scorers.append(FIDScorer(sampler, extractor, stats, image_shape=spec.image_shape,
-                                 batch_size=cfg.batch_size, device=device))
+        scorer = FIDScorer(sampler, extractor, stats, image_shape=spec.image_shape,
+                           batch_size=cfg.batch_size, device=device)
+        # What the score cache (lcsc_ops.evaluation.score_cache) keys this evaluator by.
+        scorer.identity = {"fid": name, "reference": stats.metadata, "sampler": dict(spec.sampler),
+                           "image_shape": list(spec.image_shape), "batch_size": cfg.batch_size}
+        scorers.append(scorer)
     return scorers[0], (scorers[1] if len(scorers) > 1 else None), first_path, "fid"
 
 
@@ -115,8 +120,9 @@ class OptimizeJob:
             raise LcscError(f"run {cfg.run_id} has no {cfg.basis} checkpoints in the window")
         log(f"window: steps {window.steps[0]}..{window.steps[-1]} ({len(window.steps)} steps, "
             f"{len(window.entries)} checkpoints, basis {cfg.basis}: {len(self.basis)})")
+        self.score_cache = ScoreCache(self.cache_dir / "scores.sqlite") if cfg.score_cache else None
         self.scorer = Scorer(window, self.spec.build, device, max_stack_memory=cfg.max_stack_memory,
-                             precision=cfg.search_precision)
+                             precision=cfg.search_precision, cache=self.score_cache, model_identity=self.spec.to_json())
         if self.scorer.mode == "streaming":
             log(f"merge: streaming from the checkpoint files (the stack would exceed {cfg.max_stack_memory} GiB)")
         if cfg.search_precision != "fp32":
@@ -200,6 +206,8 @@ class OptimizeJob:
                                       parent_run_id=self.parent_id, default_nfe=self.default_nfe)
                 if self.cfg.prune:
                     report["pruned_trials"] = len(pruned(self.study))
+                if self.score_cache is not None:
+                    report["score_cache"] = {"reused": self.score_cache.hits, "computed": self.score_cache.misses}
                 winner = next(c for c in [*self.base, *cands] if c.name == report["winner"])
                 if self.cfg.register:
                     report["registered_model"] = self._register(winner, report)
@@ -208,6 +216,8 @@ class OptimizeJob:
             self.client.set_terminated(self.parent_id, "FAILED")
             raise
         self.client.set_terminated(self.parent_id, "FINISHED")
+        if self.score_cache is not None and self.score_cache.hits:
+            self.log(f"score cache: {self.score_cache.hits} evaluations reused, {self.score_cache.misses} computed")
         return report
 
     def _log_baselines(self) -> None:
@@ -268,6 +278,8 @@ class OptimizeJob:
 
             at_default = copy.copy(self.evaluator)  # same extractor and reference, default sampler
             at_default.sampler = make_sampler(self.window.spec.sampler)
+            if getattr(self.evaluator, "identity", None) is not None:
+                at_default.identity = {**self.evaluator.identity, "sampler": dict(self.window.spec.sampler)}
         for c in cands:
             dense = c.dense(len(self.window.entries))
             if self.second is not None:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.evaluation.score_cache import ScoreCache, runtime_identity, score_key
 from lcsc_ops.math.merge import merge_state_dicts
 from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, one_hot, quantise, uniform
 from lcsc_ops.math.streaming import StreamingMerger, make_merger, stack_nbytes
@@ -102,6 +103,8 @@ class OptimizeConfig:
     # Search evaluations in reduced precision (PRECISIONS); the final evaluation and the
     # registered model stay full precision. In the study key unless fp32 (trial values change).
     search_precision: str = "fp32"
+    # Look evaluations up in (and add them to) the score cache beside the checkpoint cache.
+    score_cache: bool = True
 
     def study_key(self) -> dict[str, Any]:
         """The settings that define a study; the same key resumes the same study."""
@@ -240,12 +243,17 @@ class Scorer:
     """
 
     def __init__(self, window: CheckpointWindow, model_factory: Callable[[], torch.nn.Module], device: str,
-                 max_stack_memory: float | None = None, precision: str = "fp32") -> None:
+                 max_stack_memory: float | None = None, precision: str = "fp32", *,
+                 cache: ScoreCache | None = None, model_identity: str = "") -> None:
         if precision not in PRECISIONS:
             raise LcscError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
         self._entries, self._factory, self.device = window.entries, model_factory, device
         self._limit = None if max_stack_memory is None else int(max_stack_memory * 2**30)
         self.precision = precision
+        # Scores of evaluators that carry an ``identity`` (the built-in FID) are looked up in
+        # ``cache`` first: the key names the files, the coefficients, the merge, the model spec
+        # (``model_identity``), the evaluator, the sample count, the seed and the runtime.
+        self.cache, self._model_identity = cache, model_identity
         self._build()
 
     def _build(self) -> None:
@@ -285,20 +293,51 @@ class Scorer:
             if close is not None:
                 close()
 
+    def _key(self, coeffs: Sequence[float], evaluator: Any, num_samples: int, seed: int) -> str | None:
+        identity = getattr(evaluator, "identity", None)
+        if self.cache is None or not self.cache.enabled or identity is None:
+            return None
+        return score_key(files=[e.sha256 for e in self._entries], coefficients=[float(c) for c in coeffs],
+                         merge=[self.mode, str(self.merger.dtype)], precision=self.precision,
+                         model=self._model_identity, evaluator=identity, num_samples=int(num_samples),
+                         seed=int(seed), runtime=runtime_identity(self.device))
+
+    def _cached(self, keys: Sequence[str | None]) -> list[float | None]:
+        return [None if k is None else self.cache.get(k) for k in keys]
+
+    def _store(self, keys: Sequence[str | None], values: Sequence[float]) -> None:
+        for k, v in zip(keys, values):
+            if k is not None and self.cache is not None:
+                self.cache.put(k, v)
+
     def per_seed(self, coeffs: Sequence[float], evaluator: Callable, num_samples: int,
                  seeds: Sequence[int]) -> list[float]:
+        keys = [self._key(coeffs, evaluator, num_samples, s) for s in seeds]
+        known = self._cached(keys)
+        if all(v is not None for v in known):
+            return [float(v) for v in known]
         self.merger.merge(coeffs)
         with self.evaluating():
-            return [float(evaluator(self.model, num_samples, s)) for s in seeds]
+            out = [float(v) if v is not None else float(evaluator(self.model, num_samples, s))
+                   for s, v in zip(seeds, known)]
+        self._store([k for k, v in zip(keys, known) if v is None], [o for o, v in zip(out, known) if v is None])
+        return out
 
     def per_seed_pair(self, coeffs: Sequence[float], first: Any, second: Any, num_samples: int,
                       seeds: Sequence[int]) -> tuple[list[float], list[float]]:
         """Scores under two FID scorers from ONE set of samples per seed (the final evaluation)."""
-        self.merger.merge(coeffs)
-        a, b = [], []
-        with self.evaluating():
-            for s in seeds:
-                images = first.sample(self.model, num_samples, s)
-                a.append(first.score_images(images))
-                b.append(second.score_images(images))
-        return a, b
+        keys_a = [self._key(coeffs, first, num_samples, s) for s in seeds]
+        keys_b = [self._key(coeffs, second, num_samples, s) for s in seeds]
+        known_a, known_b = self._cached(keys_a), self._cached(keys_b)
+        a, b = list(known_a), list(known_b)
+        missing = [i for i in range(len(seeds)) if a[i] is None or b[i] is None]
+        if missing:
+            self.merger.merge(coeffs)
+            with self.evaluating():
+                for i in missing:
+                    images = first.sample(self.model, num_samples, seeds[i])
+                    a[i] = first.score_images(images)
+                    b[i] = second.score_images(images)
+            self._store([keys_a[i] for i in missing], [a[i] for i in missing])
+            self._store([keys_b[i] for i in missing], [b[i] for i in missing])
+        return [float(v) for v in a], [float(v) for v in b]

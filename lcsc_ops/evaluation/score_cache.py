@@ -1,0 +1,92 @@
+"""Scores already computed, kept on disk so that no evaluation is ever run twice.
+
+A score is a pure function of what produced it: the checkpoint files (by sha256) and the
+coefficients over them, how they were merged (stacked or streamed, stack dtype), the
+model spec (architecture and sampler settings), the evaluator (feature extractor weights,
+reference statistics, batch size), the sample count, the noise seed, the precision, and
+the software and device that ran it (torch version, device, thread count: reductions
+change their order with them). The cache key hashes all of these, so a hit returns the
+bit-identical float the evaluation would return. Every `lcsc-ops optimize` on the same run
+scores the same baselines (last, uniform, the EMA* grid, the training EMA) on the same
+seeds: the second strategy, a resumed study or a re-run gets them for free.
+
+Storage: one sqlite file (WAL, so several optimize processes can share it); a corrupt or
+unwritable file turns the cache off rather than failing an optimization.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def score_key(**parts: Any) -> str:
+    """SHA-256 of the JSON of ``parts`` (sorted keys; floats by ``repr``, so exact)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def runtime_identity(device: str | torch.device) -> dict[str, Any]:
+    """What about this process can change a score's last bits."""
+    dev = torch.device(device)
+    ident: dict[str, Any] = {"torch": torch.__version__, "device": dev.type, "threads": torch.get_num_threads()}
+    if dev.type == "cuda":
+        ident["gpu"] = torch.cuda.get_device_name(dev)
+    return ident
+
+
+class ScoreCache:
+    """``get(key) -> float | None`` and ``put(key, value)`` over a sqlite file; counts hits and misses."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, value REAL NOT NULL)")
+            db.commit()
+            self._db = db
+        except (sqlite3.Error, OSError):
+            self._db = None  # no cache rather than no optimization
+
+    @property
+    def enabled(self) -> bool:
+        return self._db is not None
+
+    def get(self, key: str) -> float | None:
+        if self._db is None:
+            return None
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT value FROM scores WHERE key = ?", (key,)).fetchone()
+            except sqlite3.Error:
+                row = None
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return float(row[0])
+
+    def put(self, key: str, value: float) -> None:
+        if self._db is None:
+            return
+        with self._lock:
+            try:
+                self._db.execute("INSERT OR REPLACE INTO scores (key, value) VALUES (?, ?)", (key, float(value)))
+                self._db.commit()
+            except sqlite3.Error:
+                pass
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
