@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 HEADING = "## Performance (make bench)"
-TITLE = "# Benchmark results"
 
 # figure -> (comparison, target), from issue 5's acceptance list.
 TARGETS: dict[str, tuple[str, float]] = {
@@ -162,15 +161,9 @@ def render(r: dict[str, Any]) -> str:
 
 def write_results_md(path: Path, result: dict[str, Any]) -> None:
     """Replace (or append) the Performance section of ``path``, creating the file if needed."""
-    text = path.read_text() if path.exists() else f"{TITLE}\n\n"
-    section = render(result)
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("" if end < 0 else "\n" + text[end + 1:])
-    path.write_text(text.rstrip("\n") + "\n")
+    from _results_md import replace_section
+
+    replace_section(path, HEADING, render(result))
 
 
 # The lines of the section each bench_perf section owns: table rows by figure, notes by their bold lead.

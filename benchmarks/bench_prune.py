@@ -280,15 +280,9 @@ def verdict(res: dict[str, Any]) -> str:
 
 def write_results_md(section: str) -> None:
     """Replace (or append) this bench's section of RESULTS.md, leaving every other section as it is."""
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + section + ("" if end < 0 else "\n" + text[end + 1:])
-    path.write_text(text.rstrip("\n") + "\n")
+    from _results_md import replace_section
+
+    replace_section(HERE / "RESULTS.md", HEADING, section)
 
 
 def main() -> None:

@@ -85,22 +85,28 @@ def test_window_can_end_at_an_earlier_step(store, tiny_run):
         fetch_window(tiny_run, window=2, end_step=5, tracking_uri=store["uri"], cache_dir=store["cache"])
 
 
-def test_ema_snapshots_follow_the_ema_recursion(store):
+def _logged_ema_run(store, experiment: str, steps: int, **logger_kwargs):
+    """A tiny SGD run logging raw + EMA every step; returns (run id, raw state dicts, EMA state dicts)."""
     mlflow.set_tracking_uri(store["uri"])
-    mlflow.set_experiment("ema-recursion")
+    mlflow.set_experiment(experiment)
     spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
-    model, decay = spec.build(), 0.75
+    model = spec.build()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     with mlflow.start_run() as run:
-        with CheckpointLogger(spec, every=1, ema_decay=decay, ema_warmup=False) as ckpt:
-            for step in range(1, 5):
+        with CheckpointLogger(spec, every=1, **logger_kwargs) as ckpt:
+            for step in range(1, steps + 1):
                 model(torch.randn(8, 3)).pow(2).mean().backward()
                 opt.step()
                 opt.zero_grad()
                 ckpt.step(model, step)
-    window = fetch_window(run.info.run_id, window=4, tracking_uri=store["uri"], cache_dir=store["cache"])
-    raws = [e.load() for e in window.entries if e.kind == "raw"]
-    emas = [e.load() for e in window.entries if e.kind == "ema"]
+    window = fetch_window(run.info.run_id, window=steps, tracking_uri=store["uri"], cache_dir=store["cache"])
+    return (run.info.run_id, [e.load() for e in window.entries if e.kind == "raw"],
+            [e.load() for e in window.entries if e.kind == "ema"])
+
+
+def test_ema_snapshots_follow_the_ema_recursion(store):
+    decay = 0.75
+    _, raws, emas = _logged_ema_run(store, "ema-recursion", 4, ema_decay=decay, ema_warmup=False)
     expected = raws[0]
     assert all(torch.equal(emas[0][k], expected[k]) for k in expected)  # the EMA starts at the first weights
     for raw, ema in zip(raws[1:], emas[1:]):
@@ -110,21 +116,8 @@ def test_ema_snapshots_follow_the_ema_recursion(store):
 
 
 def test_ema_warmup_follows_the_diffusers_schedule(store):
-    mlflow.set_tracking_uri(store["uri"])
-    mlflow.set_experiment("ema-warmup")
-    spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
-    model, decay = spec.build(), 0.3
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    with mlflow.start_run() as run:
-        with CheckpointLogger(spec, every=1, ema_decay=decay) as ckpt:  # warm-up on by default
-            for step in range(1, 6):
-                model(torch.randn(8, 3)).pow(2).mean().backward()
-                opt.step()
-                opt.zero_grad()
-                ckpt.step(model, step)
-    window = fetch_window(run.info.run_id, window=5, tracking_uri=store["uri"], cache_dir=store["cache"])
-    raws = [e.load() for e in window.entries if e.kind == "raw"]
-    emas = [e.load() for e in window.entries if e.kind == "ema"]
+    decay = 0.3
+    run_id, raws, emas = _logged_ema_run(store, "ema-warmup", 5, ema_decay=decay)  # warm-up on by default
     expected = raws[0]
     for n, (raw, ema) in enumerate(zip(raws[1:], emas[1:]), start=1):
         d = min(decay, (1 + n) / (10 + n))  # 2/11, 3/12, 4/13 (< 0.3), then 0.3
@@ -133,4 +126,4 @@ def test_ema_warmup_follows_the_diffusers_schedule(store):
         for k in raw:
             torch.testing.assert_close(ema[k], expected[k])
     assert ema_decay_at(0.999, 10 ** 6) == 0.999 and ema_decay_at(0.999, 1, warmup=False) == 0.999
-    assert read_manifest(run.info.run_id, store["uri"])["entries"][1]["ema_warmup"] is True
+    assert read_manifest(run_id, store["uri"])["entries"][1]["ema_warmup"] is True
