@@ -7,6 +7,7 @@ and so the density claim (post-hoc EMA over logged checkpoints ≈ online EMA) i
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -14,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from lcsc_ops.math.merge import merge_state_dicts
-from lcsc_ops.math.profiles import ema_profile
+from lcsc_ops.math.profiles import quantise
 from lcsc_ops.optimize import FINAL_SEED_BASE, OptimizeConfig, Scorer
 from lcsc_ops.tracking import checkpoints as ckpt_mod
 from lcsc_ops.tracking.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file, write_checkpoint
@@ -108,10 +109,21 @@ class ProtocolScorer:
         return self.scorer.per_seed_pair(dense, self.first, self.second, self.cfg.final_samples, seeds)
 
 
-def posthoc_ema_state(raw: Sequence[CheckpointEntry], decay_per_step: float, interval: int) -> dict[str, torch.Tensor]:
-    """Post-hoc EMA over raw checkpoints ``interval`` steps apart (per-checkpoint decay ``d**interval``)."""
-    coeffs = ema_profile(len(raw), decay_per_step ** interval)
-    return merge_state_dicts((e.load() for e in raw), coeffs)
+def posthoc_ema_state(raw: Sequence[CheckpointEntry], decay_per_step: float, warmup: bool = True
+                      ) -> dict[str, torch.Tensor]:
+    """The online EMA's recursion replayed over saved raw checkpoints only.
+
+    Between checkpoints at steps ``s`` and ``t`` the online EMA multiplies its old value by
+    the product of its per-update decays, ``prod(ema_decay_at(d, n) for n in s..t-1)`` (update
+    ``n`` happens at step ``n + 1``; with the logger's warm-up, like the online EMA); here that
+    whole product weighs the previous post-hoc value and the rest goes to the checkpoint at ``t``.
+    """
+    steps = [e.step for e in raw]
+    coeffs = [1.0]
+    for prev, cur in zip(steps, steps[1:]):
+        g = math.prod(ckpt_mod.ema_decay_at(decay_per_step, n, warmup) for n in range(prev, cur))
+        coeffs = [c * g for c in coeffs] + [1.0 - g]
+    return merge_state_dicts((e.load() for e in raw), quantise(coeffs))
 
 
 def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:

@@ -265,7 +265,7 @@ class Bench:
         entries, rows = [local_entry(win.training_ema.path, step)], {}
         for interval in r["density_intervals"]:
             sub = [e for e in raw if (step - e.step) % interval == 0]
-            state = posthoc_ema_state(sub, r["ema_decay"], interval)
+            state = posthoc_ema_state(sub, r["ema_decay"], self.state["train"]["config"].get("ema_warmup", True))
             path = self.work / f"posthoc-{interval}.safetensors"
             write_checkpoint(path, state, step=step, kind="ema", spec=win.spec)
             entries.append(local_entry(path, step))
@@ -518,7 +518,8 @@ def markdown(res: dict[str, Any]) -> str:
                   f"(on the same {r.get('shorter_final_seeds', r['final_seeds'])} final seeds) "
                   f"{fmt(ts['baseline_full_final_mean'])}; {tried}."]
     dens = res["checkpoint_density"]
-    lines += ["", f"Checkpoint density: post-hoc EMA ({dens['online_ema_decay']}) over raw checkpoints vs the online "
+    lines += ["", f"Checkpoint density: post-hoc EMA ({dens['online_ema_decay']}, the online EMA's recursion and warm-up "
+                  f"replayed) over raw checkpoints vs the online "
                   f"EMA (final FID {fmt(dens['online_final_mean'])}, {dens['seeds']} seeds): "
               + "; ".join(f"every {k} steps: weight distance {fmt(v['rel_distance_to_online'])} of raw→EMA, "
                           f"FID {fmt(v['final_mean'])} ({'+' if v['diff_vs_online_mean'] >= 0 else ''}"
