@@ -111,6 +111,20 @@ class TrialRunLogger:
             self._executor.shutdown(wait=True)
 
 
+def model_requirements(model: torch.nn.Module) -> list[str]:
+    """pip requirements to unpickle ``model``: torch, safetensors, and the installed distribution
+    that defines the model's class (``lcsc-ops`` for the built-in U-Net, ``diffusers`` for a
+    ``UNet2DModel``, the user's own package for a user's factory), pinned to its version here."""
+    from importlib import metadata
+
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors"]
+    top = type(model).__module__.split(".")[0]
+    for dist in dict.fromkeys(metadata.packages_distributions().get(top, [])):
+        if dist.lower() not in ("torch", "safetensors"):
+            requirements.append(f"{dist}=={metadata.version(dist)}")
+    return requirements
+
+
 def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any], tags: Mapping[str, str],
                    run_id: str, tracking_uri: str | None = None) -> str:
     """Log ``model`` as an MLflow PyTorch model of ``run_id`` and register it as a new version of ``name``.
@@ -124,7 +138,7 @@ def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any]
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors"]
+    requirements = model_requirements(model)
     client = MlflowClient(tracking_uri=tracking_uri)
     # start_run(run_id=...) refuses a run outside the active experiment, so select the run's own.
     mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
