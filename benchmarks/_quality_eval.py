@@ -52,11 +52,7 @@ def extra_online_emas(decays: Sequence[float], out_dir: Path) -> Iterator[None]:
                 if ema is None:
                     self._extra[d] = {k: v.detach().clone() for k, v in state.items()}
                     continue
-                for k, v in state.items():
-                    if ema[k].is_floating_point():
-                        ema[k].lerp_(v.detach(), 1.0 - ckpt_mod.ema_decay_at(d, n, self.ema_warmup))
-                    else:
-                        ema[k].copy_(v)
+                ckpt_mod.ema_update_(ema, state, ckpt_mod.ema_decay_at(d, n, self.ema_warmup))
 
         def close(self) -> None:
             if self.is_main:

@@ -253,7 +253,10 @@ class Scorer:
         # Scores of evaluators that carry an ``identity`` (the built-in FID) are looked up in
         # ``cache`` first: the key names the files, the coefficients, the merge, the model spec
         # (``model_identity``), the evaluator, the sample count, the seed and the runtime.
-        self.cache, self._model_identity = cache, model_identity
+        self.cache = cache
+        # The parts of a score's cache key that are fixed for this scorer, hashed once (not per trial).
+        self._key_base = score_key(files=[e.sha256 for e in window.entries], model=model_identity,
+                                   runtime=runtime_identity(device)) if cache is not None else None
         self._build()
 
     def _build(self) -> None:
@@ -297,18 +300,16 @@ class Scorer:
         identity = getattr(evaluator, "identity", None)
         if self.cache is None or not self.cache.enabled or identity is None:
             return None
-        return score_key(files=[e.sha256 for e in self._entries], coefficients=[float(c) for c in coeffs],
+        return score_key(base=self._key_base, coefficients=[float(c) for c in coeffs],
                          merge=[self.mode, str(self.merger.dtype)], precision=self.precision,
-                         model=self._model_identity, evaluator=identity, num_samples=int(num_samples),
-                         seed=int(seed), runtime=runtime_identity(self.device))
+                         evaluator=identity, num_samples=int(num_samples), seed=int(seed))
 
     def _cached(self, keys: Sequence[str | None]) -> list[float | None]:
         return [None if k is None else self.cache.get(k) for k in keys]
 
     def _store(self, keys: Sequence[str | None], values: Sequence[float]) -> None:
-        for k, v in zip(keys, values):
-            if k is not None and self.cache is not None:
-                self.cache.put(k, v)
+        if self.cache is not None:
+            self.cache.put_many((k, v) for k, v in zip(keys, values) if k is not None)
 
     def per_seed(self, coeffs: Sequence[float], evaluator: Callable, num_samples: int,
                  seeds: Sequence[int]) -> list[float]:

@@ -20,7 +20,7 @@ import json
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -77,14 +77,19 @@ class ScoreCache:
         return float(row[0])
 
     def put(self, key: str, value: float) -> None:
-        if self._db is None:
+        self.put_many([(key, value)])
+
+    def put_many(self, items: Iterable[tuple[str, float]]) -> None:
+        """Store several scores in one transaction (one commit per evaluation call, not per seed)."""
+        rows = [(k, float(v)) for k, v in items]
+        if self._db is None or not rows:
             return
         with self._lock:
             try:
-                self._db.execute("INSERT OR REPLACE INTO scores (key, value) VALUES (?, ?)", (key, float(value)))
+                self._db.executemany("INSERT OR REPLACE INTO scores (key, value) VALUES (?, ?)", rows)
                 self._db.commit()
             except sqlite3.Error:
-                pass
+                pass  # a score not cached is only recomputed later
 
     def close(self) -> None:
         if self._db is not None:
