@@ -51,4 +51,4 @@ bench-prune: $(STAMP)
 	$(PY) benchmarks/bench_prune.py
 
 clean:
-	rm -rf $(VENV) mlflow.db optuna.db .lcsc-demo.json
+	rm -rf $(VENV) mlflow.db optuna.db optuna.journal .lcsc-demo.json

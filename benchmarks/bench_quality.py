@@ -452,11 +452,15 @@ def row(m: dict[str, Any], note: str = "") -> dict[str, Any]:
 
 
 def trial_values(report: dict[str, Any]) -> list[float]:
-    """Search values of the study's complete trials, in trial order."""
+    """Search values of the study's complete trials, in trial order; the start trial (the centre,
+    scored before the search, see ``add_start_trial``) is no search evaluation and is left out."""
     import optuna
 
-    study = optuna.load_study(study_name=report["study"], storage=report["storage"])
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    from lcsc_ops.tracking.study import make_storage
+
+    study = optuna.load_study(study_name=report["study"], storage=make_storage(report["storage"]))
+    done = [t for t in study.get_trials(deepcopy=False)
+            if t.state == optuna.trial.TrialState.COMPLETE and "lcsc.start" not in t.user_attrs]
     return [t.value for t in sorted(done, key=lambda t: t.number)]
 
 

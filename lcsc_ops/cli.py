@@ -121,8 +121,8 @@ def optimize(
                                              "count (off by default, see README).", rich_help_panel="Search")] = False,
     prune_rungs: Annotated[str, typer.Option(help="With --prune: the earlier sample counts, as fractions of "
                                                   "--search-samples.", rich_help_panel="Search")] = "0.25,0.5",
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: sqlite optuna.db beside "
-                                                        "the MLflow store).", rich_help_panel="Search")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage: a journal file path or a database "
+                                                        "URL (default: optuna.journal beside the MLflow store).", rich_help_panel="Search")] = None,
     search_samples: Annotated[int, typer.Option(help="Samples per search evaluation.",
                                                 rich_help_panel="Evaluation")] = 1000,
     search_seeds: Annotated[int, typer.Option(help="Fixed noise seeds averaged per search evaluation.",

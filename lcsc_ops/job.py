@@ -25,7 +25,7 @@ from lcsc_ops.optimize import (BASIS_KINDS, FINAL_SEED_BASE, Candidate, Optimize
                                average_coefficients, baselines, centre_in_basis, merged_state, restrict)
 from lcsc_ops.report import build_report, save_plots
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.tracking.study import completed, pruned, run_trials
+from lcsc_ops.tracking.study import completed, is_start, pruned, run_trials
 
 
 def resolve_device(name: str) -> str:
@@ -201,7 +201,7 @@ class OptimizeJob:
                 cands = self._candidates()
                 self._final_evaluation([*self.base, *cands])
                 report = build_report(self.cfg, self.window, self.base, cands, self.centre, metric=self.metric,
-                                      search_seconds=search_seconds, trials=len(completed(self.study)),
+                                      search_seconds=search_seconds, trials=len([t for t in completed(self.study) if not is_start(t)]),
                                       study=self.study.study_name, storage=self.storage,
                                       parent_run_id=self.parent_id, default_nfe=self.default_nfe)
                 if self.cfg.prune:
@@ -235,9 +235,12 @@ class OptimizeJob:
     def _search(self) -> float:
         from lcsc_ops.tracking.registry import TrialRunLogger
 
+        from lcsc_ops.tracking.study import add_start_trial
+
         trial_logger = TrialRunLogger(self.parent_id, metric=self.metric)
+        add_start_trial(self.study, self.encoding, self.centre.search_fid, self.centre.name)
         try:
-            trial_logger.backfill(self.study)  # trials a crash left without a child run
+            trial_logger.backfill(self.study)  # the start trial, and trials a crash left without a child run
             t0 = time.perf_counter()
             ran = run_trials(self.study, self.encoding, lambda c: self.search_score(self._embed(c)),
                              self.cfg.n_trials, [trial_logger], rungs=self.search_rungs() if self.cfg.prune else None)
@@ -246,7 +249,8 @@ class OptimizeJob:
             trial_logger.close()  # every finished trial has its child run before we go on
         best = self.study.best_trial
         n_pruned = len(pruned(self.study))
-        self.log(f"search: {ran} new trials ({len(completed(self.study))} in study {self.study.study_name}"
+        searched = len([t for t in completed(self.study) if not is_start(t)])
+        self.log(f"search: {ran} new trials ({searched} in study {self.study.study_name}, plus the start trial"
                  + (f", {n_pruned} more pruned" if n_pruned else "") + f") in {seconds:.1f} s; "
                  f"best search {self.metric} {best.value:.3f} (trial {best.number})")
         return seconds

@@ -14,12 +14,13 @@ TINY_TRAIN = dict(steps=60, batch_size=32, channels=8, checkpoint_every=10, samp
 
 @pytest.fixture(scope="session")
 def store(tmp_path_factory) -> dict:
-    """A fresh sqlite MLflow store + artifact root + Optuna db + checkpoint cache, for the whole session."""
+    """A fresh sqlite MLflow store + artifact root + Optuna journal file (the default kind) + checkpoint
+    cache, for the whole session."""
     root = tmp_path_factory.mktemp("store")
     old = os.getcwd()
     os.chdir(root)  # MLflow's default artifact root (./mlruns) is relative to the working directory
     os.environ["LCSC_OPS_CACHE"] = str(root / "cache")
-    info = {"root": root, "uri": f"sqlite:///{root / 'mlflow.db'}", "storage": f"sqlite:///{root / 'optuna.db'}",
+    info = {"root": root, "uri": f"sqlite:///{root / 'mlflow.db'}", "storage": str(root / "optuna.journal"),
             "cache": root / "cache"}
     yield info
     os.chdir(old)

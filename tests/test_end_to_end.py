@@ -13,6 +13,7 @@ from lcsc_ops.math.merge import merge_state_dicts
 from lcsc_ops.models.unet import DigitsUNet
 from lcsc_ops.tracking.checkpoints import fetch_window, sha256_file
 from lcsc_ops.tracking.registry import promote
+from lcsc_ops.tracking.study import make_storage
 from tests.conftest import tiny_optimize_config
 
 BASELINES = {"last", "uniform", "ema_star", "training_ema"}
@@ -46,7 +47,12 @@ def test_one_child_run_per_trial_with_coefficients(store, optimized):
     cfg, report = optimized
     client = mlflow.tracking.MlflowClient(store["uri"])
     children = _children(client, report["parent_run_id"])
-    assert len(children) == cfg.n_trials
+    # n_trials searched, plus the start trial: the centre, scored before the search, not re-evaluated
+    assert len(children) == cfg.n_trials + 1
+    start = [r for r in children if "lcsc.start" in r.data.tags]
+    assert len(start) == 1 and start[0].data.tags["lcsc.start"] == report["centre"]
+    assert start[0].data.tags["lcsc.trial"] == "0"
+    assert start[0].data.metrics["fid"] == report["methods"][report["centre"]]["search_mean"]
     basis_size = 2 * cfg.window
     for run in children:
         coeffs = [float(run.data.params[f"c{i:02d}"]) for i in range(basis_size)]
@@ -87,15 +93,16 @@ def test_resume_runs_only_missing_trials_under_the_same_parent(store, tiny_run, 
     cfg, report = optimized
     more = run_optimize(tiny_optimize_config(tiny_run, store, n_trials=7, register=False), log=lambda m: None)
     assert more["parent_run_id"] == report["parent_run_id"]
-    study = optuna.load_study(study_name=report["study"], storage=store["storage"])
-    assert len([t for t in study.trials if t.value is not None]) == 7
+    study = optuna.load_study(study_name=report["study"], storage=make_storage(store["storage"]))
+    assert len([t for t in study.trials if t.value is not None and "lcsc.start" not in t.user_attrs]) == 7
+    assert len([t for t in study.trials if "lcsc.start" in t.user_attrs]) == 1  # added once, not on resume
     client = mlflow.tracking.MlflowClient(store["uri"])
-    assert len(_children(client, report["parent_run_id"])) == 7
+    assert len(_children(client, report["parent_run_id"])) == 7 + 1
 
 
 def test_search_is_centred_on_the_strongest_baseline(store, optimized):
     _, report = optimized
-    study = optuna.load_study(study_name=report["study"], storage=store["storage"])
+    study = optuna.load_study(study_name=report["study"], storage=make_storage(store["storage"]))
     centre = study.user_attrs["centre"]
     baselines = {n: r for n, r in report["methods"].items() if r["kind"] == "baseline"}
     assert centre["name"] == min(baselines, key=lambda n: baselines[n]["search_mean"]) == report["centre"]

@@ -222,15 +222,17 @@ def both_ways(store, tiny_run):
 
 
 def _trials(store, report, name):
+    """The searched trials (the start trial, the centre scored before the search, left out)."""
     study = optuna.load_study(study_name=report["study"], storage=f"sqlite:///{store['root'] / name}")
-    return {t.number: t for t in study.trials}
+    assert sum("lcsc.start" in t.user_attrs for t in study.trials) == 1
+    return {t.number: t for t in study.trials if "lcsc.start" not in t.user_attrs}
 
 
 def _children(store, report):
     client = mlflow.tracking.MlflowClient(store["uri"])
     exp = client.get_run(report["parent_run_id"]).info.experiment_id
     runs = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{report['parent_run_id']}'")
-    return client, {int(r.data.tags["lcsc.trial"]): r for r in runs}
+    return client, {int(r.data.tags["lcsc.trial"]): r for r in runs if "lcsc.start" not in r.data.tags}
 
 
 def test_prune_really_prunes_and_complete_trials_keep_their_unpruned_value(store, both_ways):

@@ -27,7 +27,8 @@ class TrialRunLogger:
     """Optuna callback: one MLflow child run per finished trial, under the optimization's parent run.
 
     The child run holds the coefficients as params ``c00…``, the search score as metric
-    ``fid`` and the trial number as tag ``lcsc.trial``. With ``--prune`` the scores at the
+    ``fid`` and the trial number as tag ``lcsc.trial``; the start trial (the centre, a
+    baseline scored before the search) is tagged ``lcsc.start=<baseline>``. With ``--prune`` the scores at the
     rungs are the history of metric ``fid_by_samples`` (step = sample count); a pruned trial
     gets no ``fid`` (its scores come from fewer samples), ends ``KILLED`` and is tagged
     ``lcsc.pruned=true`` and ``lcsc.pruned_at_samples``. Runs are written by one background
@@ -61,10 +62,10 @@ class TrialRunLogger:
         self._pending.append(self._executor.submit(
             self._log, study.study_name, trial.number, None if pruned else float(trial.value),
             list(trial.user_attrs.get("coefficients", [])), dict(trial.params), duration,
-            dict(trial.intermediate_values)))
+            dict(trial.intermediate_values), trial.user_attrs.get("lcsc.start")))
 
     def _log(self, study_name: str, number: int, value: float | None, coeffs: list[float], z: dict[str, float],
-             duration: float | None, rungs: dict[int, float] | None = None) -> None:
+             duration: float | None, rungs: dict[int, float] | None = None, start: str | None = None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
         try:
@@ -74,6 +75,8 @@ class TrialRunLogger:
             params = [Param(k, v) for k, v in coefficient_params(coeffs).items()]
             params += [Param(k, repr(v)) for k, v in z.items()]
             tags = [RunTag("lcsc.duration_s", f"{duration:.3f}")] if duration is not None else []
+            if start is not None:  # the search's starting point: a baseline scored before the search
+                tags.append(RunTag("lcsc.start", start))
             now = int(time.time() * 1000)
             rungs = rungs or {}
             metrics = [Metric(f"{self.metric}_by_samples", float(v), now, int(n)) for n, v in sorted(rungs.items())]

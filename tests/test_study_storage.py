@@ -1,0 +1,69 @@
+"""Where a study lives by default (an Optuna journal file beside the MLflow store), and the start
+trial that puts the centre into an empty study."""
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from lcsc_ops.errors import LcscError
+from lcsc_ops.math.encoding import AffineEncoding
+from lcsc_ops.tracking.study import (add_start_trial, default_storage, make_storage, make_strategy, open_study,
+                                     run_trials)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def test_default_storage_is_a_journal_file_beside_the_mlflow_store(tmp_path):
+    assert default_storage(f"sqlite:///{tmp_path / 'mlflow.db'}") == str(tmp_path / "optuna.journal")
+    assert default_storage(str(tmp_path / "mlruns")) == str(tmp_path / "optuna.journal")
+    assert isinstance(make_storage(str(tmp_path / "optuna.journal")), optuna.storages.JournalStorage)
+    assert isinstance(make_storage(f"sqlite:///{tmp_path / 'o.db'}"), optuna.storages.RDBStorage)
+
+
+def test_a_store_with_the_old_sqlite_default_keeps_it(tmp_path):
+    """Studies started before the journal default stay resumable."""
+    (tmp_path / "optuna.db").touch()
+    assert default_storage(f"sqlite:///{tmp_path / 'mlflow.db'}") == f"sqlite:///{tmp_path / 'optuna.db'}"
+    (tmp_path / "optuna.journal").touch()  # once a journal exists, it wins
+    assert default_storage(f"sqlite:///{tmp_path / 'mlflow.db'}") == str(tmp_path / "optuna.journal")
+
+
+def test_a_journal_study_resumes_when_opened_again(tmp_path):
+    enc = AffineEncoding(centre=(0.25, 0.25, 0.25, 0.25), radius=0.3)
+    path = str(tmp_path / "optuna.journal")
+    first = open_study("s", path, make_strategy("cmaes", 0))
+    assert run_trials(first, enc, lambda c: sum(x * x for x in c), 4) == 4
+    again = open_study("s", path, make_strategy("cmaes", 0))
+    assert run_trials(again, enc, lambda c: sum(x * x for x in c), 6) == 2
+    assert [t.number for t in again.trials] == list(range(6))
+
+
+@pytest.mark.parametrize("bad, why", [(".", "is a folder"), ("no/such/dir/optuna.journal", "does not exist")])
+def test_a_bad_journal_path_is_a_one_line_error(tmp_path, monkeypatch, bad, why):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LcscError, match=why) as err:
+        open_study("s", bad, make_strategy("cmaes", 0))
+    assert "\n" not in str(err.value)
+
+
+def test_the_start_trial_is_the_centre_and_cmaes_samples_around_it_from_the_first_trial():
+    enc = AffineEncoding(centre=(0.1, 0.2, 0.3, 0.4), radius=0.3)
+    study = optuna.create_study(sampler=make_strategy("cmaes", 0))
+    assert add_start_trial(study, enc, 1.5, "training_ema")
+    assert not add_start_trial(study, enc, 1.5, "training_ema")  # only into an empty study
+    start = study.trials[0]
+    assert start.value == 1.5 and start.user_attrs["lcsc.start"] == "training_ema"
+    assert start.user_attrs["coefficients"] == list(enc.centre)
+    # the budget counts searched trials only, and the first one is already CMA-ES's (not a uniform draw)
+    assert run_trials(study, enc, lambda c: sum(x * x for x in c), 3) == 3
+    assert len(study.trials) == 4
+    assert all("cma:generation" in t.system_attrs for t in study.trials[1:])
+
+
+def test_without_a_start_trial_cmaes_draws_its_first_trial_from_the_independent_sampler():
+    """Why the start trial exists: Optuna's CMA-ES knows no search space before a trial completes."""
+    enc = AffineEncoding(centre=(0.1, 0.2, 0.3, 0.4), radius=0.3)
+    study = optuna.create_study(sampler=make_strategy("cmaes", 0))
+    run_trials(study, enc, lambda c: sum(x * x for x in c), 2)
+    assert "cma:generation" not in study.trials[0].system_attrs
+    assert "cma:generation" in study.trials[1].system_attrs
