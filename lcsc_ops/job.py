@@ -297,15 +297,34 @@ class OptimizeJob:
         from lcsc_ops.math.merge import load_checkpoint_state
         from lcsc_ops.tracking.registry import register_model
 
-        # Checkpoints may hold only part of the model (adapters): the factory's base fills the rest.
-        model = load_checkpoint_state(self.spec.build(), merged_state(self.window, winner))
         entries = [self.window.entries[i] for i in winner.indices]
         name = self.cfg.model_name or self.source.data.tags.get("lcsc.model_name") or "lcsc-model"
-        version = register_model(model, name=name, spec=self.spec.to_dict(),
-                                 tags=_lineage_tags(self.cfg, report, winner, entries), run_id=self.parent_id)
+        tags = _lineage_tags(self.cfg, report, winner, entries)
+        same = self._registered_already(name, tags)
+        if same is not None:  # the same command run again on a finished study: no duplicate version
+            self.log(f"{name} version {same} is already this merge ({winner.name}); nothing registered")
+            return {"name": name, "version": same, "existing": True}
+        # Checkpoints may hold only part of the model (adapters): the factory's base fills the rest.
+        model = load_checkpoint_state(self.spec.build(), merged_state(self.window, winner))
+        version = register_model(model, name=name, spec=self.spec.to_dict(), tags=tags, run_id=self.parent_id)
         self.client.set_tag(self.parent_id, "lcsc.registered_model", f"{name}/{version}")
         self.log(f"registered {name} version {version} ({winner.name})")
         return {"name": name, "version": version}
+
+    def _registered_already(self, name: str, tags: dict[str, str]) -> str | None:
+        """A version of ``name`` logged by this optimization's parent run whose merge is the same
+        (winner, checkpoint hashes and coefficients), if any."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            versions = self.client.search_model_versions(f"name = '{name}' and run_id = '{self.parent_id}'")
+        except MlflowException:
+            return None  # no such registered model yet
+        keys = ("lcsc.winner", "lcsc.checkpoint_sha256", "lcsc.coefficients")
+        for mv in sorted(versions, key=lambda v: int(v.version)):
+            if all(mv.tags.get(k) == tags[k] for k in keys):
+                return str(mv.version)
+        return None
 
     def _log_results(self, report: dict[str, Any], cands: Sequence[Candidate], winner: Candidate, tmp: Path) -> None:
         for name, row in report["methods"].items():

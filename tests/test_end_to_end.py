@@ -111,3 +111,14 @@ def test_search_is_centred_on_the_strongest_baseline(store, optimized):
     own = dict(zip(baselines[centre["name"]]["checkpoints"], baselines[centre["name"]]["coefficients"]))
     assert centre["coefficients"] == [own.get(label, 0.0) for label in labels]
     assert sum(centre["coefficients"]) == 1.0
+
+
+def test_running_a_finished_optimization_again_registers_nothing_new(store, tiny_run):
+    cfg = tiny_optimize_config(tiny_run, store, model_name="tiny-again", seed=7, n_trials=3)
+    first = run_optimize(cfg, log=lambda m: None)
+    again = run_optimize(cfg, log=lambda m: None)
+    assert again["parent_run_id"] == first["parent_run_id"]
+    assert again["registered_model"]["version"] == first["registered_model"]["version"] == "1"
+    assert again["registered_model"].get("existing") is True
+    client = mlflow.tracking.MlflowClient(store["uri"])
+    assert len(client.search_model_versions("name = 'tiny-again'")) == 1
