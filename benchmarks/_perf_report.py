@@ -123,12 +123,13 @@ def render(r: dict[str, Any]) -> str:
         f"- **Trial breakdown** (ms per trial): sampling {tr['sampling_ms']:.0f}, features {tr['features_ms']:.0f}, "
         f"merge {tr['merge_ms']:.1f}, FID statistics and distance {tr['fid_statistics_ms']:.1f}, MLflow child run "
         f"{tr['mlflow_child_run_ms']:.0f} (submitting it: the child runs are written by a background thread, "
-        f"waited for before the timing stops), Optuna (ask + tell, sqlite in WAL mode) {tr['optuna_ms']:.0f}. The "
-        f"same CMA-ES study with a constant objective costs {tr['optuna_only_sqlite_ms']:.0f} ms per trial on the "
-        f"shipped sqlite storage (WAL, `synchronous=NORMAL`), {tr['optuna_only_sqlite_plain_journal_mode_ms']:.0f} ms "
-        f"on a plain sqlite URL (each of the K `suggest_float` calls is its own fsynced commit), "
-        f"{tr['optuna_only_journal_ms']:.0f} ms on a `JournalFileBackend` and {tr['optuna_only_memory_ms']:.1f} ms in "
-        "memory. A shared machine slows sampling, which makes the fraction look smaller; on an idle one it is larger.",
+        f"waited for before the timing stops), Optuna (ask + tell on the default journal file, and the "
+        f"background MLflow writes it competes with for the GIL) {tr['optuna_ms']:.0f}. The "
+        f"same CMA-ES study with a constant objective costs {tr['optuna_only_journal_ms']:.0f} ms per trial on the "
+        f"default `JournalFileBackend` (one fsynced append per `suggest_float`), "
+        f"{tr['optuna_only_sqlite_ms']:.0f} ms on sqlite in WAL mode with `synchronous=NORMAL` (the default before), "
+        f"{tr['optuna_only_sqlite_plain_journal_mode_ms']:.0f} ms on a plain sqlite URL (each `suggest_float` its own "
+        f"fully synchronous commit) and {tr['optuna_only_memory_ms']:.1f} ms in memory. A shared machine slows sampling, which makes the fraction look smaller; on an idle one it is larger.",
         f"- **FID.** Both sides give the same value ({fid['fid_cached']:.4f} vs {fid['fid_recomputed']:.4f}). "
         f"Counting the {fid['sampling_ms']:.0f} ms of sampling that both share, the speed-up is "
         f"{fid['speedup_including_sampling']:.2f}x. The ratio grows with the reference set (50k images for CIFAR-10).",

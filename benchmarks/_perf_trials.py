@@ -1,7 +1,7 @@
 """Trial overhead and per-trial FID, measured through the real code path (bench_perf sections 3 + 4).
 
 Trials run as ``lcsc-ops optimize`` runs them: ``run_trials`` (Optuna CMA-ES on its default
-sqlite storage) with a ``TrialRunLogger`` callback (one MLflow child run per trial, sqlite
+storage, a journal file) with a ``TrialRunLogger`` callback (one MLflow child run per trial, sqlite
 store), scoring with ``Scorer`` + ``FIDScorer`` on the digits DDPM. Sampling and feature
 extraction are timed by thin wrappers around the sampler and the extractor; everything
 else in the trial's wall time is overhead.

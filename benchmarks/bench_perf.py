@@ -13,7 +13,7 @@ Every figure is a ratio of two things measured side by side in this one run, int
 * ``merge_fraction_of_memcpy``: the engine's memory throughput over a plain copy of the
   stack's bytes (both count bytes read + bytes written); per dtype in the details.
 * ``trial_overhead_fraction``: share of a trial's wall time that is not sampling or
-  features, over real trials: ``run_trials`` (Optuna CMA-ES, sqlite) + ``TrialRunLogger``
+  features, over real trials: ``run_trials`` (Optuna CMA-ES, journal file) + ``TrialRunLogger``
   (MLflow child runs, sqlite) + ``Scorer`` + ``FIDScorer`` on the digits DDPM.
 * ``fid_speedup_vs_recompute``: FID of one trial's samples against cached reference
   statistics, over recomputing both sides with torchmetrics (same samples, same value).

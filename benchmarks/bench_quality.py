@@ -41,7 +41,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     # BENCH_BUDGET_S=<seconds> on a rerun resumes and runs them.
     "full": dict(steps=3000, every=50, ema_decay=0.999, extra_decays=(0.99, 0.995, 0.998), window=40, blocks=8,
                  basis="both", radius=0.3, n_trials=150, search_samples=1000, search_seeds=2, final_samples=2000,
-                 final_seeds=10, top_k=3, extra_seeds=(1, 2), extra_seed_trials=50, fractions=(0.5, 0.25, 0.75),
+                 final_seeds=10, top_k=3, extra_seeds=(1, 2, 3, 4), extra_seed_trials=50, fractions=(0.5, 0.25, 0.75),
                  shorter_final_seeds=5, shorter_trials=100, density_seeds=3, density_intervals=(50, 250),
                  nfe_tries=(6, 8), nfe_trials=100, nfe_final_seeds=5,
                  cm=dict(steps=3000, sampler_steps=2, nfe=1, cm_settings={"s1": 160}), budget_s=3300),
@@ -73,7 +73,7 @@ class Bench:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.chdir(self.work)  # MLflow puts the artifacts of a sqlite store under ./mlruns
         self.uri = f"sqlite:///{self.work / 'mlflow.db'}"
-        self.storage = f"sqlite:///{self.work / 'optuna.db'}"
+        self.storage = None  # the product's default: optuna.journal beside mlflow.db
         self.state_path = self.work / "state.json"
         self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         recipe = json.loads(json.dumps({k: v for k, v in self.r.items() if k != "budget_s"}))
