@@ -108,12 +108,13 @@ def bench_trials_and_fid(work: Path, cfg: dict) -> tuple[dict, dict]:
     def timed_trials(study: Any, callbacks: list, objective: Any = score, after: Any = None) -> float:
         """Wall seconds of ``n`` trials after ``warm`` untimed ones (plus ``after()``, e.g. waiting
         for the background child runs); resets the clock first."""
-        run_trials(study, encoding, objective, warm, callbacks)
+        hook = trial_logger.objective_started if callbacks else None  # as run_optimize wires it
+        run_trials(study, encoding, objective, warm, callbacks, on_objective=hook)
         if after is not None:
             after()
         clock.update({name: 0.0 for name in clock})
         t0 = time.perf_counter()
-        assert run_trials(study, encoding, objective, warm + n, callbacks) == n
+        assert run_trials(study, encoding, objective, warm + n, callbacks, on_objective=hook) == n
         if after is not None:
             after()
         return time.perf_counter() - t0
