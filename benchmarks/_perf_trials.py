@@ -108,13 +108,12 @@ def bench_trials_and_fid(work: Path, cfg: dict) -> tuple[dict, dict]:
     def timed_trials(study: Any, callbacks: list, objective: Any = score, after: Any = None) -> float:
         """Wall seconds of ``n`` trials after ``warm`` untimed ones (plus ``after()``, e.g. waiting
         for the background child runs); resets the clock first."""
-        hook = trial_logger.objective_started if callbacks else None  # as run_optimize wires it
-        run_trials(study, encoding, objective, warm, callbacks, on_objective=hook)
+        run_trials(study, encoding, objective, warm, callbacks)
         if after is not None:
             after()
         clock.update({name: 0.0 for name in clock})
         t0 = time.perf_counter()
-        assert run_trials(study, encoding, objective, warm + n, callbacks, on_objective=hook) == n
+        assert run_trials(study, encoding, objective, warm + n, callbacks) == n
         if after is not None:
             after()
         return time.perf_counter() - t0

@@ -243,8 +243,7 @@ class OptimizeJob:
             trial_logger.backfill(self.study)  # the start trial, and trials a crash left without a child run
             t0 = time.perf_counter()
             ran = run_trials(self.study, self.encoding, lambda c: self.search_score(self._embed(c)),
-                             self.cfg.n_trials, [trial_logger], rungs=self.search_rungs() if self.cfg.prune else None,
-                             on_objective=trial_logger.objective_started)
+                             self.cfg.n_trials, [trial_logger], rungs=self.search_rungs() if self.cfg.prune else None)
             seconds = time.perf_counter() - t0
         finally:
             trial_logger.close()  # every finished trial has its child run before we go on

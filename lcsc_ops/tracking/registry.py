@@ -6,7 +6,6 @@ orchestration in :mod:`lcsc_ops.optimize` (tracking at the edge).
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
@@ -36,12 +35,6 @@ class TrialRunLogger:
     thread, so the next trial's sampling does not wait for the tracking store; call
     :meth:`flush` to wait for them (it re-raises a failed write). Trials already logged (a
     resumed study) are skipped, and :meth:`backfill` logs any finished trial that lacks a run.
-
-    A child run is written while the next trial samples, not while Optuna asks for it: the
-    writes are Python (SQLAlchemy) and so is Optuna's ask, and the two would take turns on
-    the GIL. :meth:`objective_started` (passed to :func:`~lcsc_ops.tracking.study.run_trials`
-    as ``on_objective``) lets pending writes go once the trial's coordinates are drawn;
-    :meth:`flush` lets them go at once.
     """
 
     def __init__(self, parent_run_id: str, *, tracking_uri: str | None = None, metric: str = "fid") -> None:
@@ -53,8 +46,6 @@ class TrialRunLogger:
         self.logged = self._existing()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcsc-trial-log")
         self._pending: list[Future] = []
-        self._go = threading.Event()  # set: pending child runs may be written now
-        self._go.set()
 
     def _existing(self) -> set[int]:
         runs = self.client.search_runs([self.parent.info.experiment_id],
@@ -67,7 +58,6 @@ class TrialRunLogger:
         if (trial.value is None and not pruned) or trial.number in self.logged:
             return
         self.logged.add(trial.number)
-        self._go.clear()  # written once the next trial's objective starts (or at flush)
         duration = trial.duration.total_seconds() if trial.duration else None
         self._pending.append(self._executor.submit(
             self._log, study.study_name, trial.number, None if pruned else float(trial.value),
@@ -78,7 +68,6 @@ class TrialRunLogger:
              duration: float | None, rungs: dict[int, float] | None = None, start: str | None = None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        self._go.wait()
         try:
             run = self.client.create_run(self.parent.info.experiment_id, run_name=f"trial-{number:04d}",
                                          tags={PARENT_TAG: self.parent.info.run_id, "lcsc.trial": str(number),
@@ -101,13 +90,8 @@ class TrialRunLogger:
             self.logged.discard(number)  # so a later backfill retries it
             raise
 
-    def objective_started(self) -> None:
-        """A trial's coordinates are drawn and its (GIL-free) scoring begins: write the pending runs."""
-        self._go.set()
-
     def flush(self) -> None:
         """Wait for every child run submitted so far; re-raise the first failure."""
-        self._go.set()
         pending, self._pending = self._pending, []
         errors = [f.exception() for f in pending]
         for error in errors:

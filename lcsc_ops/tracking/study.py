@@ -227,8 +227,7 @@ class Rungs:
 
 
 def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[list[float]], float],
-               n_trials: int, callbacks: Sequence[Callable] = (), *, rungs: Rungs | None = None,
-               on_objective: Callable[[], None] | None = None) -> int:
+               n_trials: int, callbacks: Sequence[Callable] = (), *, rungs: Rungs | None = None) -> int:
     """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones, not
     counting a start trial (:func:`add_start_trial`); returns how many ran now.
 
@@ -238,8 +237,7 @@ def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[l
     With ``rungs``, it instead reports each rung's score (``trial.report(value, step=count)``),
     asks the study's pruner after every rung but the last, and returns the last rung's score,
     which is the full score. Pruned trials count towards ``n_trials``: the budget is trials
-    started, and pruning makes some of them cheaper. ``on_objective()`` is called once a
-    trial's coordinates are drawn, before it is scored (see ``TrialRunLogger.objective_started``).
+    started, and pruning makes some of them cheaper.
     """
     lo, hi = encoding.bounds
 
@@ -247,8 +245,6 @@ def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[l
         z = [trial.suggest_float(n, lo, hi) for n in encoding.names]
         coeffs = encoding.decode(z)
         trial.set_user_attr("coefficients", coeffs)
-        if on_objective is not None:
-            on_objective()
         if rungs is None:
             return score(coeffs)
         value = math.nan
