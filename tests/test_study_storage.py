@@ -67,3 +67,22 @@ def test_without_a_start_trial_cmaes_draws_its_first_trial_from_the_independent_
     run_trials(study, enc, lambda c: sum(x * x for x in c), 2)
     assert "cma:generation" not in study.trials[0].system_attrs
     assert "cma:generation" in study.trials[1].system_attrs
+
+
+def test_the_journal_fsyncs_once_per_trial_and_plain_optuna_reads_it(tmp_path, monkeypatch):
+    """One fsync per finished trial (its state and value), not one per coordinate; the file is an
+    ordinary Optuna journal."""
+    import os
+
+    from optuna.storages.journal import JournalFileBackend
+
+    enc = AffineEncoding(centre=tuple([1 / 16] * 16), radius=0.3)
+    path = str(tmp_path / "optuna.journal")
+    study = open_study("s", path, make_strategy("cmaes", 0))
+    calls, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    run_trials(study, enc, lambda c: sum(x * x for x in c), 4)
+    assert len(calls) == 4  # 16 suggest_float writes per trial, flushed but not fsynced
+    plain = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(JournalFileBackend(path)))
+    assert [t.params for t in plain.trials] == [t.params for t in study.trials]
+    assert [t.value for t in plain.trials] == [t.value for t in study.trials]

@@ -97,11 +97,45 @@ def is_journal_path(storage: str) -> bool:
     return scheme == "" or (len(scheme) == 1 and storage[1:3] in (":\\", ":/"))  # C:\... on Windows
 
 
+def _journal_file(path: str) -> Any:
+    """Optuna's ``JournalFileBackend``, fsyncing only the writes that a resumed study relies on.
+
+    Optuna fsyncs every append, and a trial appends one log per ``suggest_float``: 32 fsyncs
+    for 32 coordinates (11 of the 17 ms a trial spends in Optuna here). This backend fsyncs
+    the logs that create or change a study and those that end a trial (its state and value);
+    the others are written and flushed to the OS at once, under the same file lock, and
+    become durable with the trial's end (fsync covers every earlier write to the file). A
+    crash of the process loses nothing; an OS crash or power loss can lose the coordinates of
+    the trial that was running, which was not resumable anyway (the WAL/``synchronous=NORMAL``
+    trade-off of :func:`make_storage`'s sqlite, one trial later). A torn last line is what
+    Optuna's reader already skips.
+    """
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal._file import get_lock_file
+    from optuna.storages.journal._storage import JournalOperation as Op
+
+    durable = {Op.CREATE_STUDY, Op.DELETE_STUDY, Op.SET_STUDY_USER_ATTR, Op.SET_STUDY_SYSTEM_ATTR,
+               Op.SET_TRIAL_STATE_VALUES, Op.DISCARD_TRIALS}
+
+    class TrialDurableJournalFile(JournalFileBackend):
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            if any(log.get("op_code") in durable for log in logs):
+                return super().append_logs(logs)
+            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+            with get_lock_file(self._lock):
+                with open(self._file_path, "ab") as f:
+                    f.write(text.encode("utf-8"))
+                    f.flush()
+
+    return TrialDurableJournalFile(path)
+
+
 def make_storage(url: str) -> str | optuna.storages.BaseStorage:
     """An Optuna storage for ``url``.
 
-    * a plain file path: an Optuna journal file (``JournalStorage(JournalFileBackend(path))``,
-      the default; see :func:`default_storage`);
+    * a plain file path: an Optuna journal file (``JournalStorage`` on a ``JournalFileBackend``
+      that fsyncs at trial ends, see :func:`_journal_file`; the default, see
+      :func:`default_storage`); plain Optuna reads it as any journal file;
     * ``sqlite:///...``: opened in WAL mode with ``synchronous=NORMAL``. Each
       ``suggest_float`` is its own commit, so with a default (rollback-journal, fully
       synchronous) sqlite file a 32-coefficient trial spends ~90 ms in fsyncs; WAL mode cuts
@@ -115,9 +149,7 @@ def make_storage(url: str) -> str | optuna.storages.BaseStorage:
             raise LcscError(f"Optuna storage {url!r} is a folder; give a journal file path or a database URL")
         if not path.parent.is_dir():
             raise LcscError(f"Optuna storage {url!r}: folder {str(path.parent)!r} does not exist")
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        return optuna.storages.JournalStorage(_journal_file(str(path)))
     if not url.startswith("sqlite:///"):
         return url
     path = url[len("sqlite:///"):]
