@@ -38,13 +38,15 @@ RECIPES: dict[str, dict[str, Any]] = {
     # trials on 2 seeds is what it takes. `cm` is the consistency-model section (issue 4), `nfe_tries`
     # the step counts tried for the NFE-reduction row (fewest first). Stages past budget_s * 0.8 are
     # skipped (train-shorter's second fraction, the NFE row's second try, evolution's extra seeds);
-    # BENCH_BUDGET_S=<seconds> on a rerun resumes and runs them.
+    # BENCH_BUDGET_S=<seconds> on a rerun resumes and runs them. budget_s was 3300 until a run on a day the
+    # machine was 17-30% slower per stage took 60.7 min (evolution's extra seeds still ran at 48.8 min);
+    # 3000 skips them past 45 min.
     "full": dict(steps=3000, every=50, ema_decay=0.999, extra_decays=(0.99, 0.995, 0.998), window=40, blocks=8,
                  basis="both", radius=0.3, n_trials=150, search_samples=1000, search_seeds=2, final_samples=2000,
                  final_seeds=10, top_k=3, extra_seeds=(1, 2, 3, 4), extra_seed_trials=50, fractions=(0.5, 0.25, 0.75),
                  shorter_final_seeds=5, shorter_trials=100, density_seeds=3, density_intervals=(50, 250),
                  nfe_tries=(6, 8), nfe_trials=100, nfe_final_seeds=5,
-                 cm=dict(steps=3000, sampler_steps=2, nfe=1, cm_settings={"s1": 160}), budget_s=3300),
+                 cm=dict(steps=3000, sampler_steps=2, nfe=1, cm_settings={"s1": 160}), budget_s=3000),
     "quick": dict(steps=400, every=20, ema_decay=0.99, extra_decays=(0.95, 0.98), window=8, blocks=2, basis="both",
                   radius=0.3, n_trials=8, search_samples=200, search_seeds=1, final_samples=300, final_seeds=2,
                   top_k=2, extra_seeds=(1,), extra_seed_trials=6, fractions=(0.5, 0.25, 0.75),
