@@ -86,3 +86,14 @@ def test_the_journal_fsyncs_once_per_trial_and_plain_optuna_reads_it(tmp_path, m
     plain = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(JournalFileBackend(path)))
     assert [t.params for t in plain.trials] == [t.params for t in study.trials]
     assert [t.value for t in plain.trials] == [t.value for t in study.trials]
+
+
+def test_run_trials_counts_the_trials_that_ran_when_a_study_is_stopped_early():
+    enc = AffineEncoding(centre=(0.25, 0.25, 0.25, 0.25), radius=0.3)
+    study = optuna.create_study(sampler=make_strategy("random", 0))
+
+    def stop_at_third(study, trial):
+        if trial.number == 2:
+            study.stop()
+
+    assert run_trials(study, enc, lambda c: 1.0, 10, [stop_at_third]) == 3

@@ -261,7 +261,7 @@ class Rungs:
 def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[list[float]], float],
                n_trials: int, callbacks: Sequence[Callable] = (), *, rungs: Rungs | None = None) -> int:
     """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones, not
-    counting a start trial (:func:`add_start_trial`); returns how many ran now.
+    counting a start trial (:func:`add_start_trial`); returns how many finished now.
 
     Each trial suggests the encoding's coordinates (fixed names and bounds, so CMA-ES never
     falls back to random sampling), decodes them to coefficients that sum to exactly 1,
@@ -290,6 +290,8 @@ def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[l
     # The start trial (add_start_trial) was scored before the search: it is not in the budget.
     done = [t for t in completed(study) + pruned(study) if not is_start(t)]
     remaining = max(0, n_trials - len(done))
-    if remaining:
-        study.optimize(objective, n_trials=remaining, callbacks=list(callbacks), gc_after_trial=False)
-    return remaining
+    if not remaining:
+        return 0
+    study.optimize(objective, n_trials=remaining, callbacks=list(callbacks), gc_after_trial=False)
+    # study.stop() (from a callback or the objective) can end the loop early: count what finished.
+    return len([t for t in completed(study) + pruned(study) if not is_start(t)]) - len(done)
