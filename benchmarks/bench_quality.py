@@ -458,11 +458,9 @@ def trial_values(report: dict[str, Any]) -> list[float]:
     scored before the search, see ``add_start_trial``) is no search evaluation and is left out."""
     import optuna
 
-    from lcsc_ops.tracking.study import make_storage
+    from lcsc_ops.tracking.study import make_storage, searched
 
-    study = optuna.load_study(study_name=report["study"], storage=make_storage(report["storage"]))
-    done = [t for t in study.get_trials(deepcopy=False)
-            if t.state == optuna.trial.TrialState.COMPLETE and "lcsc.start" not in t.user_attrs]
+    done = searched(optuna.load_study(study_name=report["study"], storage=make_storage(report["storage"])))
     return [t.value for t in sorted(done, key=lambda t: t.number)]
 
 

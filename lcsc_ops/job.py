@@ -25,7 +25,7 @@ from lcsc_ops.optimize import (BASIS_KINDS, FINAL_SEED_BASE, Candidate, Optimize
                                average_coefficients, baselines, centre_in_basis, merged_state, restrict)
 from lcsc_ops.report import build_report, save_plots
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.tracking.study import completed, is_start, pruned, run_trials
+from lcsc_ops.tracking.study import add_start_trial, completed, pruned, run_trials, searched
 
 
 def resolve_device(name: str) -> str:
@@ -201,7 +201,7 @@ class OptimizeJob:
                 cands = self._candidates()
                 self._final_evaluation([*self.base, *cands])
                 report = build_report(self.cfg, self.window, self.base, cands, self.centre, metric=self.metric,
-                                      search_seconds=search_seconds, trials=len([t for t in completed(self.study) if not is_start(t)]),
+                                      search_seconds=search_seconds, trials=len(searched(self.study)),
                                       study=self.study.study_name, storage=self.storage,
                                       parent_run_id=self.parent_id, default_nfe=self.default_nfe)
                 if self.cfg.prune:
@@ -235,8 +235,6 @@ class OptimizeJob:
     def _search(self) -> float:
         from lcsc_ops.tracking.registry import TrialRunLogger
 
-        from lcsc_ops.tracking.study import add_start_trial
-
         trial_logger = TrialRunLogger(self.parent_id, metric=self.metric)
         add_start_trial(self.study, self.encoding, self.centre.search_fid, self.centre.name)
         try:
@@ -249,8 +247,7 @@ class OptimizeJob:
             trial_logger.close()  # every finished trial has its child run before we go on
         best = self.study.best_trial
         n_pruned = len(pruned(self.study))
-        searched = len([t for t in completed(self.study) if not is_start(t)])
-        self.log(f"search: {ran} new trials ({searched} in study {self.study.study_name}, plus the start trial"
+        self.log(f"search: {ran} new trials ({len(searched(self.study))} in study {self.study.study_name}, plus the start trial"
                  + (f", {n_pruned} more pruned" if n_pruned else "") + f") in {seconds:.1f} s; "
                  f"best search {self.metric} {best.value:.3f} (trial {best.number})")
         return seconds

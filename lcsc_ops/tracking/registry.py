@@ -54,6 +54,8 @@ class TrialRunLogger:
         return {int(r.data.tags["lcsc.trial"]) for r in runs if "lcsc.trial" in r.data.tags}
 
     def __call__(self, study: Any, trial: Any) -> None:
+        from lcsc_ops.tracking.study import START_ATTR
+
         pruned = getattr(trial.state, "name", "") == "PRUNED"
         if (trial.value is None and not pruned) or trial.number in self.logged:
             return
@@ -62,7 +64,7 @@ class TrialRunLogger:
         self._pending.append(self._executor.submit(
             self._log, study.study_name, trial.number, None if pruned else float(trial.value),
             list(trial.user_attrs.get("coefficients", [])), dict(trial.params), duration,
-            dict(trial.intermediate_values), trial.user_attrs.get("lcsc.start")))
+            dict(trial.intermediate_values), trial.user_attrs.get(START_ATTR)))
 
     def _log(self, study_name: str, number: int, value: float | None, coeffs: list[float], z: dict[str, float],
              duration: float | None, rungs: dict[int, float] | None = None, start: str | None = None) -> None:

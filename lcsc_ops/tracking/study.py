@@ -26,6 +26,9 @@ from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import optuna
+from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import get_lock_file  # the lock Optuna's own append_logs takes
+from optuna.storages.journal._storage import JournalOperation
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.encoding import AffineEncoding
@@ -97,7 +100,12 @@ def is_journal_path(storage: str) -> bool:
     return scheme == "" or (len(scheme) == 1 and storage[1:3] in (":\\", ":/"))  # C:\... on Windows
 
 
-def _journal_file(path: str) -> Any:
+_DURABLE_OPS = {JournalOperation.CREATE_STUDY, JournalOperation.DELETE_STUDY, JournalOperation.SET_STUDY_USER_ATTR,
+                JournalOperation.SET_STUDY_SYSTEM_ATTR, JournalOperation.SET_TRIAL_STATE_VALUES,
+                JournalOperation.DISCARD_TRIALS}
+
+
+class TrialDurableJournalFile(JournalFileBackend):
     """Optuna's ``JournalFileBackend``, fsyncing only the writes that a resumed study relies on.
 
     Optuna fsyncs every append, and a trial appends one log per ``suggest_float``: 32 fsyncs
@@ -110,31 +118,22 @@ def _journal_file(path: str) -> Any:
     trade-off of :func:`make_storage`'s sqlite, one trial later). A torn last line is what
     Optuna's reader already skips.
     """
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.storages.journal._file import get_lock_file
-    from optuna.storages.journal._storage import JournalOperation as Op
 
-    durable = {Op.CREATE_STUDY, Op.DELETE_STUDY, Op.SET_STUDY_USER_ATTR, Op.SET_STUDY_SYSTEM_ATTR,
-               Op.SET_TRIAL_STATE_VALUES, Op.DISCARD_TRIALS}
-
-    class TrialDurableJournalFile(JournalFileBackend):
-        def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            if any(log.get("op_code") in durable for log in logs):
-                return super().append_logs(logs)
-            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
-            with get_lock_file(self._lock):
-                with open(self._file_path, "ab") as f:
-                    f.write(text.encode("utf-8"))
-                    f.flush()
-
-    return TrialDurableJournalFile(path)
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if any(log.get("op_code") in _DURABLE_OPS for log in logs):
+            return super().append_logs(logs)
+        text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
+        with get_lock_file(self._lock):
+            with open(self._file_path, "ab") as f:
+                f.write(text.encode("utf-8"))
+                f.flush()
 
 
 def make_storage(url: str) -> str | optuna.storages.BaseStorage:
     """An Optuna storage for ``url``.
 
     * a plain file path: an Optuna journal file (``JournalStorage`` on a ``JournalFileBackend``
-      that fsyncs at trial ends, see :func:`_journal_file`; the default, see
+      that fsyncs at trial ends, see :class:`TrialDurableJournalFile`; the default, see
       :func:`default_storage`); plain Optuna reads it as any journal file;
     * ``sqlite:///...``: opened in WAL mode with ``synchronous=NORMAL``. Each
       ``suggest_float`` is its own commit, so with a default (rollback-journal, fully
@@ -149,7 +148,7 @@ def make_storage(url: str) -> str | optuna.storages.BaseStorage:
             raise LcscError(f"Optuna storage {url!r} is a folder; give a journal file path or a database URL")
         if not path.parent.is_dir():
             raise LcscError(f"Optuna storage {url!r}: folder {str(path.parent)!r} does not exist")
-        return optuna.storages.JournalStorage(_journal_file(str(path)))
+        return optuna.storages.JournalStorage(TrialDurableJournalFile(str(path)))
     if not url.startswith("sqlite:///"):
         return url
     path = url[len("sqlite:///"):]
@@ -245,6 +244,11 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
+def searched(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Complete trials the search ran (the start trial, scored before the search, left out)."""
+    return [t for t in completed(study) if not is_start(t)]
+
+
 def pruned(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.PRUNED,))
 
@@ -288,10 +292,10 @@ def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[l
         return value
 
     # The start trial (add_start_trial) was scored before the search: it is not in the budget.
-    done = [t for t in completed(study) + pruned(study) if not is_start(t)]
-    remaining = max(0, n_trials - len(done))
+    done = len(searched(study)) + len(pruned(study))
+    remaining = max(0, n_trials - done)
     if not remaining:
         return 0
     study.optimize(objective, n_trials=remaining, callbacks=list(callbacks), gc_after_trial=False)
     # study.stop() (from a callback or the objective) can end the loop early: count what finished.
-    return len([t for t in completed(study) + pruned(study) if not is_start(t)]) - len(done)
+    return len(searched(study)) + len(pruned(study)) - done
