@@ -54,11 +54,14 @@ def bench_trials_and_fid(work: Path, cfg: dict) -> tuple[dict, dict]:
     from lcsc_ops.math.encoding import AffineEncoding
     from lcsc_ops.math.profiles import uniform
     from lcsc_ops.models.diffusion import DDIMSampler
-    from lcsc_ops.optimize import Scorer
+    from lcsc_ops.pipeline.scoring import Scorer
     from lcsc_ops.spec import ModelSpec
-    from lcsc_ops.tracking.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file
-    from lcsc_ops.tracking.registry import TrialRunLogger
-    from lcsc_ops.tracking.study import default_storage, make_storage, make_strategy, open_study, run_trials
+    from lcsc_ops.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file
+    from lcsc_ops.store.runs import TrialRunLogger
+    from lcsc_ops.search.storage import default_storage, make_storage
+    from lcsc_ops.search.strategies import make_strategy
+    from lcsc_ops.search.study import open_study
+    from lcsc_ops.search.trials import run_trials
 
     k, channels, samples = cfg["k"], cfg["trial_channels"], cfg["samples"]
     spec = ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": channels},

@@ -16,9 +16,12 @@ import torch
 
 from lcsc_ops.math.merge import merge_state_dicts
 from lcsc_ops.math.profiles import quantise
-from lcsc_ops.optimize import FINAL_SEED_BASE, OptimizeConfig, Scorer
-from lcsc_ops.tracking import checkpoints as ckpt_mod
-from lcsc_ops.tracking.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file, write_checkpoint
+from lcsc_ops.pipeline.candidates import FINAL_SEED_BASE
+from lcsc_ops.pipeline.config import OptimizeConfig
+from lcsc_ops.pipeline.scoring import Scorer
+from lcsc_ops.math.ema import ema_decay_at, ema_update_
+from lcsc_ops.store import logger as ckpt_mod
+from lcsc_ops.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file, write_checkpoint
 
 
 @contextlib.contextmanager
@@ -52,7 +55,7 @@ def extra_online_emas(decays: Sequence[float], out_dir: Path) -> Iterator[None]:
                 if ema is None:
                     self._extra[d] = {k: v.detach().clone() for k, v in state.items()}
                     continue
-                ckpt_mod.ema_update_(ema, state, ckpt_mod.ema_decay_at(d, n, self.ema_warmup))
+                ema_update_(ema, state, ema_decay_at(d, n, self.ema_warmup))
 
         def close(self) -> None:
             if self.is_main:
@@ -81,12 +84,15 @@ class ProtocolScorer:
     """
 
     def __init__(self, cfg: OptimizeConfig, spec: Any, entries: Sequence[CheckpointEntry], cache_dir: Path) -> None:
-        from lcsc_ops.job import build_evaluators
+        from lcsc_ops.evaluation.evaluators import build_evaluators
 
         self.cfg = cfg
         self.window = CheckpointWindow(run_id=cfg.run_id, spec=spec, entries=tuple(entries), training_ema=None,
                                        steps=tuple(sorted({e.step for e in entries})))
-        self.first, self.second, _, _ = build_evaluators(spec, cfg, cfg.device, cache_dir)
+        ev = build_evaluators(spec, evaluator=cfg.evaluator, feature_extractor=cfg.feature_extractor,
+                              inception_weights=cfg.inception_weights, batch_size=cfg.batch_size, device=cfg.device,
+                              cache_dir=cache_dir)
+        self.first, self.second = ev.main, ev.second
         self.scorer = Scorer(self.window, spec.build, cfg.device)
 
     def one_hot(self, i: int) -> list[float]:
@@ -117,7 +123,7 @@ def posthoc_ema_state(raw: Sequence[CheckpointEntry], decay_per_step: float, war
     steps = [e.step for e in raw]
     coeffs = [1.0]
     for prev, cur in zip(steps, steps[1:]):
-        g = math.prod(ckpt_mod.ema_decay_at(decay_per_step, n, warmup) for n in range(prev, cur))
+        g = math.prod(ema_decay_at(decay_per_step, n, warmup) for n in range(prev, cur))
         coeffs = [c * g for c in coeffs] + [1.0 - g]
     return merge_state_dicts((e.load() for e in raw), quantise(coeffs))
 

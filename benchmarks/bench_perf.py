@@ -238,7 +238,7 @@ def bench_training(work: Path, cfg: dict) -> dict:
     from mlflow.tracking import MlflowClient
 
     from lcsc_ops.spec import ModelSpec
-    from lcsc_ops.tracking.checkpoints import CheckpointLogger
+    from lcsc_ops.store.logger import CheckpointLogger
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)

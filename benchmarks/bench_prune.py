@@ -64,7 +64,7 @@ def source_run(work: Path, uri: str, window: int, train_steps: int) -> dict[str,
         from safetensors import safe_open
 
         from lcsc_ops.spec import ModelSpec
-        from lcsc_ops.tracking.importer import import_checkpoints
+        from lcsc_ops.importers.files import import_checkpoints
 
         folder, steps, origin, total = src
         with safe_open(str(folder / f"step{steps[-1]:08d}-raw.safetensors"), framework="pt") as f:
@@ -312,8 +312,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from lcsc_ops.evaluation.rungs import rung_counts
-    from lcsc_ops.job import run_optimize
-    from lcsc_ops.optimize import OptimizeConfig
+    from lcsc_ops.pipeline.optimize import run_optimize
+    from lcsc_ops.pipeline.config import OptimizeConfig
 
     t0, load_start = time.perf_counter(), os.getloadavg()
     work = HERE / "work" / "prune"
@@ -341,7 +341,7 @@ def main() -> None:
         log(f"{name}: search {figures[name]['search_seconds']:.1f} s, {figures[name]['pruned']} pruned, "
             f"best {figures[name]['best_search_fid']:.3f} (trial {figures[name]['best_trial']})")
 
-    from lcsc_ops.tracking.study import RungPruner
+    from lcsc_ops.search.trials import RungPruner
 
     pruner = RungPruner()
     res = {

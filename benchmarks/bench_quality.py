@@ -188,7 +188,7 @@ class Bench:
                 "ok": bool(matched) and n_best <= 0.6 * default}
 
     def config(self, strategy: str, seed: int, **over: Any):
-        from lcsc_ops.optimize import OptimizeConfig
+        from lcsc_ops.pipeline.config import OptimizeConfig
 
         r = self.r
         kw = dict(run_id=self.state["train"]["run_id"], window=r["window"], basis=r["basis"], strategy=strategy,
@@ -202,28 +202,10 @@ class Bench:
     def optimize(self, name: str, cfg, stop_below: float | None = None) -> dict[str, Any]:
         """One `lcsc-ops optimize` through the library; with ``stop_below``, the search stops at the
         first trial whose search score beats it (all a trials-to-baseline count needs)."""
-        from lcsc_ops.job import OptimizeJob
-
-        class StopAtBar(OptimizeJob):
-            searching = False
-
-            def _search(self):
-                self.searching = True
-                try:
-                    return super()._search()
-                finally:
-                    self.searching = False
-
-            def search_score(self, dense):
-                value = super().search_score(dense)
-                if stop_below is not None and value < stop_below and self.searching:
-                    self.study.stop()  # inside the objective: study.optimize returns after this trial
-                return value
+        from lcsc_ops.pipeline.optimize import run_optimize
 
         t = time.perf_counter()
-        job = StopAtBar(cfg, log=lambda m: log(f"  {name}: {m}"))
-        job.prepare()
-        report = job.run()
+        report = run_optimize(cfg, log=lambda m: log(f"  {name}: {m}"), stop_below=stop_below)
         report["wall_seconds"] = time.perf_counter() - t
         report["trial_values"] = trial_values(report)
         (self.work / "reports" / f"{name}.json").write_text(json.dumps(report, indent=1))
@@ -236,7 +218,7 @@ class Bench:
         """The training EMA at more decays, scored under the optimize protocol (tuning the baseline)."""
         from _quality_eval import ProtocolScorer, local_entry
 
-        from lcsc_ops.tracking.checkpoints import fetch_window
+        from lcsc_ops.store.fetch import fetch_window
 
         cfg = self.config("cmaes", 0)
         win = fetch_window(cfg.run_id, window=1, tracking_uri=self.uri)
@@ -255,7 +237,8 @@ class Bench:
         """Post-hoc EMA over raw checkpoints `interval` steps apart vs the online EMA at the last step."""
         from _quality_eval import ProtocolScorer, local_entry, posthoc_ema_state, relative_distance
 
-        from lcsc_ops.tracking.checkpoints import fetch_window, write_checkpoint
+        from lcsc_ops.store.fetch import fetch_window
+        from lcsc_ops.checkpoints import write_checkpoint
 
         r = self.r
         cfg = self.config("cmaes", 0)
@@ -376,7 +359,7 @@ class Bench:
         return out, strongest
 
     def summary(self, methods: dict[str, Any], strongest: str) -> dict[str, Any]:
-        from lcsc_ops.optimize import paired
+        from lcsc_ops.pipeline.candidates import paired
 
         r = self.r
         best = min((f"lcsc_{s}" for s in STRATEGIES), key=lambda m: methods[m]["final_mean"])
@@ -458,7 +441,8 @@ def trial_values(report: dict[str, Any]) -> list[float]:
     scored before the search, see ``add_start_trial``) is no search evaluation and is left out."""
     import optuna
 
-    from lcsc_ops.tracking.study import make_storage, searched
+    from lcsc_ops.search.storage import make_storage
+    from lcsc_ops.search.trials import searched  # noqa: F401
 
     done = searched(optuna.load_study(study_name=report["study"], storage=make_storage(report["storage"])))
     return [t.value for t in sorted(done, key=lambda t: t.number)]

@@ -14,7 +14,7 @@ __all__ = ["CheckpointLogger", "LcscError", "ModelSpec", "__version__"]
 def __getattr__(name: str):
     # CheckpointLogger imports mlflow lazily, so the math and evaluation layers import without it.
     if name == "CheckpointLogger":
-        from lcsc_ops.tracking.checkpoints import CheckpointLogger
+        from lcsc_ops.store.logger import CheckpointLogger
 
         return CheckpointLogger
     raise AttributeError(name)

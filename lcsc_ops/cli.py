@@ -1,21 +1,41 @@
 """The ``lcsc-ops`` command line: train, optimize, promote, import. Thin: parse, configure, call."""
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
+import click
 import typer
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.options import parse_json_object
+from lcsc_ops.pipeline.config import OptimizeConfig
+from lcsc_ops.training import TrainConfig
 
 # Progress bars on every artifact download would drown the one-line output a CLI owes its user.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+class Commands(typer.core.TyperGroup):
+    """The one place an LcscError becomes a one-line message (``LCSC_OPS_DEBUG=1``: the traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LcscError as exc:
+            if os.environ.get("LCSC_OPS_DEBUG"):
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Linear Combination of Saved Checkpoints, on MLflow + Optuna + accelerate.")
 
 TrackingUri = Annotated[Optional[str], typer.Option(
@@ -23,164 +43,93 @@ TrackingUri = Annotated[Optional[str], typer.Option(
     help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db with artifacts in ./mlruns).")]
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
+def options_of(cls: type, **overrides: Any) -> list[inspect.Parameter]:
+    """Typer parameters for the fields of config dataclass ``cls``: default, type, help and panel
+    come from the field (:func:`lcsc_ops.options.option`); a field with a parser takes text."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        if not md.get("cli", True) or f.name in overrides:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = hints[f.name]
+        if md.get("parse"):
+            kind, default = Optional[str], None if default in (None, {}) else _as_text(default)
+        flags = [md["flag"]] if md.get("flag") else []
+        info = typer.Argument(help=md["help"]) if default is None and f.default is dataclasses.MISSING and \
+            f.default_factory is dataclasses.MISSING else typer.Option(*flags, help=md["help"],
+                                                                      rich_help_panel=md.get("panel"))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=inspect.Parameter.empty
+                                        if isinstance(info, typer.models.ArgumentInfo) else default,
+                                        annotation=Annotated[kind, info]))
+    return params
 
 
-def user_errors(fn: Callable) -> Callable:
-    """Turn LcscError (and MLflow/Optuna store errors) into one line on stderr and exit 1.
-
-    Set ``LCSC_OPS_DEBUG=1`` to get the traceback instead.
-    """
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except LcscError as exc:
-            if os.environ.get("LCSC_OPS_DEBUG"):
-                raise
-            _fail(str(exc))
-        except Exception as exc:
-            if os.environ.get("LCSC_OPS_DEBUG") or not type(exc).__module__.startswith(("mlflow", "optuna", "sqlalchemy")):
-                raise
-            _fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}")
-    return wrapper
+def _as_text(value: Any) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else json.dumps(value)
 
 
-@app.command()
-@user_errors
-def train(
-    dataset: Annotated[str, typer.Option(help="Data set name (registry in lcsc_ops.evaluation.data).")] = "digits",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 4000,
-    batch_size: Annotated[int, typer.Option(help="Batch size per process.")] = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-3,
-    channels: Annotated[int, typer.Option(help="U-Net base width.")] = 32,
-    sampler_steps: Annotated[Optional[int], typer.Option(
-        help="Sampling steps recorded in the model spec (default: 10 DDIM steps; 1 for consistency models).")] = None,
-    checkpoint_every: Annotated[int, typer.Option(help="Log raw + EMA checkpoints every N steps.",
-                                                  rich_help_panel="Checkpoints")] = 50,
-    checkpoint_start: Annotated[int, typer.Option(help="First step at which checkpoints are logged.",
-                                                  rich_help_panel="Checkpoints")] = 0,
-    ema_decay: Annotated[float, typer.Option(help="Training EMA decay.", rich_help_panel="Checkpoints")] = 0.999,
-    ema_warmup: Annotated[bool, typer.Option(help="Warm the EMA up like diffusers' EMAModel: decay min(d, (1+n)/(10+n)) "
-                                             "at update n.", rich_help_panel="Checkpoints")] = True,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.", rich_help_panel="MLflow")] = "lcsc",
-    run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.", rich_help_panel="MLflow")] = None,
-    model_name: Annotated[Optional[str], typer.Option(
-        help="Registered model name optimize will use by default (default: digits-ddpm; digits-cm for "
-             "consistency models).", rich_help_panel="MLflow")] = None,
-    factory: Annotated[str, typer.Option(help="Model factory 'module:callable'.")] = "lcsc_ops.models.unet:digits_unet",
-    factory_kwargs: Annotated[Optional[str], typer.Option(help="Extra factory kwargs as JSON.")] = None,
-    model_kind: Annotated[str, typer.Option(help="diffusion (DDPM, DDIM sampling) or consistency (iCT, or CD with "
-                                                 "--teacher-run).", rich_help_panel="Model kind")] = "diffusion",
-    teacher_run: Annotated[Optional[str], typer.Option(help="Distil a consistency model from this diffusion run's "
-                                                            "training EMA.", rich_help_panel="Model kind")] = None,
-    cm_settings: Annotated[Optional[str], typer.Option(help="Consistency sampler settings as JSON (sigma_max, s0, s1, "
-                                                            "p_mean, ...).", rich_help_panel="Model kind")] = None,
-    tracking_uri: TrackingUri = None,
-) -> None:
-    """Train a digits DDPM or consistency model, logging raw + EMA checkpoints to MLflow. Prints the run id (last line).
+def config_from(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
+    """``cls(**values)`` with text parsed by each field's parser (errors name the option)."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        value, parse = values.get(f.name, dataclasses.MISSING), f.metadata.get("parse")
+        if value is dataclasses.MISSING or (parse and value is None):
+            continue
+        if parse and isinstance(value, str):
+            try:
+                value = parse(value)
+            except LcscError as exc:
+                raise LcscError(f"--{f.name.replace('_', '-')}: {exc}") from None
+        kwargs[f.name] = value
+    return cls(**kwargs, **fixed)
 
-    Multi-process: ``accelerate launch pipelines/train.py --steps ...`` takes the same options.
-    """
-    from lcsc_ops.training import TrainConfig, parse_json_object, train as run_training
 
-    cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, channels=channels,
-                      sampler_steps=sampler_steps, checkpoint_every=checkpoint_every,
-                      checkpoint_start=checkpoint_start, ema_decay=ema_decay, ema_warmup=ema_warmup, seed=seed, experiment=experiment,
-                      run_name=run_name, model_name=model_name, tracking_uri=tracking_uri, factory=factory,
-                      factory_kwargs=parse_json_object(factory_kwargs), model_kind=model_kind,
-                      teacher_run=teacher_run, cm_settings=parse_json_object(cm_settings, "cm settings"))
-    run_id = run_training(cfg)
+def config_command(name: str, cls: type, extra: list[inspect.Parameter], help: str) -> Callable:
+    """Register command ``name`` whose options are ``cls``'s fields plus ``extra``; decorates the body."""
+    def register(body: Callable) -> Callable:
+        def command(**kwargs: Any) -> Any:
+            return body(**kwargs)
+        params = options_of(cls) + extra
+        params.sort(key=lambda p: p.default is not inspect.Parameter.empty)  # arguments first
+        command.__signature__ = inspect.Signature(params)
+        command.__doc__ = help
+        app.command(name)(command)
+        return body
+    return register
+
+
+def _extra(name: str, kind: Any, default: Any, *flags: str, **info: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[kind, typer.Option(*flags, **info)])
+
+
+TRACKING = _extra("tracking_uri", Optional[str], None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                  help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db with artifacts in ./mlruns).")
+
+
+@config_command("train", TrainConfig, [TRACKING], "Train a digits DDPM or consistency model, logging raw + EMA checkpoints to MLflow. "
+                            "Prints the run id (last line). Multi-process: accelerate launch pipelines/train.py "
+                            "takes the same options.")
+def train(**values: Any) -> None:
+    from lcsc_ops.training import train as run_training
+
+    run_id = run_training(config_from(TrainConfig, values))
     if run_id is not None:
         typer.echo(run_id)
 
 
-@app.command()
-@user_errors
-def optimize(
-    run_id: Annotated[str, typer.Argument(help="MLflow run id of the training run.")],
-    window: Annotated[int, typer.Option(help="Use the last N checkpoint steps.", rich_help_panel="Basis")] = 16,
-    end_step: Annotated[Optional[int], typer.Option(help="Window ends at or before this step (default: the last).",
-                                                    rich_help_panel="Basis")] = None,
-    basis: Annotated[str, typer.Option(help="Merge raw checkpoints, EMA snapshots, or both.",
-                                       rich_help_panel="Basis")] = "both",
-    strategy: Annotated[str, typer.Option(help="Search strategy: cmaes, cmaes-sep, cmaes-margin, evolution, random.",
-                                          rich_help_panel="Search")] = "cmaes",
-    n_trials: Annotated[int, typer.Option(help="Total trials in the study (a resumed study runs the rest).",
-                                          rich_help_panel="Search")] = 100,
-    radius: Annotated[float, typer.Option(help="Half-width of the search box around the strongest baseline.",
-                                          rich_help_panel="Search")] = 0.3,
-    blocks: Annotated[Optional[int], typer.Option(help="Group coefficients into B blocks per kind.",
-                                                  rich_help_panel="Search")] = None,
-    seed: Annotated[int, typer.Option(help="Search strategy seed.", rich_help_panel="Search")] = 0,
-    prune: Annotated[bool, typer.Option(help="Stop hopeless trials early: score each trial at growing sample counts "
-                                             "and prune one worse than the median of complete trials at the same "
-                                             "count (off by default, see README).", rich_help_panel="Search")] = False,
-    prune_rungs: Annotated[str, typer.Option(help="With --prune: the earlier sample counts, as fractions of "
-                                                  "--search-samples.", rich_help_panel="Search")] = "0.25,0.5",
-    storage: Annotated[Optional[str], typer.Option(help="Optuna storage: a journal file path or a database "
-                                                        "URL (default: optuna.journal beside the MLflow store).", rich_help_panel="Search")] = None,
-    search_samples: Annotated[int, typer.Option(help="Samples per search evaluation.",
-                                                rich_help_panel="Evaluation")] = 1000,
-    search_seeds: Annotated[int, typer.Option(help="Fixed noise seeds averaged per search evaluation.",
-                                              rich_help_panel="Evaluation")] = 1,
-    final_samples: Annotated[int, typer.Option(help="Samples per final evaluation.",
-                                               rich_help_panel="Evaluation")] = 2000,
-    final_seeds: Annotated[int, typer.Option(help="Fresh paired seeds for the final evaluation.",
-                                             rich_help_panel="Evaluation")] = 5,
-    top_k: Annotated[int, typer.Option(help="Best trials re-evaluated (plus their average).",
-                                       rich_help_panel="Evaluation")] = 3,
-    nfe: Annotated[Optional[int], typer.Option(help="Sample with N function evaluations instead of the spec's.",
-                                               rich_help_panel="Evaluation")] = None,
-    evaluator: Annotated[Optional[str], typer.Option(help="Own score 'module:callable(model, num_samples, seed)"
-                                                          " -> float', lower is better.",
-                                                     rich_help_panel="Evaluation")] = None,
-    feature_extractor: Annotated[Optional[str], typer.Option(help="FID feature extractor (default by data set).",
-                                                             rich_help_panel="Evaluation")] = None,
-    inception_weights: Annotated[Optional[Path], typer.Option(help="Local Inception weights for machines "
-                                                                   "without network.",
-                                                              rich_help_panel="Evaluation")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 …")] = "auto",
-    search_precision: Annotated[str, typer.Option(
-        help="Search evaluations in fp32, tf32 (TF32 matmuls and convolutions on CUDA) or bf16 (a bf16 merge "
-             "stack, half the memory, and bf16 autocast for sampling and features). The final evaluation and the "
-             "registered model are always full precision.", rich_help_panel="Evaluation")] = "fp32",
-    batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 500,
-    score_cache: Annotated[bool, typer.Option(
-        help="Reuse scores computed before for the same files, coefficients, model, evaluator, samples and seed "
-             "(kept in scores.sqlite beside the checkpoint cache): baselines are scored once per run, not per "
-             "optimization.", rich_help_panel="Evaluation")] = True,
-    max_stack_memory: Annotated[Optional[float], typer.Option(
-        help="GiB the stacked window may take on the device; above it, merges stream from the checkpoint files "
-             "(about two model copies).")] = None,
-    model_name: Annotated[Optional[str], typer.Option(help="Registered model name (default: the training run's).",
-                                                      rich_help_panel="MLflow")] = None,
-    register: Annotated[bool, typer.Option(help="Register the winning merge.", rich_help_panel="MLflow")] = True,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON instead of a table.")] = False,
-    report: Annotated[Optional[Path], typer.Option(help="Also write the results JSON to this file.")] = None,
-    tracking_uri: TrackingUri = None,
-) -> None:
-    """Search merge coefficients for a training run's checkpoints and register the winning merge."""
-    from lcsc_ops.job import run_optimize
-    from lcsc_ops.optimize import OptimizeConfig
-    from lcsc_ops.report import render_table
+@config_command("optimize", OptimizeConfig, [
+    TRACKING,
+    _extra("as_json", bool, False, "--json", help="Print the results as JSON instead of a table."),
+    _extra("report", Optional[Path], None, help="Also write the results JSON to this file."),
+], "Search merge coefficients for a training run's checkpoints and register the winning merge.")
+def optimize(*, as_json: bool = False, report: Optional[Path] = None, **values: Any) -> None:
+    from lcsc_ops.pipeline.optimize import run_optimize
+    from lcsc_ops.pipeline.report import render_table
 
-    if inception_weights is not None and not inception_weights.is_file():
-        raise LcscError(f"inception weights not found: {inception_weights}")
-    cfg = OptimizeConfig(run_id=run_id, window=window, end_step=end_step, basis=basis, strategy=strategy, n_trials=n_trials,
-                         radius=radius, blocks=blocks, search_samples=search_samples, search_seeds=search_seeds,
-                         final_samples=final_samples, final_seeds=final_seeds, top_k=top_k, nfe=nfe, seed=seed,
-                         model_name=model_name, evaluator=evaluator, feature_extractor=feature_extractor,
-                         inception_weights=str(inception_weights) if inception_weights else None, device=device,
-                         batch_size=batch_size, max_stack_memory=max_stack_memory, storage=storage,
-                         tracking_uri=tracking_uri, register=register, prune=prune,
-                         prune_rungs=_fractions(prune_rungs, "--prune-rungs"), search_precision=search_precision,
-                         score_cache=score_cache)
-    log = (lambda msg: typer.echo(msg, err=True))
-    result = run_optimize(cfg, log=log)
+    result = run_optimize(config_from(OptimizeConfig, values), log=lambda msg: typer.echo(msg, err=True))
     if report is not None:
         report.write_text(json.dumps(result, indent=2))
     if as_json:
@@ -192,7 +141,6 @@ def optimize(
 
 
 @app.command()
-@user_errors
 def promote(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     version: Annotated[str, typer.Argument(help="Model version to promote.")],
@@ -200,17 +148,10 @@ def promote(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Move an alias (e.g. champion) onto a registered model version."""
-    from lcsc_ops.tracking.registry import promote as do_promote
+    from lcsc_ops.store.registry import promote as do_promote
 
     do_promote(name, version, alias, tracking_uri=tracking_uri)
     typer.echo(f"{name}@{alias} -> version {version} (load with mlflow.pytorch.load_model('models:/{name}@{alias}'))")
-
-
-def _fractions(text: str, option: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(s) for s in text.split(","))
-    except ValueError:
-        raise LcscError(f"{option} must be comma-separated fractions like 0.25,0.5, got {text!r}") from None
 
 
 def _image_shape(text: str) -> tuple[int, ...]:
@@ -224,7 +165,6 @@ def _image_shape(text: str) -> tuple[int, ...]:
 
 
 @app.command("import")
-@user_errors
 def import_(
     folder: Annotated[Path, typer.Argument(help="Folder of .safetensors / .pt / .pth checkpoints, or of diffusers "
                                                 "UNet2DModel folders (checkpoint-<step>/unet/, or one per step).")],
@@ -267,9 +207,8 @@ def import_(
 ) -> None:
     """Turn a folder of saved checkpoints into an MLflow run that optimize accepts. Prints the run id (last line)."""
     from lcsc_ops.spec import ModelSpec
-    from lcsc_ops.tracking.diffusers_import import find_diffusers_layout, import_diffusers
-    from lcsc_ops.tracking.importer import import_checkpoints
-    from lcsc_ops.training import parse_json_object
+    from lcsc_ops.importers.diffusers import find_diffusers_layout, import_diffusers
+    from lcsc_ops.importers.files import import_checkpoints
 
     log = functools.partial(typer.echo, err=True)
     common = dict(step_pattern=step_pattern, kind=kind, ema_folder=ema_folder, allow_pickle=allow_pickle,

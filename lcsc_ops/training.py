@@ -3,7 +3,7 @@
 Runs the same in one process (``lcsc-ops train``) and in many
 (``accelerate launch pipelines/train.py``). Every process trains; only the main process
 talks to MLflow: it opens the run, records the config and the model spec, logs the loss
-and, through :class:`~lcsc_ops.tracking.checkpoints.CheckpointLogger`, the raw and EMA
+and, through :class:`~lcsc_ops.checkpoints.CheckpointLogger`, the raw and EMA
 checkpoints every ``checkpoint_every`` steps. The model kind only changes the sampler
 recorded in the spec (whose ``training_loss`` the loop calls): DDIM for diffusion, the
 consistency sampler (iCT, or distillation from a finished diffusion run) for CMs.
@@ -11,45 +11,55 @@ consistency sampler (iCT, or distillation from a finished diffusion run) for CMs
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.options import option, parse_json_object
 from lcsc_ops.spec import ModelSpec
+
+CKPT, MLFLOW, KIND = "Checkpoints", "MLflow", "Model kind"
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run needs; logged whole as the run's params and ``lcsc/train_config.json``."""
 
-    dataset: str = "digits"
-    steps: int = 4000
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    channels: int = 32
-    sampler_steps: int | None = None  # None: 10 (DDIM) for diffusion, 1 for consistency models
-    checkpoint_every: int = 50
-    checkpoint_start: int = 0
-    ema_decay: float = 0.999
-    ema_warmup: bool = True  # diffusers' EMAModel warm-up: min(decay, (1 + n) / (10 + n))
-    log_every: int = 50
-    seed: int = 0
-    experiment: str = "lcsc"
-    run_name: str | None = None
-    model_name: str | None = None  # None: "digits-ddpm" / "digits-cm" by model kind
-    tracking_uri: str | None = None
-    cpu: bool | None = None  # None: CPU when no GPU is visible
-    factory: str = "lcsc_ops.models.unet:digits_unet"
-    factory_kwargs: dict[str, Any] = field(default_factory=dict)
-    model_kind: str = "diffusion"  # a key of MODEL_KINDS
-    teacher_run: str | None = None  # consistency distillation from this diffusion run's training EMA
-    cm_settings: dict[str, Any] = field(default_factory=dict)  # ConsistencySampler settings (sigma_max, s1, ...)
+    dataset: str = option("digits", "Data set name (registry in lcsc_ops.evaluation.data).")
+    steps: int = option(4000, "Optimizer steps.")
+    batch_size: int = option(128, "Batch size per process.")
+    lr: float = option(2e-3, "Adam learning rate.")
+    warmup_steps: int = option(100, "Linear learning-rate warm-up steps.")
+    channels: int = option(32, "U-Net base width.")
+    sampler_steps: int | None = option(None, "Sampling steps recorded in the model spec (default: 10 DDIM steps; "
+                                             "1 for consistency models).")
+    checkpoint_every: int = option(50, "Log raw + EMA checkpoints every N steps.", panel=CKPT)
+    checkpoint_start: int = option(0, "First step at which checkpoints are logged.", panel=CKPT)
+    ema_decay: float = option(0.999, "Training EMA decay.", panel=CKPT)
+    ema_warmup: bool = option(True, "Warm the EMA up like diffusers' EMAModel: decay min(d, (1+n)/(10+n)) at "
+                                    "update n.", panel=CKPT)
+    log_every: int = option(50, "Log the loss every N steps.")
+    seed: int = option(0, "Random seed.")
+    experiment: str = option("lcsc", "MLflow experiment.", panel=MLFLOW)
+    run_name: str | None = option(None, "MLflow run name.", panel=MLFLOW)
+    model_name: str | None = option(None, "Registered model name optimize will use by default (default: "
+                                          "digits-ddpm; digits-cm for consistency models).", panel=MLFLOW)
+    tracking_uri: str | None = option(None, cli=False)
+    cpu: bool | None = option(None, cli=False)  # None: CPU when no GPU is visible
+    factory: str = option("lcsc_ops.models.unet:digits_unet", "Model factory 'module:callable'.")
+    factory_kwargs: dict[str, Any] = option(help="Extra factory kwargs as JSON.", default_factory=dict,
+                                            parse=parse_json_object)
+    model_kind: str = option("diffusion", "diffusion (DDPM, DDIM sampling) or consistency (iCT, or CD with "
+                                          "--teacher-run).", panel=KIND)
+    teacher_run: str | None = option(None, "Distil a consistency model from this diffusion run's training EMA.",
+                                     panel=KIND)
+    cm_settings: dict[str, Any] = option(help="Consistency sampler settings as JSON (sigma_max, s0, s1, p_mean, ...).",
+                                         default_factory=dict, panel=KIND,
+                                         parse=lambda t: parse_json_object(t, "cm settings"))
 
     def __post_init__(self) -> None:
         # Resolve the per-kind defaults here, so the logged config holds the values used.
@@ -127,24 +137,24 @@ def train(cfg: TrainConfig) -> str | None:
     run, logger = None, None
     if accelerator.is_main_process:
         run, logger = _open_run(cfg, spec, accelerator)
+    status = "FAILED"
     try:
         _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run)
+        status = "FINISHED"
     finally:
         if logger is not None:
             logger.close()
         if run is not None:
-            import mlflow
-
-            mlflow.end_run()
+            run.end(status)
     accelerator.wait_for_everyone()
-    return run.info.run_id if run is not None else None
+    return run.run_id if run is not None else None
 
 
 def _load_teacher(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
     """The distillation teacher: the training EMA of the finished diffusion run ``cfg.teacher_run``."""
     from lcsc_ops.models.consistency import DiffusionTeacher
     from lcsc_ops.models.diffusion import make_sampler
-    from lcsc_ops.tracking.checkpoints import fetch_window
+    from lcsc_ops.store.fetch import fetch_window
 
     with accelerator.main_process_first():  # one download into the shared cache, then cache hits
         window = fetch_window(cfg.teacher_run, window=1, tracking_uri=cfg.tracking_uri)
@@ -163,28 +173,22 @@ def _load_teacher(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
 
 
 def _open_run(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
-    import mlflow
+    from lcsc_ops.store.logger import CheckpointLogger
+    from lcsc_ops.store.training_run import TrainingRun
 
-    from lcsc_ops.tracking.checkpoints import CheckpointLogger
-
-    if cfg.tracking_uri:
-        mlflow.set_tracking_uri(cfg.tracking_uri)
-    mlflow.set_experiment(cfg.experiment)
-    run = mlflow.start_run(run_name=cfg.run_name)
-    params = {k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in dataclasses.asdict(cfg).items()
-              if k != "tracking_uri"}
-    mlflow.log_params({**params, "num_processes": accelerator.num_processes})
-    mlflow.set_tags({"lcsc.kind": "training", "lcsc.model_name": cfg.model_name, "lcsc.model_kind": cfg.model_kind,
-                     **({"lcsc.teacher_run": cfg.teacher_run} if cfg.teacher_run else {})})
-    mlflow.log_dict(dataclasses.asdict(cfg), "lcsc/train_config.json")
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"}
+    tags = {"lcsc.kind": "training", "lcsc.model_name": cfg.model_name, "lcsc.model_kind": cfg.model_kind,
+            **({"lcsc.teacher_run": cfg.teacher_run} if cfg.teacher_run else {})}
+    run = TrainingRun.start(experiment=cfg.experiment, run_name=cfg.run_name,
+                            config={**config, "num_processes": accelerator.num_processes}, tags=tags,
+                            tracking_uri=cfg.tracking_uri)
     logger = CheckpointLogger(spec, every=cfg.checkpoint_every, ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup,
-                              accelerator=accelerator, run_id=run.info.run_id, start_step=cfg.checkpoint_start)
+                              accelerator=accelerator, run_id=run.run_id, start_step=cfg.checkpoint_start,
+                              tracking_uri=cfg.tracking_uri)
     return run, logger
 
 
 def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run) -> None:
-    import mlflow
-
     step, t0, loss_sum, loss_n = 0, time.perf_counter(), torch.zeros((), device=accelerator.device), 0
     model.train()
     while step < cfg.steps:
@@ -206,22 +210,8 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger
                 loss_n = 0
                 if run is not None:
                     rate = step / (time.perf_counter() - t0)
-                    mlflow.log_metrics({"loss": mean_loss, "steps_per_second": rate}, step=step)
+                    run.log_metrics({"loss": mean_loss, "steps_per_second": rate}, step=step)
                     if step % (10 * cfg.log_every) == 0 or step == cfg.steps:
                         print(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  {rate:.1f} steps/s", file=sys.stderr)
             if step >= cfg.steps:
                 break
-
-
-def parse_json_object(text: str | None, what: str = "factory kwargs") -> dict[str, Any]:
-    """Parse a JSON object given on the command line (``--factory-kwargs``, ``--cm-settings``)."""
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LcscError(f"{what} are not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise LcscError(f"{what} must be a JSON object")
-    return value
-

@@ -5,9 +5,10 @@
 Takes the same options as ``lcsc-ops train``; every process trains, the main process
 logs the run and its checkpoints to MLflow.
 """
-import typer
+import sys
 
-from lcsc_ops.cli import train
+from lcsc_ops.cli import main
 
 if __name__ == "__main__":
-    typer.run(train)
+    sys.argv.insert(1, "train")
+    main()

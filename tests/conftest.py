@@ -35,7 +35,7 @@ def tiny_run(store) -> str:
 
 
 def tiny_optimize_config(run_id: str, store: dict, **overrides):
-    from lcsc_ops.optimize import OptimizeConfig
+    from lcsc_ops.pipeline.config import OptimizeConfig
 
     settings = dict(run_id=run_id, window=4, basis="both", n_trials=5, search_samples=64, final_samples=64,
                     final_seeds=2, top_k=2, ema_grid=3, batch_size=64, device="cpu", tracking_uri=store["uri"],

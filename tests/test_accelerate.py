@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 
-from lcsc_ops.tracking.checkpoints import read_manifest
+from lcsc_ops.store.fetch import read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,12 +10,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.job import run_optimize
+from lcsc_ops.pipeline.optimize import run_optimize
 from lcsc_ops.math.merge import StackedMerger, load_checkpoint_state, merge_state_dicts
 from lcsc_ops.math.profiles import one_hot, uniform
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.tracking.checkpoints import fetch_window
-from lcsc_ops.tracking.importer import import_checkpoints
+from lcsc_ops.store.fetch import fetch_window
+from lcsc_ops.importers.files import import_checkpoints
 from tests.conftest import tiny_optimize_config
 
 K = 4

@@ -10,7 +10,10 @@ from safetensors import safe_open
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.tracking.checkpoints import CheckpointLogger, ema_decay_at, fetch_window, read_manifest, sha256_file
+from lcsc_ops.store.logger import CheckpointLogger
+from lcsc_ops.math.ema import ema_decay_at
+from lcsc_ops.store.fetch import fetch_window, read_manifest
+from lcsc_ops.checkpoints import sha256_file
 from tests.conftest import TINY_TRAIN
 
 

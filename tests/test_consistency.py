@@ -183,10 +183,11 @@ def cm_run(store) -> str:
 
 
 def test_consistency_run_is_optimized_registered_and_loaded(store, cm_run):
-    from lcsc_ops.job import run_optimize
+    from lcsc_ops.pipeline.optimize import run_optimize
     from lcsc_ops.math.merge import merge_state_dicts
-    from lcsc_ops.tracking.checkpoints import fetch_window, sha256_file
-    from lcsc_ops.tracking.registry import promote
+    from lcsc_ops.store.fetch import fetch_window
+    from lcsc_ops.checkpoints import sha256_file
+    from lcsc_ops.store.registry import promote
 
     report = run_optimize(tiny_optimize_config(cm_run, store, model_name="tiny-cm"), log=lambda m: None)
     name, version = report["registered_model"]["name"], report["registered_model"]["version"]
@@ -221,7 +222,7 @@ def test_distillation_trains_from_the_diffusion_run(store, tiny_run):
     run = mlflow.tracking.MlflowClient(store["uri"]).get_run(run_id)
     assert run.data.tags["lcsc.teacher_run"] == tiny_run and run.data.tags["lcsc.model_kind"] == "consistency"
     assert torch.isfinite(torch.tensor(run.data.metrics["loss"]))
-    from lcsc_ops.tracking.checkpoints import fetch_window
+    from lcsc_ops.store.fetch import fetch_window
 
     window = fetch_window(run_id, window=2, tracking_uri=store["uri"], cache_dir=store["cache"])
     assert window.steps == (5, 10) and window.spec.sampler["name"] == "consistency"

@@ -8,12 +8,13 @@ import optuna
 import pytest
 import torch
 
-from lcsc_ops.job import run_optimize
+from lcsc_ops.pipeline.optimize import run_optimize
 from lcsc_ops.math.merge import merge_state_dicts
 from lcsc_ops.models.unet import DigitsUNet
-from lcsc_ops.tracking.checkpoints import fetch_window, sha256_file
-from lcsc_ops.tracking.registry import promote
-from lcsc_ops.tracking.study import make_storage
+from lcsc_ops.store.fetch import fetch_window
+from lcsc_ops.checkpoints import sha256_file
+from lcsc_ops.store.registry import promote
+from lcsc_ops.search.storage import make_storage
 from tests.conftest import tiny_optimize_config
 
 BASELINES = {"last", "uniform", "ema_star", "training_ema"}

@@ -1,4 +1,4 @@
-"""Tests for lcsc_ops.tracking.evolution: the evolutionary strategy as an Optuna sampler."""
+"""Tests for lcsc_ops.search.evolution: the evolutionary strategy as an Optuna sampler."""
 from __future__ import annotations
 
 import optuna
@@ -6,8 +6,9 @@ import pytest
 
 from lcsc_ops.math.encoding import AffineEncoding
 from lcsc_ops.math.profiles import ema_profile, uniform
-from lcsc_ops.tracking.evolution import EvolutionSampler, seed_points_from_profiles
-from lcsc_ops.tracking.study import STRATEGIES, make_strategy, run_trials
+from lcsc_ops.search.evolution import EvolutionSampler, seed_points_from_profiles
+from lcsc_ops.search.strategies import STRATEGIES, make_strategy
+from lcsc_ops.search.trials import run_trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -111,25 +112,23 @@ def test_rejects_bad_settings():
 
 def test_optimize_seeds_the_evolution_population_with_ema_profiles(store, tiny_run):
     """`--strategy evolution`: generation 0 opens with post-hoc EMA profiles over the raw checkpoints."""
-    import optuna
-
-    from lcsc_ops.job import OptimizeJob
     from lcsc_ops.math.profiles import ema_decay_grid, ema_profile
+    from lcsc_ops.pipeline import optimize as stages
     from tests.conftest import tiny_optimize_config
 
-    job = OptimizeJob(tiny_optimize_config(tiny_run, store, strategy="evolution", n_trials=3, register=False,
-                                           ema_grid=4, search_samples=32))
-    job.prepare()
-    job.run()
+    job = stages.prepare(tiny_optimize_config(tiny_run, store, strategy="evolution", n_trials=3, register=False,
+                                              ema_grid=4, search_samples=32), log=lambda m: None)
+    search = stages.open_search(job, stages.score_baselines(job))
+    stages.run_search(job, search)
+    search.run.end()
     raw = [j for j, i in enumerate(job.basis) if job.window.entries[i].kind == "raw"]
     grid = ema_decay_grid(len(raw), 4)[::2]
-    trials = sorted(job.study.get_trials(states=[optuna.trial.TrialState.COMPLETE]), key=lambda t: t.number)
-    assert len(job.study.sampler.seed_points) == len(grid) == 2
-    lo, hi = job.encoding.bounds
+    trials = [t for t in search.study.records() if t.state == "COMPLETE"]
+    assert len(stages.profile_points(job, search.encoding)) == len(grid) == 2
+    lo, hi = search.encoding.bounds
     for t, g in zip(trials, grid):  # each opening trial is the encoding of one profile, clipped to the box
         dense = [0.0] * len(job.basis)
         for j, c in zip(raw, ema_profile(len(raw), g)):
             dense[j] = c
-        want = [min(hi, max(lo, z)) for z in job.encoding.encode(dense)]
-        assert [t.params[n] for n in job.encoding.names] == pytest.approx(want, abs=1e-12)
-        assert sum(t.user_attrs["coefficients"]) == 1.0
+        want = [min(hi, max(lo, z)) for z in search.encoding.encode(dense)]
+        assert [t.params[n] for n in search.encoding.names] == pytest.approx(want, abs=1e-12)

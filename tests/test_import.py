@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from lcsc_ops.cli import app
 from lcsc_ops.errors import LcscError
-from lcsc_ops.job import run_optimize
+from lcsc_ops.pipeline.optimize import run_optimize
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.tracking.checkpoints import fetch_window, read_manifest
-from lcsc_ops.tracking.importer import import_checkpoints
+from lcsc_ops.store.fetch import fetch_window, read_manifest
+from lcsc_ops.importers.files import import_checkpoints
 from tests.conftest import tiny_optimize_config
 
 UNET = ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": 8},

@@ -16,13 +16,14 @@ from diffusers.training_utils import EMAModel  # noqa: E402
 
 from lcsc_ops.cli import app  # noqa: E402
 from lcsc_ops.errors import LcscError  # noqa: E402
-from lcsc_ops.job import run_optimize  # noqa: E402
+from lcsc_ops.pipeline.optimize import run_optimize  # noqa: E402
 from lcsc_ops.math.merge import merge_state_dicts  # noqa: E402
 from lcsc_ops.models.diffusers_unet import FACTORY, DiffusersSampler, unet_config  # noqa: E402
 from lcsc_ops.models.diffusion import make_sampler  # noqa: E402
 from lcsc_ops.spec import ModelSpec  # noqa: E402
-from lcsc_ops.tracking.checkpoints import fetch_window, read_manifest  # noqa: E402
-from lcsc_ops.tracking.diffusers_import import import_diffusers  # noqa: E402
+from lcsc_ops.store.fetch import fetch_window
+from lcsc_ops.store.fetch import read_manifest  # noqa: E402
+from lcsc_ops.importers.diffusers import import_diffusers  # noqa: E402
 from tests.conftest import tiny_optimize_config  # noqa: E402
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
@@ -196,6 +197,6 @@ def test_without_diffusers_a_diffusers_folder_says_how_to_install(store, trainin
     line = _one_line_error(runner.invoke(app, ["import", str(training_output), "--tracking-uri", store["uri"]]))
     assert "install lcsc-ops[diffusers]" in line
     # and nothing else in the package imports diffusers on its own
-    code = ("import sys, lcsc_ops, lcsc_ops.cli, lcsc_ops.job, lcsc_ops.models.diffusion, "
-            "lcsc_ops.tracking.diffusers_import; assert 'diffusers' not in sys.modules")
+    code = ("import sys, lcsc_ops, lcsc_ops.cli, lcsc_ops.pipeline.optimize, lcsc_ops.models.diffusion, "
+            "lcsc_ops.importers.diffusers; assert 'diffusers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)

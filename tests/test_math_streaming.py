@@ -135,7 +135,7 @@ def test_chooser_picks_each_mode(files):
 def test_scorer_streams_above_its_memory_limit(files):
     from types import SimpleNamespace
 
-    from lcsc_ops.optimize import Scorer
+    from lcsc_ops.pipeline.scoring import Scorer
 
     window = SimpleNamespace(entries=[Entry(p) for p in files])
     coeffs = random_affine(5)
@@ -160,7 +160,7 @@ def test_cli_rejects_a_non_positive_limit(store):
 def test_optimize_streams_above_the_limit(store, tiny_run):
     import math
 
-    from lcsc_ops.job import run_optimize
+    from lcsc_ops.pipeline.optimize import run_optimize
     from tests.conftest import tiny_optimize_config
 
     # seed 11: a study of its own (max_stack_memory is not part of the study key).

@@ -5,8 +5,8 @@ import pytest
 from rich.console import Console
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.job import run_optimize
-from lcsc_ops.report import render_table
+from lcsc_ops.pipeline.optimize import run_optimize
+from lcsc_ops.pipeline.report import render_table
 from tests.conftest import TINY_TRAIN, tiny_optimize_config
 
 

@@ -16,12 +16,13 @@ from lcsc_ops.evaluation.data import load_dataset
 from lcsc_ops.evaluation.features import build_extractor
 from lcsc_ops.evaluation.fid import FIDScorer, compute_reference_stats, make_noise
 from lcsc_ops.evaluation.rungs import fid_rungs, rung_counts
-from lcsc_ops.job import run_optimize
+from lcsc_ops.pipeline.optimize import run_optimize
 from lcsc_ops.math.encoding import AffineEncoding
 from lcsc_ops.models.diffusion import DDIMSampler
 from lcsc_ops.models.unet import DigitsUNet
-from lcsc_ops.tracking import study as study_mod
-from lcsc_ops.tracking.study import RungPruner, Rungs, make_strategy, run_trials
+from lcsc_ops.search import study as study_mod
+from lcsc_ops.search.trials import RungPruner, Rungs, run_trials
+from lcsc_ops.search.strategies import make_strategy
 from tests.conftest import tiny_optimize_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -282,7 +283,7 @@ def test_without_prune_nothing_changes(store, both_ways):
 def test_prune_option_errors(store, tiny_run):
     runner = CliRunner()
     for extra, needle in ((["--prune", "--evaluator", "tests.evaluators:weight_energy"], "built-in FID"),
-                          (["--prune", "--prune-rungs", "0.5,1"], "prune rungs"),
+                          (["--prune", "--prune-rungs", "0.5,1"], "--prune-rungs"),
                           (["--prune-rungs", "a,b"], "--prune-rungs")):
         result = runner.invoke(app, ["optimize", tiny_run, *extra, "--tracking-uri", store["uri"]])
         assert result.exit_code == 1 and result.output.startswith("error: ") and needle in result.output, result.output

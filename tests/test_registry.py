@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lcsc_ops.models.unet import digits_unet
-from lcsc_ops.tracking.registry import model_requirements
+from lcsc_ops.store.registry import model_requirements
 
 
 def test_requirements_name_the_package_that_defines_the_model_class():

@@ -24,7 +24,7 @@ def test_cache_round_trip_and_a_broken_file_turns_it_off(tmp_path):
 
 
 def test_second_optimization_reuses_baselines_bit_for_bit(store, tiny_run, tmp_path):
-    from lcsc_ops.job import run_optimize
+    from lcsc_ops.pipeline.optimize import run_optimize
 
     common = dict(n_trials=3, register=False, search_samples=32, final_samples=32)
     first = run_optimize(tiny_optimize_config(tiny_run, store, strategy="random", seed=11, **common))

@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from lcsc_ops.math.merge import StackedMerger, merge_state_dicts
 from lcsc_ops.math.streaming import StreamingMerger
-from lcsc_ops.optimize import OptimizeConfig, Scorer, precision_context
+from lcsc_ops.evaluation.precision import precision_context
+from lcsc_ops.pipeline.config import OptimizeConfig
+from lcsc_ops.pipeline.scoring import Scorer
 from tests.conftest import tiny_optimize_config
 
 K = 4
@@ -160,7 +162,7 @@ def test_cli_rejects_an_unknown_precision(store):
 @pytest.fixture(scope="module")
 def runs(store, tiny_run) -> dict:
     """The same tiny optimization (a study of its own: seed 21) at each search precision."""
-    from lcsc_ops.job import run_optimize
+    from lcsc_ops.pipeline.optimize import run_optimize
 
     out = {}
     for precision in ("fp32", "bf16", "tf32"):
@@ -176,7 +178,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "tf32"])
 def test_registered_weights_are_the_float64_merge_bit_for_bit(store, tiny_run, runs, precision):
-    from lcsc_ops.tracking.checkpoints import fetch_window
+    from lcsc_ops.store.fetch import fetch_window
 
     report = runs[precision]
     name, version = report["registered_model"]["name"], report["registered_model"]["version"]

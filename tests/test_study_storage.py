@@ -7,8 +7,11 @@ import pytest
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.encoding import AffineEncoding
-from lcsc_ops.tracking.study import (add_start_trial, default_storage, make_storage, make_strategy, open_study,
-                                     run_trials)
+from lcsc_ops.search.trials import add_start_trial, run_trials
+from lcsc_ops.search.storage import default_storage, make_storage
+from lcsc_ops.search.strategies import make_strategy
+from lcsc_ops.search.study import SearchStudy
+from optuna.testing.pytest_storages import StorageTestCase
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -31,18 +34,20 @@ def test_a_store_with_the_old_sqlite_default_keeps_it(tmp_path):
 def test_a_journal_study_resumes_when_opened_again(tmp_path):
     enc = AffineEncoding(centre=(0.25, 0.25, 0.25, 0.25), radius=0.3)
     path = str(tmp_path / "optuna.journal")
-    first = open_study("s", path, make_strategy("cmaes", 0))
-    assert run_trials(first, enc, lambda c: sum(x * x for x in c), 4) == 4
-    again = open_study("s", path, make_strategy("cmaes", 0))
-    assert run_trials(again, enc, lambda c: sum(x * x for x in c), 6) == 2
-    assert [t.number for t in again.trials] == list(range(6))
+    first = SearchStudy.open("s", path)
+    first.use_strategy("cmaes", 0)
+    assert first.run(enc, lambda c: sum(x * x for x in c), 4) == 4
+    again = SearchStudy.open("s", path)
+    again.use_strategy("cmaes", 0)
+    assert again.run(enc, lambda c: sum(x * x for x in c), 6) == 2
+    assert [t.number for t in again.records()] == list(range(6))
 
 
 @pytest.mark.parametrize("bad, why", [(".", "is a folder"), ("no/such/dir/optuna.journal", "does not exist")])
 def test_a_bad_journal_path_is_a_one_line_error(tmp_path, monkeypatch, bad, why):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LcscError, match=why) as err:
-        open_study("s", bad, make_strategy("cmaes", 0))
+        SearchStudy.open("s", bad)
     assert "\n" not in str(err.value)
 
 
@@ -69,23 +74,33 @@ def test_without_a_start_trial_cmaes_draws_its_first_trial_from_the_independent_
     assert "cma:generation" in study.trials[1].system_attrs
 
 
-def test_the_journal_fsyncs_once_per_trial_and_plain_optuna_reads_it(tmp_path, monkeypatch):
-    """One fsync per finished trial (its state and value), not one per coordinate; the file is an
-    ordinary Optuna journal."""
-    import os
-
+def test_plain_optuna_reads_the_default_journal(tmp_path):
     from optuna.storages.journal import JournalFileBackend
 
     enc = AffineEncoding(centre=tuple([1 / 16] * 16), radius=0.3)
     path = str(tmp_path / "optuna.journal")
-    study = open_study("s", path, make_strategy("cmaes", 0))
-    calls, real = [], os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
-    run_trials(study, enc, lambda c: sum(x * x for x in c), 4)
-    assert len(calls) == 4  # 16 suggest_float writes per trial, flushed but not fsynced
+    study = SearchStudy.open("s", path)
+    study.use_strategy("cmaes", 0)
+    study.run(enc, lambda c: sum(x * x for x in c), 4)
     plain = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(JournalFileBackend(path)))
-    assert [t.params for t in plain.trials] == [t.params for t in study.trials]
-    assert [t.value for t in plain.trials] == [t.value for t in study.trials]
+    assert [t.params for t in plain.trials] == [r.params for r in study.records()]
+    assert [t.value for t in plain.trials] == [r.value for r in study.records()]
+
+
+class TestDefaultStorageContract(StorageTestCase):
+    """Optuna's own storage contract suite, against the storage ``--storage PATH`` (and the default) opens."""
+
+    @pytest.fixture
+    def storage(self, tmp_path):
+        return make_storage(str(tmp_path / "optuna.journal"))
+
+
+class TestSqliteStorageContract(StorageTestCase):
+    """The same suite against the WAL-mode sqlite storage ``--storage sqlite:///…`` opens."""
+
+    @pytest.fixture
+    def storage(self, tmp_path):
+        return make_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
 
 
 def test_run_trials_counts_the_trials_that_ran_when_a_study_is_stopped_early():

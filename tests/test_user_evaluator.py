@@ -5,7 +5,7 @@ import mlflow
 import pytest
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.job import run_optimize
+from lcsc_ops.pipeline.optimize import run_optimize
 from tests.conftest import tiny_optimize_config
 from tests.evaluators import CALLS
 

@@ -5,8 +5,10 @@ coefficients over them, how they were merged (stacked or streamed, stack dtype),
 model spec (architecture and sampler settings), the evaluator (feature extractor weights,
 reference statistics, batch size), the sample count, the noise seed, the precision, and
 the software and device that ran it (torch version, device, thread count: reductions
-change their order with them). The cache key hashes all of these, so a hit returns the
-bit-identical float the evaluation would return. Every `lcsc-ops optimize` on the same run
+change their order with them), and the code that computes it (:func:`code_identity`: the
+package version and a hash of the merge, sampler and evaluation sources), so a code
+change never returns an old score. A hit returns the bit-identical float the evaluation
+would return. Every `lcsc-ops optimize` on the same run
 scores the same baselines (last, uniform, the EMA* grid, the training EMA) on the same
 seeds: the second strategy, a resumed study or a re-run gets them for free.
 
@@ -28,6 +30,28 @@ import torch
 def score_key(**parts: Any) -> str:
     """SHA-256 of the JSON of ``parts`` (sorted keys; floats by ``repr``, so exact)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+# The modules whose code decides a score: merging, models and samplers, features and FID.
+SCORING_CODE = ("lcsc_ops.math.merge", "lcsc_ops.math.streaming", "lcsc_ops.models", "lcsc_ops.evaluation.fid",
+                "lcsc_ops.evaluation.features", "lcsc_ops.evaluation.data", "lcsc_ops.evaluation.precision",
+                "lcsc_ops.pipeline.scoring")
+
+
+def code_identity(modules: Iterable[str] = SCORING_CODE) -> dict[str, str]:
+    """The package version and a SHA-256 over the source files of ``modules`` (packages: every .py in them)."""
+    import importlib.util
+
+    import lcsc_ops
+
+    h = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin)
+        files = sorted(origin.parent.glob("*.py")) if origin.name == "__init__.py" else [origin]
+        for f in files:
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return {"lcsc_ops": lcsc_ops.__version__, "code": h.hexdigest()}
 
 
 def runtime_identity(device: str | torch.device) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
-from lcsc_ops.optimize import Candidate, paired
+from lcsc_ops.pipeline.candidates import Candidate, paired
 
 BASELINE_ORDER = ("last", "training_ema", "ema_star", "uniform")
 
@@ -90,7 +90,7 @@ def render_table(report: dict[str, Any]) -> Any:
     return table
 
 
-def save_plots(study: Any, base: Sequence[Candidate], cands: Sequence[Candidate], winner: Candidate,
+def save_plots(trials: Sequence[Any], base: Sequence[Candidate], cands: Sequence[Candidate], winner: Candidate,
                window: Any, out: Path, *, metric: str) -> list[Path]:
     """Search history (each trial, best so far, baselines) and the winner's coefficients, as PNGs."""
     import matplotlib
@@ -98,7 +98,7 @@ def save_plots(study: Any, base: Sequence[Candidate], cands: Sequence[Candidate]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    trials = sorted((t for t in study.get_trials(deepcopy=False) if t.value is not None), key=lambda t: t.number)
+    trials = sorted((t for t in trials if t.value is not None and not t.pruned), key=lambda t: t.number)
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4))
     xs = [t.number for t in trials]

@@ -2,9 +2,9 @@
 
 Each file (``.safetensors``, or a ``.pt``/``.pth`` state dict) is rewritten as safetensors
 with step, kind and spec in its metadata and logged exactly as
-:class:`~lcsc_ops.tracking.checkpoints.CheckpointLogger` logs a training run's checkpoints
+:class:`~lcsc_ops.checkpoints.CheckpointLogger` logs a training run's checkpoints
 (``lcsc/spec.json``, ``checkpoints/step…-{raw,ema}.safetensors``, the manifest entry added
-only after its file is logged), so :func:`~lcsc_ops.tracking.checkpoints.fetch_window`
+only after its file is logged), so :func:`~lcsc_ops.checkpoints.fetch_window`
 reads an imported run like any other.
 
 Every file is read and checked against the model the spec builds (keys, shapes, one
@@ -12,7 +12,7 @@ layout for all) and every step is resolved BEFORE the run is created: a bad fold
 leaves no half-imported run behind. Torch files are opened with
 ``torch.load(weights_only=True)``; a file that needs full unpickling (arbitrary code on
 load) is refused unless ``allow_pickle``. Folders of diffusers ``UNet2DModel`` checkpoints
-are planned by :mod:`lcsc_ops.tracking.diffusers_import` and logged by the same code.
+are planned by :mod:`lcsc_ops.importers.diffusers` and logged by the same code.
 """
 from __future__ import annotations
 
@@ -31,8 +31,7 @@ from safetensors.torch import load_file
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.tracking.checkpoints import (CHECKPOINT_DIR, KINDS, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT,
-                                           checkpoint_filename, sha256_file, write_checkpoint)
+from lcsc_ops.checkpoints import CHECKPOINT_DIR, KINDS, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT, checkpoint_filename, sha256_file, write_checkpoint
 
 SUFFIXES = (".safetensors", ".pt", ".pth")
 STEP_KEYS = ("lcsc.step", "step", "global_step")  # metadata (or top-level .pt entries) holding the step
@@ -262,42 +261,28 @@ def write_import_run(planned: list[PlannedFile], *, spec: ModelSpec, folder: str
                      run_name: str | None = None, model_name: str | None = None, tracking_uri: str | None = None,
                      tags: Mapping[str, str] | None = None, log: Callable[[str], None] = lambda msg: None) -> str:
     """Create the run for checked ``planned`` files and log them as a training run logs its checkpoints."""
-    from mlflow.tracking import MlflowClient
+    from lcsc_ops.store.logger import CheckpointUploader
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-    tags = {"lcsc.kind": "import", "lcsc.spec": spec.to_json(), "lcsc.source_folder": str(Path(folder).resolve()),
-            **(tags or {})}
+    tags = {"lcsc.kind": "import", "lcsc.source_folder": str(Path(folder).resolve()), **(tags or {})}
     if ema_folder is not None:
         tags["lcsc.ema_folder"] = str(Path(ema_folder).resolve())
     if model_name:
         tags["lcsc.model_name"] = model_name
-    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    uploader = CheckpointUploader.create_run(spec, experiment=experiment, run_name=run_name, tags=tags,
+                                             tracking_uri=tracking_uri)
     try:
-        client.log_text(run_id, json.dumps(spec.to_dict(), indent=2, sort_keys=True), SPEC_ARTIFACT)
-        entries: list[dict[str, Any]] = []
         with tempfile.TemporaryDirectory(prefix="lcsc-import-") as tmp:
             for p in planned:
                 state, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle)
-                name = checkpoint_filename(p.step, p.kind)
-                local = Path(tmp) / name
-                write_checkpoint(local, state, step=p.step, kind=p.kind, spec=spec,
-                                 extra={"lcsc.source_file": p.label})
+                local = Path(tmp) / checkpoint_filename(p.step, p.kind)
+                write_checkpoint(local, state, step=p.step, kind=p.kind, spec=spec, extra={"lcsc.source_file": p.label})
                 del state
-                entry = {"step": p.step, "kind": p.kind, "file": name, "sha256": sha256_file(local),
-                         "bytes": local.stat().st_size, "source": p.label}
-                client.log_artifact(run_id, str(local), CHECKPOINT_DIR)
+                uploader.add(local, {"step": p.step, "kind": p.kind, "file": local.name, "sha256": sha256_file(local),
+                                     "bytes": local.stat().st_size, "source": p.label})
                 local.unlink()
-                # As in CheckpointLogger: the manifest lists a file only once it is fully logged.
-                entries.append(entry)
-                manifest = Path(tmp) / MANIFEST_NAME
-                manifest.write_text(json.dumps({"format": MANIFEST_FORMAT, "spec": spec.to_dict(),
-                                                "entries": entries}, indent=1))
-                client.log_artifact(run_id, str(manifest), CHECKPOINT_DIR)
                 log(f"{p.kind}@{p.step} <- {p.label}")
     except BaseException:
-        client.set_terminated(run_id, "FAILED")
+        uploader.end("FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+    uploader.end("FINISHED")
+    return uploader.run_id

@@ -15,7 +15,7 @@ A folder is recognised by ``config.json``'s ``_class_name``. All checkpoints mus
 config (bookkeeping such as the EMA's ``optimization_step`` aside); the model spec is built
 from it, with the sampler ``"diffusers"`` configured from the folder's
 ``scheduler/scheduler_config.json`` or ``scheduler_config.json`` when there is one. Every
-file is checked, as in :mod:`lcsc_ops.tracking.importer`, before the run exists.
+file is checked, as in :mod:`lcsc_ops.importers.files`, before the run exists.
 """
 from __future__ import annotations
 
@@ -30,9 +30,8 @@ from lcsc_ops.errors import LcscError
 from lcsc_ops.models.diffusers_unet import (DEFAULT_SCHEDULER, FACTORY, MODEL_CLASS, DiffusersSampler,
                                             require_diffusers, resolve_scheduler_config, unet_config)
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.tracking.checkpoints import KINDS
-from lcsc_ops.tracking.importer import (PlannedFile, check_layout, compile_step_pattern, read_checkpoint,
-                                        write_import_run)
+from lcsc_ops.checkpoints import KINDS
+from lcsc_ops.importers.files import PlannedFile, check_layout, compile_step_pattern, read_checkpoint, write_import_run
 
 CHECKPOINT_STEP_PATTERN = r"checkpoint-(\d+)"
 CHECKPOINT_SUBFOLDERS = (("unet", "raw"), ("unet_ema", "ema"))
@@ -221,7 +220,7 @@ def import_diffusers(folder: str | Path, *, steps: int = 10, scheduler: str = DE
     """Turn a folder of diffusers ``UNet2DModel`` checkpoints (layout a or b above) into an MLflow run; its id.
 
     ``steps`` and ``scheduler`` (a diffusers scheduler class, DDIM by default) make the
-    spec's sampler; ``kind``/``ema_folder`` as in :func:`~lcsc_ops.tracking.importer.import_checkpoints`
+    spec's sampler; ``kind``/``ema_folder`` as in :func:`~lcsc_ops.importers.files.import_checkpoints`
     (layout b only). ``.bin`` weights are loaded with ``weights_only=True`` unless ``allow_pickle``.
     Everything is checked before the run is created; errors are LcscError.
     """

@@ -1,0 +1,99 @@
+"""The optimization's settings: one frozen dataclass, the single source of every default.
+
+The ``optimize`` command's options are generated from these fields; the whole config is
+logged as the parent run's params.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from lcsc_ops.errors import LcscError
+from lcsc_ops.evaluation.precision import PRECISIONS
+from lcsc_ops.options import check_positive, option, parse_fractions
+
+BASIS_KINDS = {"raw": ("raw",), "ema": ("ema",), "both": ("raw", "ema")}
+BASIS, SEARCH, EVAL, MLFLOW = "Basis", "Search", "Evaluation", "MLflow"
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """The whole optimization, logged as the parent run's params."""
+
+    run_id: str = option(help="MLflow run id of the training run.")
+    window: int = option(16, "Use the last N checkpoint steps.", panel=BASIS)
+    end_step: int | None = option(None, "Window ends at or before this step (default: the last).", panel=BASIS)
+    basis: str = option("both", "Merge raw checkpoints, EMA snapshots, or both.", panel=BASIS)
+    strategy: str = option("cmaes", "Search strategy: cmaes, cmaes-sep, cmaes-margin, evolution, gp, tpe, random.",
+                           panel=SEARCH)
+    n_trials: int = option(100, "Total trials in the study (a resumed study runs the rest).", panel=SEARCH)
+    radius: float = option(0.3, "Half-width of the search box around the strongest baseline.", panel=SEARCH)
+    blocks: int | None = option(None, "Group coefficients into B blocks per kind.", panel=SEARCH)
+    seed: int = option(0, "Search strategy seed.", panel=SEARCH)
+    prune: bool = option(False, "Stop hopeless trials early: prune a trial worse than the median of complete "
+                                "trials at the same sample count (off by default, see README).", panel=SEARCH)
+    prune_rungs: tuple[float, ...] = option((0.25, 0.5), "With --prune: the earlier sample counts, as fractions "
+                                            "of --search-samples.", panel=SEARCH, parse=parse_fractions)
+    storage: str | None = option(None, "Optuna storage: a journal file path or a database URL (default: "
+                                       "optuna.journal beside the MLflow store).", panel=SEARCH)
+    search_samples: int = option(1000, "Samples per search evaluation.", panel=EVAL)
+    search_seeds: int = option(1, "Fixed noise seeds averaged per search evaluation.", panel=EVAL)
+    final_samples: int = option(2000, "Samples per final evaluation.", panel=EVAL)
+    final_seeds: int = option(5, "Fresh paired seeds for the final evaluation.", panel=EVAL)
+    top_k: int = option(3, "Best trials re-evaluated (plus their average).", panel=EVAL)
+    ema_grid: int = option(12, "Post-hoc EMA rates tried for the EMA* baseline.", panel=EVAL)
+    nfe: int | None = option(None, "Sample with N function evaluations instead of the spec's.", panel=EVAL)
+    evaluator: str | None = option(None, "Own score 'module:callable(model, num_samples, seed) -> float', "
+                                         "lower is better.", panel=EVAL)
+    feature_extractor: str | None = option(None, "FID feature extractor (default by data set).", panel=EVAL)
+    inception_weights: str | None = option(None, "Local Inception weights for machines without network.",
+                                           panel=EVAL)
+    search_precision: str = option("fp32", "Search evaluations in fp32, tf32 (CUDA) or bf16; the final evaluation "
+                                           "and the registered model are always full precision.", panel=EVAL)
+    score_cache: bool = option(True, "Reuse scores computed before for the same files, coefficients, model, "
+                                     "evaluator, code, samples and seed (scores.sqlite beside the checkpoint "
+                                     "cache).", panel=EVAL)
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 …")
+    batch_size: int = option(500, "Sampling batch size.")
+    max_stack_memory: float | None = option(None, "GiB the stacked window may take on the device; above it, "
+                                                  "merges stream from the checkpoint files.")
+    model_name: str | None = option(None, "Registered model name (default: the training run's tag "
+                                          "lcsc.model_name, else lcsc-model).", panel=MLFLOW)
+    register: bool = option(True, "Register the winning merge.", panel=MLFLOW)
+    tracking_uri: str | None = option(None, cli=False)
+
+    def study_key(self) -> dict[str, Any]:
+        """The settings that define a study; the same key resumes the same study."""
+        keep = ("run_id", "window", "end_step", "basis", "strategy", "radius", "blocks", "search_samples",
+                "search_seeds", "nfe", "seed", "evaluator", "feature_extractor")
+        key = {k: getattr(self, k) for k in keep}
+        if self.search_precision != "fp32":  # absent for fp32, so earlier studies still resume
+            key["search_precision"] = self.search_precision
+        return key
+
+    def validate(self) -> None:
+        """Every option checked before anything is downloaded or scored."""
+        from lcsc_ops.search.storage import check_storage
+        from lcsc_ops.search.strategies import check_strategy
+
+        if self.basis not in BASIS_KINDS:
+            raise LcscError(f"unknown basis {self.basis!r} (use raw, ema or both)")
+        check_positive(self, ("window", "n_trials", "search_samples", "search_seeds", "final_samples", "final_seeds",
+                              "top_k", "ema_grid", "batch_size", "blocks", "nfe"))
+        if not (math.isfinite(self.radius) and self.radius > 0):
+            raise LcscError(f"--radius must be a finite number > 0, got {self.radius}")
+        if self.max_stack_memory is not None and not (math.isfinite(self.max_stack_memory) and self.max_stack_memory > 0):
+            raise LcscError(f"--max-stack-memory must be > 0 GiB, got {self.max_stack_memory}")
+        if self.search_precision not in PRECISIONS:
+            raise LcscError(f"unknown search precision {self.search_precision!r} (use {', '.join(PRECISIONS)})")
+        check_strategy(self.strategy)
+        if self.storage:
+            check_storage(self.storage)
+        if self.nfe is not None and self.evaluator:
+            raise LcscError("--nfe applies to the built-in FID only; a custom evaluator samples by itself")
+        if self.prune:
+            if self.evaluator:
+                raise LcscError("--prune needs the built-in FID: a custom evaluator scores all its samples at once")
+            if not self.prune_rungs or not all(0 < f < 1 for f in self.prune_rungs):
+                raise LcscError(f"--prune-rungs must be fractions strictly between 0 and 1, got {list(self.prune_rungs)}")

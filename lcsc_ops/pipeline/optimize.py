@@ -1,0 +1,314 @@
+"""``lcsc-ops optimize`` as stages over plain data: window → baselines → search → final evaluation → registration.
+
+Each stage is a function of a :class:`Job` (what was prepared) and the previous stage's
+result. MLflow is reached only through :mod:`lcsc_ops.store`, Optuna only through
+:class:`~lcsc_ops.search.study.SearchStudy`; the scoring itself is pure (merge + evaluator).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from lcsc_ops.checkpoints import CheckpointWindow, default_cache_dir
+from lcsc_ops.errors import LcscError
+from lcsc_ops.evaluation.evaluators import Evaluators, build_evaluators, resolve_device
+from lcsc_ops.evaluation.score_cache import ScoreCache
+from lcsc_ops.math.encoding import AffineEncoding, partition_by_kind
+from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, embed
+from lcsc_ops.pipeline.candidates import (FINAL_SEED_BASE, Candidate, average_coefficients, baselines,
+                                          centre_in_basis, merged_state, restrict)
+from lcsc_ops.pipeline.config import BASIS_KINDS, OptimizeConfig
+from lcsc_ops.pipeline.report import build_report, save_plots
+from lcsc_ops.pipeline.scoring import Scorer
+from lcsc_ops.search.evolution import seed_points_from_profiles
+from lcsc_ops.search.storage import default_storage, study_name
+from lcsc_ops.search.study import CENTRE_ATTR, PARENT_ATTR, SearchStudy
+from lcsc_ops.spec import ModelSpec
+from lcsc_ops.store import fetch
+from lcsc_ops.store.registry import find_version, register_model, to_json_tag
+from lcsc_ops.store.runs import OptimizeRun, TrialRunLogger
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Job:
+    """What every stage needs, prepared once: the window, the evaluators and the scorer."""
+
+    cfg: OptimizeConfig
+    log: Log
+    tracking_uri: str
+    source: Any  # the training run (MLflow entity)
+    window: CheckpointWindow
+    spec: ModelSpec  # the window's spec, with --nfe applied
+    basis: list[int]  # the entries the merge may combine
+    evaluators: Evaluators
+    scorer: Scorer
+    score_cache: ScoreCache | None
+
+    @property
+    def default_nfe(self) -> int | None:
+        """The spec's own NFE: with --nfe, the bar is the base model at it (the paper's 15 -> 9 steps)."""
+        return int(self.window.spec.sampler.get("steps", 0)) or None
+
+    def search_score(self, dense: Sequence[float]) -> float:
+        """The search objective: mean score over the fixed search seeds (common random numbers)."""
+        seeds = list(range(self.cfg.search_seeds))
+        return statistics.fmean(self.scorer.per_seed(dense, self.evaluators.main, self.cfg.search_samples, seeds))
+
+    def dense(self, coeffs: Sequence[float]) -> list[float]:
+        """Basis coefficients over the whole window."""
+        return embed(coeffs, self.basis, len(self.window.entries))
+
+
+@dataclass
+class Search:
+    """The study, its centre and encoding, and the parent run it logs under."""
+
+    study: SearchStudy
+    centre: Candidate
+    encoding: AffineEncoding
+    run: OptimizeRun
+    storage: str
+
+
+def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None) -> Job:
+    """Check the options, fetch and verify the window, build the evaluators and the scorer."""
+    cfg.validate()
+    uri = fetch.resolve_tracking_uri(cfg.tracking_uri)
+    cache_dir = cache_dir or default_cache_dir()
+    source = fetch.get_run_or_fail(cfg.run_id, uri)
+    window = fetch.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step, tracking_uri=uri,
+                                cache_dir=cache_dir)
+    spec = window.spec if cfg.nfe is None else window.spec.with_sampler(steps=cfg.nfe)
+    device = resolve_device(cfg.device)
+    evaluators = build_evaluators(spec, evaluator=cfg.evaluator, feature_extractor=cfg.feature_extractor,
+                                  inception_weights=cfg.inception_weights, batch_size=cfg.batch_size, device=device,
+                                  cache_dir=cache_dir)
+    basis = window.indices(*BASIS_KINDS[cfg.basis])
+    if not basis:
+        raise LcscError(f"run {cfg.run_id} has no {cfg.basis} checkpoints in the window")
+    log(f"window: steps {window.steps[0]}..{window.steps[-1]} ({len(window.steps)} steps, "
+        f"{len(window.entries)} checkpoints, basis {cfg.basis}: {len(basis)})")
+    cache = ScoreCache(cache_dir / "scores.sqlite") if cfg.score_cache else None
+    scorer = Scorer(window, spec.build, device, max_stack_memory=cfg.max_stack_memory,
+                    precision=cfg.search_precision, cache=cache, model_identity=spec.to_json())
+    if scorer.mode == "streaming":
+        log(f"merge: streaming from the checkpoint files (the stack would exceed {cfg.max_stack_memory} GiB)")
+    if cfg.search_precision != "fp32":
+        log(f"search evaluations in {cfg.search_precision} ({scorer.merger.dtype} merge); "
+            "the final evaluation and the registered model in full precision")
+    return Job(cfg, log, uri, source, window, spec, basis, evaluators, scorer, cache)
+
+
+def score_baselines(job: Job) -> list[Candidate]:
+    """Last, uniform, EMA* and training EMA under the search protocol."""
+    n = len(job.window.entries)
+    return baselines(job.window, job.cfg.ema_grid, lambda c: job.search_score(c.dense(n)))
+
+
+def open_search(job: Job, base: Sequence[Candidate]) -> Search:
+    """Open (or resume) the study, centre the box on the strongest expressible baseline, seed the
+    strategy, and open the MLflow parent run. A resumed study keeps the centre it started with."""
+    cfg = job.cfg
+    storage = cfg.storage or default_storage(job.tracking_uri)
+    study = SearchStudy.open(study_name(cfg.run_id, cfg.study_key()), storage, prune=cfg.prune)
+    centre, coeffs = centre_in_basis(base, job.basis), None
+    stored = study.attr(CENTRE_ATTR)
+    if stored is not None:
+        centre, coeffs = next(c for c in base if c.name == stored["name"]), tuple(stored["coefficients"])
+    else:
+        coeffs = tuple(restrict(centre, job.basis))
+        study.set_attr(CENTRE_ATTR, {"name": centre.name, "coefficients": list(coeffs)})
+    blocks = partition_by_kind([job.window.entries[i].kind for i in job.basis], cfg.blocks) if cfg.blocks else None
+    encoding = AffineEncoding(centre=coeffs, radius=cfg.radius, blocks=blocks)
+    study.use_strategy(cfg.strategy, cfg.seed, profile_points(job, encoding))
+    job.log(f"baselines (search {job.evaluators.metric}): "
+            + ", ".join(f"{c.name} {c.search_fid:.3f}" for c in base) + f"; search centred on {centre.name}")
+    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"}
+    run = OptimizeRun.open(job.tracking_uri, study.attr(PARENT_ATTR), source=job.source, study=study.name,
+                           storage=storage, params=params)
+    study.set_attr(PARENT_ATTR, run.run_id)
+    return Search(study, centre, encoding, run, storage)
+
+
+def profile_points(job: Job, encoding: AffineEncoding) -> list[list[float]]:
+    """EMA profiles (the LCSC paper's initialisation) in the search encoding: post-hoc EMAs over
+    the basis's raw checkpoints (its EMA snapshots if it has none) at every other EMA* rate."""
+    kinds = [job.window.entries[i].kind for i in job.basis]
+    pos = [j for j, k in enumerate(kinds) if k == "raw"] or list(range(len(kinds)))
+    grid = ema_decay_grid(len(pos), job.cfg.ema_grid)[::2]
+    return seed_points_from_profiles(encoding, [embed(ema_profile(len(pos), g), pos, len(kinds)) for g in grid])
+
+
+def run_search(job: Job, search: Search, stop_below: float | None = None) -> float:
+    """Add the start trial, run the missing trials (each a child run), return the search's seconds.
+    With ``stop_below``, the search ends after the first trial that scores below it."""
+    study, metric = search.study, job.evaluators.metric
+    trial_logger = TrialRunLogger(search.run.run_id, tracking_uri=job.tracking_uri, metric=metric)
+    study.add_start(search.encoding, search.centre.search_fid, search.centre.name)
+    try:
+        trial_logger.backfill(study.records(), study.name)  # the start trial, and trials a crash left unlogged
+        t0 = time.perf_counter()
+        rungs = prune_rungs(job) if job.cfg.prune else None
+        ran = study.run(search.encoding, lambda c: job.search_score(job.dense(c)), job.cfg.n_trials,
+                        lambda t: trial_logger(t, study.name), rungs=rungs, stop_below=stop_below)
+        seconds = time.perf_counter() - t0
+    finally:
+        trial_logger.close()  # every finished trial has its child run before we go on
+    best = study.top(1)[0]
+    job.log(f"search: {ran} new trials ({study.n_searched} in study {study.name}, plus the start trial"
+            + (f", {study.n_pruned} more pruned" if study.n_pruned else "") + f") in {seconds:.1f} s; "
+            f"best search {metric} {best.value:.3f} (trial {best.number})")
+    return seconds
+
+
+def prune_rungs(job: Job) -> Any:
+    """The search objective at growing sample counts (``--prune``): the first n samples of the
+    same fixed noise per seed, the mean over seeds at each count; the last is the full score."""
+    from lcsc_ops.evaluation.rungs import fid_rungs, rung_counts
+    from lcsc_ops.search.trials import Rungs
+
+    counts = rung_counts(job.cfg.search_samples, job.cfg.prune_rungs)
+    seeds = list(range(job.cfg.search_seeds))
+
+    def scores(coeffs: Sequence[float]) -> Any:
+        job.scorer.merger.merge(job.dense(coeffs))
+        return job.scorer.lazily(fid_rungs(job.evaluators.main, job.scorer.model, counts, seeds))
+
+    return Rungs(counts, scores)
+
+
+def log_baselines(job: Job, search: Search, base: Sequence[Candidate]) -> None:
+    search.run.log_metrics({f"search_{job.evaluators.metric}.{c.name}": c.search_fid for c in base})
+    if job.evaluators.reference_path is not None:
+        search.run.log_artifact(job.evaluators.reference_path, "fid")
+
+
+def pick_candidates(job: Job, search: Search) -> list[Candidate]:
+    """The top-k trials, plus the average of their coefficients (which shrinks the winner's curse)."""
+    basis = tuple(job.basis)
+    cands = [Candidate(f"lcsc_top{r + 1}", basis, tuple(t.coefficients), "lcsc", search_fid=t.value,
+                       note=f"trial {t.number}") for r, t in enumerate(search.study.top(job.cfg.top_k))]
+    if len(cands) > 1:
+        avg = Candidate("lcsc_avg", basis, tuple(average_coefficients([c.coeffs for c in cands])), "lcsc",
+                        note=f"mean of top {len(cands)}")
+        avg.search_fid = job.search_score(job.dense(avg.coeffs))
+        cands.append(avg)
+    return cands
+
+
+def final_evaluation(job: Job, cands: Sequence[Candidate]) -> None:
+    """Every candidate on the same fresh seeds (paired), never used in the search, in full precision.
+
+    With ``--nfe`` the baselines are also scored at the spec's default NFE, the figure a
+    merged model at fewer steps must match."""
+    cfg, ev = job.cfg, job.evaluators
+    seeds, n = [FINAL_SEED_BASE + i for i in range(cfg.final_seeds)], cfg.final_samples
+    job.scorer.full_precision()
+    at_default = None
+    if cfg.nfe is not None and cfg.nfe != job.default_nfe:
+        at_default = ev.with_sampler(dict(job.window.spec.sampler))
+    for c in cands:
+        dense = c.dense(len(job.window.entries))
+        if ev.second is not None:
+            c.final, c.second = job.scorer.per_seed_pair(dense, ev.main, ev.second, n, seeds)
+        else:
+            c.final = job.scorer.per_seed(dense, ev.main, n, seeds)
+        if at_default is not None and c.kind == "baseline":
+            c.final_default_nfe = job.scorer.per_seed(dense, at_default, n, seeds)
+
+
+def register(job: Job, search: Search, winner: Candidate, report: dict[str, Any]) -> dict[str, Any]:
+    """Register the winner as a new version with its lineage tags, unless this optimization
+    already registered the same merge (same winner, checkpoint hashes and coefficients)."""
+    from lcsc_ops.math.merge import load_checkpoint_state
+
+    entries = [job.window.entries[i] for i in winner.indices]
+    name = job.cfg.model_name or job.source.data.tags.get("lcsc.model_name") or "lcsc-model"
+    tags = lineage_tags(job.cfg, report, winner, entries)
+    match = {k: tags[k] for k in ("lcsc.winner", "lcsc.checkpoint_sha256", "lcsc.coefficients")}
+    same = find_version(name, search.run.run_id, match, tracking_uri=job.tracking_uri)
+    if same is not None:
+        job.log(f"{name} version {same} is already this merge ({winner.name}); nothing registered")
+        return {"name": name, "version": same, "existing": True}
+    # Checkpoints may hold only part of the model (adapters): the factory's base fills the rest.
+    model = load_checkpoint_state(job.spec.build(), merged_state(job.window, winner))
+    version = register_model(model, name=name, spec=job.spec.to_dict(), tags=tags, run_id=search.run.run_id,
+                             tracking_uri=job.tracking_uri)
+    search.run.set_tag("lcsc.registered_model", f"{name}/{version}")
+    job.log(f"registered {name} version {version} ({winner.name})")
+    return {"name": name, "version": version}
+
+
+def lineage_tags(cfg: OptimizeConfig, report: dict[str, Any], winner: Candidate, entries: Sequence[Any]) -> dict[str, str]:
+    methods = report["methods"]
+    return {
+        "lcsc.source_run": cfg.run_id,
+        "lcsc.optimize_run": report["parent_run_id"],
+        "lcsc.winner": winner.name,
+        "lcsc.window_steps": to_json_tag(report["window_steps"]),
+        "lcsc.checkpoints": to_json_tag([e.file for e in entries]),
+        "lcsc.coefficients": to_json_tag([float(c) for c in winner.coeffs]),
+        "lcsc.checkpoint_sha256": to_json_tag([e.sha256 for e in entries]),
+        "lcsc.search_fid": repr(winner.search_fid),
+        "lcsc.final_fid": repr(methods[winner.name]["final_mean"]),
+        "lcsc.baseline_fids": to_json_tag({n: r["final_mean"] for n, r in methods.items() if r["kind"] == "baseline"}),
+        "lcsc.strongest_baseline": report["strongest_baseline"],
+        "lcsc.second_metric_flag": str(report["second_metric_worse"]).lower(),
+        "lcsc.study": report["study"],
+    }
+
+
+def make_report(job: Job, search: Search, base: Sequence[Candidate], cands: Sequence[Candidate],
+                seconds: float) -> dict[str, Any]:
+    report = build_report(job.cfg, job.window, base, cands, search.centre, metric=job.evaluators.metric,
+                          search_seconds=seconds, trials=search.study.n_searched, study=search.study.name,
+                          storage=search.storage, parent_run_id=search.run.run_id, default_nfe=job.default_nfe)
+    if job.cfg.prune:
+        report["pruned_trials"] = search.study.n_pruned
+    if job.score_cache is not None:
+        report["score_cache"] = {"reused": job.score_cache.hits, "computed": job.score_cache.misses}
+    return report
+
+
+def log_results(job: Job, search: Search, report: dict[str, Any], cands: Sequence[Candidate], base: Sequence[Candidate],
+                winner: Candidate) -> None:
+    run = search.run
+    run.log_metrics({f"final_{job.evaluators.metric}.{n}": r["final_mean"] for n, r in report["methods"].items()})
+    run.log_json(report, "results.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in save_plots(search.study.records(), base, cands, winner, job.window, Path(tmp),
+                               metric=job.evaluators.metric):
+            run.log_artifact(path, "plots")
+
+
+def run_optimize(cfg: OptimizeConfig, *, log: Log = print, cache_dir: Path | None = None,
+                 stop_below: float | None = None) -> dict[str, Any]:
+    """Run (or resume) the whole optimization; returns the report (also logged as ``results.json``).
+    The parent run ends FINISHED, or FAILED on an error. ``stop_below`` ends the search early."""
+    job = prepare(cfg, log, cache_dir)
+    base = score_baselines(job)
+    search = open_search(job, base)
+    try:
+        log_baselines(job, search, base)
+        seconds = run_search(job, search, stop_below)
+        cands = pick_candidates(job, search)
+        final_evaluation(job, [*base, *cands])
+        report = make_report(job, search, base, cands, seconds)
+        winner = next(c for c in [*base, *cands] if c.name == report["winner"])
+        if cfg.register:
+            report["registered_model"] = register(job, search, winner, report)
+        log_results(job, search, report, cands, base, winner)
+    except BaseException:
+        search.run.end("FAILED")
+        raise
+    search.run.end("FINISHED")
+    if job.score_cache is not None and job.score_cache.hits:
+        log(f"score cache: {job.score_cache.hits} evaluations reused, {job.score_cache.misses} computed")
+    return report

@@ -1,0 +1,96 @@
+"""The study an optimization searches in, behind a small interface of plain data.
+
+:class:`SearchStudy` is the only object the optimize pipeline holds of Optuna: it keeps
+the search centre and the MLflow parent run id as study attributes (so a resumed study
+keeps their meaning), runs trials, and reports them as :class:`~lcsc_ops.records.TrialRecord`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import optuna
+
+from lcsc_ops.errors import LcscError
+from lcsc_ops.math.encoding import AffineEncoding
+from lcsc_ops.records import TrialRecord
+from lcsc_ops.search.storage import make_storage, storage_error
+from lcsc_ops.search.strategies import make_strategy
+from lcsc_ops.search.trials import (START_ATTR, RungPruner, Rungs, add_start_trial, completed, pruned, run_trials,
+                                    searched)
+
+CENTRE_ATTR = "centre"
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+def record(trial: optuna.trial.FrozenTrial) -> TrialRecord:
+    duration = trial.duration.total_seconds() if trial.duration else None
+    return TrialRecord(number=trial.number, state=trial.state.name, value=trial.value,
+                       coefficients=tuple(trial.user_attrs.get("coefficients", ())), params=dict(trial.params),
+                       duration_s=duration, rungs=dict(trial.intermediate_values),
+                       start=trial.user_attrs.get(START_ATTR))
+
+
+class SearchStudy:
+    """One Optuna study: open or resume it, seed its strategy, run trials, read results."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+
+    @classmethod
+    def open(cls, name: str, storage: str, *, prune: bool = False) -> "SearchStudy":
+        """Create or load study ``name`` in ``storage`` (minimising; the rung pruner with ``prune``)."""
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            study = optuna.create_study(study_name=name, storage=make_storage(storage),
+                                        pruner=RungPruner() if prune else optuna.pruners.NopPruner(),
+                                        direction="minimize", load_if_exists=True)
+        except LcscError:
+            raise
+        except Exception as exc:  # bad URL, unreachable server, locked file
+            raise storage_error(storage, exc) from None
+        return cls(study)
+
+    @property
+    def name(self) -> str:
+        return self._study.study_name
+
+    def attr(self, key: str) -> Any:
+        return self._study.user_attrs.get(key)
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self._study.set_user_attr(key, value)
+
+    def use_strategy(self, name: str, seed: int, seed_points: Sequence[Sequence[float]] = ()) -> None:
+        self._study.sampler = make_strategy(name, seed, seed_points)
+
+    def add_start(self, encoding: AffineEncoding, value: float, name: str) -> bool:
+        return add_start_trial(self._study, encoding, value, name)
+
+    def run(self, encoding: AffineEncoding, score: Callable[[list[float]], float], n_trials: int,
+            on_trial: Callable[[TrialRecord], None] | None = None, rungs: Rungs | None = None,
+            stop_below: float | None = None) -> int:
+        """Run trials until ``n_trials`` searched ones are finished (or one scores below
+        ``stop_below``); returns how many finished now."""
+        def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if on_trial is not None:
+                on_trial(record(trial))
+            if stop_below is not None and trial.value is not None and trial.value < stop_below:
+                study.stop()
+
+        return run_trials(self._study, encoding, score, n_trials, [callback], rungs=rungs)
+
+    def records(self) -> list[TrialRecord]:
+        """Every trial, by number."""
+        return [record(t) for t in self._study.get_trials(deepcopy=False)]
+
+    def top(self, k: int) -> list[TrialRecord]:
+        """The ``k`` best complete trials (the start trial included), best first."""
+        return [record(t) for t in sorted(completed(self._study), key=lambda t: t.value)[:k]]
+
+    @property
+    def n_searched(self) -> int:
+        return len(searched(self._study))
+
+    @property
+    def n_pruned(self) -> int:
+        return len(pruned(self._study))

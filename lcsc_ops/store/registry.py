@@ -1,0 +1,96 @@
+"""The MLflow model registry: register a merge with its lineage, find it again, move aliases."""
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from lcsc_ops.errors import LcscError
+
+def model_requirements(model: torch.nn.Module) -> list[str]:
+    """pip requirements to unpickle ``model``: torch, safetensors, and the installed distribution
+    that defines the model's class (``lcsc-ops`` for the built-in U-Net, ``diffusers`` for a
+    ``UNet2DModel``, the user's own package for a user's factory), pinned to its version here."""
+    from importlib import metadata
+
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "safetensors"]
+    top = type(model).__module__.split(".")[0]
+    for dist in dict.fromkeys(metadata.packages_distributions().get(top, [])):
+        if dist.lower() not in ("torch", "safetensors"):
+            requirements.append(f"{dist}=={metadata.version(dist)}")
+    return requirements
+
+
+def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any], tags: Mapping[str, str],
+                   run_id: str, tracking_uri: str | None = None) -> str:
+    """Log ``model`` as an MLflow PyTorch model of ``run_id`` and register it as a new version of
+    ``name`` carrying ``tags``; returns the version number.
+
+    Pickled (``serialization_format="pickle"``) so ``mlflow.pytorch.load_model`` returns the
+    user's own ``nn.Module`` class; the spec travels in the model's metadata.
+    """
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    requirements = model_requirements(model)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    # start_run(run_id=...) refuses a run outside the active experiment, so select the run's own.
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle",
+                                        pip_requirements=requirements, metadata={"lcsc_spec": dict(spec)})
+    # The version is created with its lineage tags in one call: a crash cannot leave an untagged version.
+    version = mlflow.register_model(info.model_uri, name, tags=dict(tags)).version
+    return str(version)
+
+
+def find_version(name: str, run_id: str, match: Mapping[str, str], *, tracking_uri: str | None = None) -> str | None:
+    """The oldest version of ``name`` logged by ``run_id`` whose tags include ``match``, if any."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        versions = MlflowClient(tracking_uri=tracking_uri).search_model_versions(
+            f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None  # no such registered model yet
+    for mv in sorted(versions, key=lambda v: int(v.version)):
+        if all(mv.tags.get(k) == v for k, v in match.items()):
+            return str(mv.version)
+    return None
+
+
+def promote(name: str, version: str, alias: str, *, tracking_uri: str | None = None) -> None:
+    """Point ``alias`` of registered model ``name`` at ``version`` (LcscError for unknown name/version)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        raise LcscError(f"unknown registered model {name!r}") from None
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise LcscError(f"registered model {name!r} has no version {version!r}") from None
+    try:
+        client.set_registered_model_alias(name, alias, str(version))
+    except MlflowException as exc:
+        raise LcscError(f"cannot set alias {alias!r}: {str(exc).splitlines()[0]}") from None
+
+
+def to_json_tag(value: Any) -> str:
+    """Compact JSON for a model-version tag value; refuses to truncate lineage silently.
+
+    MLflow allows 100,000 characters in a model-version tag value: a window of ~1,000
+    checkpoints' hashes. Beyond that, registration fails with a clear message instead of
+    registering a version whose lineage cannot be recomputed.
+    """
+    text = json.dumps(value, separators=(",", ":"))
+    if len(text) > 100_000:
+        raise LcscError(f"lineage tag of {len(text)} characters exceeds MLflow's 100,000; use a smaller --window")
+    return text
