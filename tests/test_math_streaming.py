@@ -148,6 +148,33 @@ def test_scorer_streams_above_its_memory_limit(files):
     assert outputs[None] == pytest.approx(outputs[1e-9], rel=1e-5, abs=1e-5)
 
 
+def test_scorer_streams_partial_checkpoints(files, tmp_path):
+    """``--partial`` windows (a subset of the model's keys) stream as they stack: the model supplies the rest."""
+    from types import SimpleNamespace
+
+    from lcsc_ops.pipeline.scoring import Scorer
+
+    keys = ("0.weight", "0.bias", "3.weight")
+    entries = []
+    for i, path in enumerate(files):
+        entries.append(Entry(tmp_path / f"partial{i}.safetensors"))
+        save_file({k: v for k, v in load(path).items() if k in keys}, str(entries[-1].path))
+    window = SimpleNamespace(entries=entries)
+    coeffs = random_affine(6)
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+    def factory() -> nn.Module:  # the fixed base the partial checkpoints leave out
+        with torch.random.fork_rng():
+            torch.manual_seed(1234)
+            return make_model()
+
+    scores = {}
+    for limit, mode in ((None, "stacked"), (1e-9, "streaming")):
+        scorer = Scorer(window, factory, "cpu", max_stack_memory=limit)
+        assert scorer.mode == mode
+        scores[mode] = scorer.per_seed(coeffs, lambda model, n, s: model.eval()(x).sum().item(), 3, [0])[0]
+    assert scores["streaming"] == pytest.approx(scores["stacked"], rel=1e-5, abs=1e-5)
+
+
 def test_cli_rejects_a_non_positive_limit(store):
     from typer.testing import CliRunner
 

@@ -17,7 +17,10 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["merge_state_dicts", "StackedMerger", "load_checkpoint_state"]
+__all__ = ["merge_state_dicts", "StackedMerger", "load_checkpoint_state", "check_layout", "bind_targets", "Layout"]
+
+Layout = dict[str, tuple[torch.Size, torch.dtype]]
+"""State-dict key -> (shape, dtype): what every checkpoint of a window must agree on."""
 
 
 @torch.no_grad()
@@ -30,70 +33,85 @@ def merge_state_dicts(
 ) -> dict[str, Tensor]:
     """Reference merge ``sum_i coeffs[i] * state_dicts[i]`` (Eq. 1 of the LCSC paper).
 
-    Streams over ``state_dicts`` (an iterator that loads one checkpoint at a time is
-    fine: only the running sum and the current state dict are held). Floating tensors
-    are accumulated in ``accumulate_dtype`` and cast back to their own dtype; other
-    tensors (integer buffers such as step counters) cannot be averaged and are taken
-    from the LAST checkpoint of the iterable, the one a user would otherwise deploy.
-    Checkpoints with a zero coefficient are checked but not added, so a one-hot vector
-    reproduces its checkpoint bit for bit (signed zeros included, and without the NaN
-    that ``0 * inf`` would give). The coefficients need not sum to 1 here. Raises
-    ``ValueError`` on mismatched keys, shapes or dtypes, or a wrong number of
-    checkpoints.
+    Streams over ``state_dicts`` (one checkpoint held at a time, an iterator is fine),
+    accumulating floating tensors in ``accumulate_dtype`` and casting back to their own
+    dtype. Non-floating tensors (step counters) cannot be averaged: they come from the
+    LAST checkpoint. Zero coefficients add nothing, so a one-hot vector reproduces its
+    checkpoint bit for bit (signed zeros included, no ``0 * inf`` NaN). The coefficients
+    need not sum to 1. Raises ``ValueError`` on mismatched keys, shapes or dtypes, or a
+    wrong number of checkpoints.
 
-    When the coefficients sum to 1, a floating tensor bitwise identical in every
-    checkpoint (a frozen backbone, a LoRA base) is its own merge by Eq. 1, so it is not
-    accumulated but taken from the last checkpoint: exact, and no float64 copy of it is
-    held. It is detected while streaming; a tensor found to differ late is caught up by
-    replaying the same additions, so every other tensor comes out bit for bit as before.
-    Pass a dict as ``stats`` to receive ``num_constant`` (tensors skipped this way) and
-    ``varying_keys`` (the floating tensors actually merged).
+    With coefficients summing to 1, a floating tensor bitwise identical in every
+    checkpoint (a frozen backbone) is its own merge, so it is taken from the last
+    checkpoint rather than accumulated; one found to differ late is caught up by replaying
+    the same additions, so the result is unchanged. ``stats`` (a dict) receives
+    ``num_constant`` (tensors skipped this way) and ``varying_keys`` (those merged).
     """
     coeffs = [float(c) for c in coeffs]
-    affine = all(math.isfinite(c) for c in coeffs) and abs(math.fsum(coeffs) - 1.0) <= 1e-12
-    acc: dict[str, Tensor | None] = {}
-    constant: dict[str, Tensor] = {}  # identical in every checkpoint so far (affine coefficients only)
-    added: list[float] = []  # the non-zero coefficients applied so far, to replay for a late-varying tensor
-    layout: dict[str, tuple[torch.Size, torch.dtype]] = {}
-    last: Mapping[str, Tensor] = {}
-    count = 0
+    running = _RunningMerge(coeffs, accumulate_dtype)
     for i, sd in enumerate(state_dicts):
         if i >= len(coeffs):
             raise ValueError(f"more checkpoints than the {len(coeffs)} coefficients given")
-        if i == 0:
-            layout = {name: (t.shape, t.dtype) for name, t in sd.items()}
-            floating = [name for name, (_, dtype) in layout.items() if dtype.is_floating_point]
-            if affine:
-                constant = {name: sd[name] for name in floating}
-            else:
-                acc = {name: None for name in floating}
+        running.add(sd)
+    if running.count != len(coeffs):
+        raise ValueError(f"{len(coeffs)} coefficients for {running.count} checkpoints")
+    return running.result(stats)
+
+
+class _RunningMerge:
+    """What ``merge_state_dicts`` holds between two checkpoints: the running sums and the constants so far."""
+
+    def __init__(self, coeffs: list[float], accumulate_dtype: torch.dtype) -> None:
+        self.coeffs = coeffs
+        self.accumulate_dtype = accumulate_dtype
+        self.affine = all(math.isfinite(c) for c in coeffs) and abs(math.fsum(coeffs) - 1.0) <= 1e-12
+        self.acc: dict[str, Tensor | None] = {}  # floating tensors being summed (None: no term yet)
+        self.constant: dict[str, Tensor] = {}  # identical in every checkpoint so far (affine coefficients only)
+        self.added: list[float] = []  # the non-zero coefficients applied so far, to replay for a late-varying tensor
+        self.layout: Layout = {}
+        self.last: Mapping[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, sd: Mapping[str, Tensor]) -> None:
+        """Take in the next checkpoint: check it, release constants it changes, add its term."""
+        if self.count == 0:
+            self._start(sd)
         else:
-            _check_layout(layout, sd, f"checkpoint {i}")
-            for name in [n for n, t in constant.items() if not _same_bits(t, sd[n])]:
-                acc[name] = _replay(constant.pop(name), added, accumulate_dtype)
-        c = coeffs[i]
+            check_layout(self.layout, sd, f"checkpoint {self.count}")
+            for name in [n for n, t in self.constant.items() if not _same_bits(t, sd[n])]:
+                self.acc[name] = _replay(self.constant.pop(name), self.added, self.accumulate_dtype)
+        c = self.coeffs[self.count]
         if c != 0.0:
-            for name in acc:
-                term = sd[name].to(accumulate_dtype)
+            for name, total in self.acc.items():
+                term = sd[name].to(self.accumulate_dtype)
                 # The first non-zero term starts the sum (no `0 + x`, which would turn
                 # -0.0 into +0.0); later terms are added in place.
-                acc[name] = term * c if acc[name] is None else acc[name].add_(term, alpha=c)
-            added.append(c)
-        last = sd
-        count += 1
-    if count != len(coeffs):
-        raise ValueError(f"{len(coeffs)} coefficients for {count} checkpoints")
-    out: dict[str, Tensor] = {}
-    for name, (shape, dtype) in layout.items():
-        if name in acc:
-            total = acc[name]
-            out[name] = (torch.zeros(shape, dtype=dtype) if total is None else total.to(dtype))
+                self.acc[name] = term * c if total is None else total.add_(term, alpha=c)
+            self.added.append(c)
+        self.last = sd
+        self.count += 1
+
+    def _start(self, sd: Mapping[str, Tensor]) -> None:
+        self.layout = {name: (t.shape, t.dtype) for name, t in sd.items()}
+        floating = [name for name, (_, dtype) in self.layout.items() if dtype.is_floating_point]
+        if self.affine:
+            self.constant = {name: sd[name] for name in floating}
         else:
-            out[name] = last[name].detach().clone()  # non-floating, or identical in every checkpoint
-    if stats is not None:
-        stats["num_constant"] = len(constant)
-        stats["varying_keys"] = tuple(name for name in layout if name in acc)
-    return out
+            self.acc = {name: None for name in floating}
+
+    def result(self, stats: dict | None) -> dict[str, Tensor]:
+        """The merged state dict, in each key's dtype; fills ``stats`` if given."""
+        out: dict[str, Tensor] = {}
+        for name, (shape, dtype) in self.layout.items():
+            if name in self.acc:
+                total = self.acc[name]
+                out[name] = (torch.zeros(shape, dtype=dtype) if total is None else total.to(dtype))
+            else:
+                out[name] = self.last[name].detach().clone()  # non-floating, or identical in every checkpoint
+        if stats is not None:
+            stats["num_constant"] = len(self.constant)
+            stats["varying_keys"] = tuple(name for name in self.layout if name in self.acc)
+        return out
 
 
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -118,33 +136,24 @@ def _replay(t: Tensor, added: Sequence[float], accumulate_dtype: torch.dtype) ->
 class StackedMerger:
     """Holds a window of K checkpoints as one ``(K, P)`` matrix and merges by ``torch.mv``.
 
-    Floating tensors identical in every checkpoint ("constant", ``num_constant`` of
-    them) are kept aside and copied into a bound model once; the others ("varying") are
-    flattened into the stack on ``device`` in ``dtype``. Non-floating tensors come from
-    the last checkpoint, as in ``merge_state_dicts``.
+    Floating tensors identical in every checkpoint (``num_constant`` of them) are kept
+    aside and copied into a bound model once; the others are flattened into the stack on
+    ``device`` in ``dtype``. Non-floating tensors come from the last checkpoint, as in
+    ``merge_state_dicts``. ``merge`` requires affine coefficients.
 
-    In float32/float64 each stack row is a checkpoint and ``merge`` computes Eq. 1
-    directly: a one-hot merge of checkpoints stored in that dtype is bit-exact, except
-    that a -0.0 may come back as +0.0 (``0 * x + -0.0``). In 16-bit dtypes a checkpoint
-    rounded to bf16 (8 significant bits) would lose the small differences between
-    neighbouring checkpoints that the search exploits, and coefficients like 6 and -5
-    would amplify that rounding; so the stack holds deviations ``theta_i - ref`` from a
-    reference (the last checkpoint rounded to the dtype) and ``merge`` computes
-    ``ref + sum_i a_i (theta_i - ref)``, which equals Eq. 1 because ``sum_i a_i = 1``:
-    the deviation sum is rounded to the dtype (once per group of rows, see below), then
-    added to ``ref`` and rounded once more. Deviations are small next to the weights, so
-    the result is within about one 16-bit rounding of the exact merge, one-hot merges
-    included (they give ``round(ref + round(theta_i - ref))``, not ``theta_i``). Either
-    way ``merge`` requires affine coefficients.
+    float32/float64: each row is a checkpoint and ``merge`` computes Eq. 1 directly; a
+    one-hot merge of checkpoints stored in that dtype is bit-exact, except that -0.0 may
+    come back as +0.0 (``0 * x + -0.0``).
 
-    On the CPU, torch's 16-bit matrix-vector product is compute-bound and slows down
-    sharply past 32 rows (measured with torch 2.13 on a shared 2-core Xeon with
-    AVX512-BF16: a bf16 stack of 7.3M parameters read at 12-14 GB/s for K <= 32, 6 GB/s
-    at K = 33..48 and 3-4 GB/s at K = 64, where float32 read at 15-30 GB/s depending on
-    the machine's other load; benchmarks/RESULTS.md has the current figures), so there
-    the deviation sum is computed over groups of at most ``CPU_16BIT_ROWS`` rows and the
-    groups are added. On such a CPU a bf16 stack saves memory more than time. float16
-    was slower than float32 there (K = 32); bfloat16 is the 16-bit dtype to use on a CPU.
+    16-bit dtypes: rounding each checkpoint to 16 bits would lose the small differences
+    between neighbours that the search exploits (and large coefficients would amplify the
+    rounding), so rows hold deviations ``theta_i - ref`` from ``ref``, the last checkpoint
+    rounded to the dtype, and ``merge`` computes ``ref + sum_i a_i (theta_i - ref)``, equal
+    to Eq. 1 when ``sum_i a_i = 1``. The result is within about one 16-bit rounding of the
+    exact merge; a one-hot merge gives ``round(ref + round(theta_i - ref))``. On the CPU
+    torch's 16-bit matrix-vector product slows down sharply past ``CPU_16BIT_ROWS`` rows,
+    so the deviation sum is taken over groups of that many rows, then added up
+    (benchmarks/RESULTS.md has the figures). bfloat16 is the 16-bit dtype for a CPU.
     """
 
     CPU_16BIT_ROWS = 32  # rows per 16-bit matrix-vector product on the CPU (see above)
@@ -161,14 +170,21 @@ class StackedMerger:
             raise ValueError("StackedMerger needs at least one checkpoint")
         if not dtype.is_floating_point:
             raise ValueError(f"the stack dtype must be floating, got {dtype}")
-        first, last = state_dicts[0], state_dicts[-1]
-        self._layout = {name: (t.shape, t.dtype) for name, t in first.items()}
+        self._layout: Layout = {name: (t.shape, t.dtype) for name, t in state_dicts[0].items()}
         for i, sd in enumerate(state_dicts[1:], start=1):
-            _check_layout(self._layout, sd, f"checkpoint {i}")
+            check_layout(self._layout, sd, f"checkpoint {i}")
         self.device = torch.device(device)
         self.dtype = dtype
         self._k = len(state_dicts)
+        self._split_constants(state_dicts)
+        self._fill_stack(state_dicts)
+        self._allocate_buffers()
+        # The flat buffer starts as the last checkpoint.
+        self._merge_into(self._flat, [0.0] * (self._k - 1) + [1.0])
 
+    def _split_constants(self, state_dicts: Sequence[Mapping[str, Tensor]]) -> None:
+        """Set ``_constants`` (non-floating, or equal in every checkpoint) and ``_slices`` (the rest)."""
+        first, last = state_dicts[0], state_dicts[-1]
         # name -> (offset, numel) in the flat buffer, for the varying floating tensors.
         self._slices: dict[str, tuple[int, int]] = {}
         self._constants: dict[str, Tensor] = {}
@@ -181,17 +197,19 @@ class StackedMerger:
             else:
                 self._slices[name] = (offset, shape.numel())
                 offset += shape.numel()
+        self._p = offset
         self.num_constant = sum(
             1 for name in self._constants if self._layout[name][1].is_floating_point
         )
 
-        p = offset
-        self._stack = torch.empty(self._k, p, dtype=dtype, device=self.device)
+    def _fill_stack(self, state_dicts: Sequence[Mapping[str, Tensor]]) -> None:
+        """Build the ``(K, P)`` stack: checkpoints, or (16-bit) deviations from the reference ``_ref``."""
+        self._stack = torch.empty(self._k, self._p, dtype=self.dtype, device=self.device)
         self._ref: Tensor | None = None
-        if dtype.itemsize < 4:
-            self._ref = torch.empty(p, dtype=dtype, device=self.device)
+        if self.dtype.itemsize < 4:
+            self._ref = torch.empty(self._p, dtype=self.dtype, device=self.device)
             for name, (start, n) in self._slices.items():
-                self._ref[start:start + n].copy_(last[name].reshape(-1))
+                self._ref[start:start + n].copy_(state_dicts[-1][name].reshape(-1))
         for i, sd in enumerate(state_dicts):
             for name, (start, n) in self._slices.items():
                 row = sd[name].detach().reshape(-1).to(self.device)
@@ -200,19 +218,21 @@ class StackedMerger:
                     # ref + 1 * (theta_i - ref) is as close to theta_i as 16 bits allow.
                     row = row.float() - self._ref[start:start + n].float()
                 self._stack[i, start:start + n].copy_(row)
-        # The flat buffer a bound model's varying tensors are views of, and the coefficient
-        # buffer; both are reused by every merge. It starts as the last checkpoint.
-        self._flat = torch.empty(p, dtype=dtype, device=self.device)
-        self._coeffs = torch.empty(self._k, dtype=dtype, device=self.device)
+
+    def _allocate_buffers(self) -> None:
+        """The buffers every merge reuses: the flat buffer, the coefficients, the 16-bit partial sums."""
+        p, dtype, device = self._p, self.dtype, self.device
+        # The flat buffer a bound model's varying tensors are views of.
+        self._flat = torch.empty(p, dtype=dtype, device=device)
+        self._coeffs = torch.empty(self._k, dtype=dtype, device=device)
         # 16-bit: the deviation sum's buffers (one more for a second group of rows), and the groups.
-        rows = self.CPU_16BIT_ROWS if self.device.type == "cpu" else self._k
+        rows = self.CPU_16BIT_ROWS if device.type == "cpu" else self._k
         self._groups = [(s, min(s + rows, self._k)) for s in range(0, self._k, rows)]
         self._dev = self._part = None
         if self._ref is not None:
-            self._dev = torch.empty(p, dtype=dtype, device=self.device)
+            self._dev = torch.empty(p, dtype=dtype, device=device)
             if len(self._groups) > 1:
-                self._part = torch.empty(p, dtype=dtype, device=self.device)
-        self._merge_into(self._flat, [0.0] * (self._k - 1) + [1.0])
+                self._part = torch.empty(p, dtype=dtype, device=device)
 
     @property
     def k(self) -> int:
@@ -237,27 +257,14 @@ class StackedMerger:
     def bind(self, model: nn.Module) -> nn.Module:
         """Make ``model``'s varying tensors views into the merger's flat buffer; return it.
 
-        The model is first moved to the merger's device and floating dtype; then each
-        varying parameter or buffer has its ``.data`` replaced by a view of the flat
-        buffer (parameters stay ``nn.Parameter``; gradients are switched off, as this is
-        for inference), and constants are copied in once. After ``merge(c)`` the model
-        computes with the merged weights, with no copy.
-
-        The checkpoints may hold only some of the model's keys (adapter checkpoints over a
-        fixed base the model factory loads): the model's other tensors are left as they
-        are. Raises ``ValueError`` if a checkpoint key is not in the model or a shape
-        differs.
+        The model is moved to the merger's device and floating dtype; each varying
+        parameter or buffer gets a view of the flat buffer as its ``.data`` (parameters stay
+        ``nn.Parameter``, gradients are switched off: this is for inference) and constants
+        are copied in once, so after ``merge(c)`` the model computes with the merged
+        weights, with no copy. The checkpoints may hold a subset of the model's keys (see
+        :func:`bind_targets`); the model's other tensors are left as they are.
         """
-        model.to(device=self.device, dtype=self.dtype)
-        tensors = model.state_dict(keep_vars=True)
-        unexpected = set(self._layout) - set(tensors)
-        if unexpected:
-            raise ValueError(f"checkpoint keys not in the model: {sorted(unexpected)[:5]}")
-        tensors = {name: t for name, t in tensors.items() if name in self._layout}
-        for name, t in tensors.items():
-            if t.shape != self._layout[name][0]:
-                raise ValueError(f"shape mismatch for {name!r}: model {tuple(t.shape)}, "
-                                 f"checkpoints {tuple(self._layout[name][0])}")
+        tensors = bind_targets(model, self._layout, device=self.device, dtype=self.dtype)
         with torch.no_grad():
             for name, t in tensors.items():
                 if name in self._slices:
@@ -310,8 +317,8 @@ class StackedMerger:
         if self._ref is None:
             torch.mv(self._stack.t(), self._coeffs, out=out)
             return
-        # ref + sum_i a_i (theta_i - ref). Not one addmv: in 16 bits on the CPU it took 1.8x
-        # as long as mv followed by an add (torch 2.13), and it cannot be split into groups.
+        # ref + sum_i a_i (theta_i - ref). Not one addmv: slower than mv plus an add in 16 bits
+        # on the CPU (benchmarks/RESULTS.md), and it cannot be split into groups.
         for n, (start, end) in enumerate(self._groups):
             dst = self._dev if n == 0 else self._part
             torch.mv(self._stack[start:end].t(), self._coeffs[start:end], out=dst)
@@ -323,7 +330,7 @@ class StackedMerger:
 def load_checkpoint_state(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
     """``model.load_state_dict(state)`` where ``state`` may hold a subset of the model's keys.
 
-    The same rule as :meth:`StackedMerger.bind`: every key of ``state`` must be the
+    The same rule as :func:`bind_targets`: every key of ``state`` must be the
     model's (``ValueError`` otherwise, before anything is loaded); the model's other
     tensors keep what its factory gave them (the fixed base under adapter checkpoints).
     """
@@ -338,9 +345,7 @@ def load_checkpoint_state(model: nn.Module, state: Mapping[str, Tensor]) -> nn.M
     return model
 
 
-def _check_layout(
-    layout: Mapping[str, tuple[torch.Size, torch.dtype]], sd: Mapping[str, Tensor], what: str
-) -> None:
+def check_layout(layout: Layout, sd: Mapping[str, Tensor], what: str) -> None:
     """Raise a one-line ValueError unless ``sd`` has exactly ``layout``'s keys, shapes, dtypes."""
     if set(sd) != set(layout):
         diff = sorted(set(sd) ^ set(layout))
@@ -350,3 +355,25 @@ def _check_layout(
         if t.shape != shape or t.dtype != dtype:
             raise ValueError(f"{what}: {name!r} is {t.dtype} {tuple(t.shape)}, "
                              f"expected {dtype} {tuple(shape)}")
+
+
+def bind_targets(model: nn.Module, layout: Layout, *, device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Move ``model`` to ``device`` and ``dtype`` and return its tensors named in ``layout``.
+
+    The merge engines' shared rule for binding: the checkpoints may hold only some of the
+    model's keys (adapter checkpoints over a fixed base that the model factory loads), and
+    the model's other tensors are not returned, so they keep their values. Returns the
+    ``state_dict(keep_vars=True)`` entries (parameters themselves). Raises ``ValueError``
+    if a checkpoint key is not in the model or a shape differs.
+    """
+    model.to(device=device, dtype=dtype)
+    tensors = model.state_dict(keep_vars=True)
+    unexpected = set(layout) - set(tensors)
+    if unexpected:
+        raise ValueError(f"checkpoint keys not in the model: {sorted(unexpected)[:5]}")
+    tensors = {name: t for name, t in tensors.items() if name in layout}
+    for name, t in tensors.items():
+        if t.shape != layout[name][0]:
+            raise ValueError(f"shape mismatch for {name!r}: model {tuple(t.shape)}, "
+                             f"checkpoints {tuple(layout[name][0])}")
+    return tensors

@@ -20,11 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from lcsc_ops.math.merge import StackedMerger, _check_layout
+from lcsc_ops.math.merge import Layout, StackedMerger, bind_targets, check_layout
 
 __all__ = ["StreamingMerger", "make_merger", "stack_nbytes"]
-
-Layout = dict[str, tuple[torch.Size, torch.dtype]]
 
 
 def _path(source: Any) -> str:
@@ -67,21 +65,16 @@ class StreamingMerger:
 
     Same interface as ``StackedMerger`` (``k``, ``bind``, ``merge``, ``state_dict``), but
     holds only the K file paths. ``merge(a)`` opens one file at a time with ``safe_open``
-    (memory-mapped, tensors are views of the map) and accumulates ``a_i * theta_i`` tensor
-    by tensor into the bound model's parameters, which are the accumulators (float32 or
-    float64). Files go in the outer loop on purpose: the pages a ``safe_open`` handle has
-    touched stay mapped, and so count in the resident set, until the handle closes; with
-    K handles open at once the peak would be K files however few tensors were alive. So
-    the peak is the model plus one mapped file, about two model copies.
+    (memory-mapped) and accumulates ``a_i * theta_i`` tensor by tensor into the bound
+    model's parameters, which are the accumulators (float32 or float64). Files are the
+    outer loop because a ``safe_open`` handle keeps the pages it touched mapped until it
+    closes: one open file at a time keeps the peak at the model plus one mapped file.
 
-    Exactness as ``merge_state_dicts``: checkpoints with a zero coefficient are not read,
-    and the first non-zero term is copied (then scaled), so a one-hot merge reproduces its
-    checkpoint bit for bit when it is stored in the merger's dtype; other coefficients
-    agree with the float32 stack to rounding. Non-floating tensors come from the last
-    checkpoint. Floating tensors equal in every checkpoint are merged like the others
-    (finding them would read every file); affine coefficients give them back to rounding.
-    Each merge reads all K files (from the page cache after the first), so it costs about
-    three times the stack's memory traffic: the fallback, not the default.
+    Exact like ``merge_state_dicts``: zero-coefficient checkpoints are not read and the
+    first non-zero term is copied, so a one-hot merge reproduces its checkpoint bit for
+    bit when it is stored in the merger's dtype. Non-floating tensors come from the last
+    checkpoint. Constant tensors are merged like the others (finding them would read every
+    file). Each merge reads all K files: the fallback when the stack does not fit.
     """
 
     def __init__(self, sources: Sequence[Any], *, device: torch.device | str = "cpu",
@@ -95,7 +88,7 @@ class StreamingMerger:
         self._layout = _read_layout(self._paths[0])
         for i, path in enumerate(self._paths[1:], start=1):
             with safe_open(path, framework="pt") as f:
-                _check_layout(self._layout, {n: f.get_tensor(n) for n in f.keys()}, f"checkpoint {i}")
+                check_layout(self._layout, {n: f.get_tensor(n) for n in f.keys()}, f"checkpoint {i}")
         self.device = torch.device(device)
         self.dtype = dtype
         self._floating = [n for n, (_, dt) in self._layout.items() if dt.is_floating_point]
@@ -120,19 +113,12 @@ class StreamingMerger:
         """Make ``model`` the target of every later ``merge``; return it, set to the last checkpoint.
 
         The model is moved to the merger's device and dtype, gradients are switched off
-        (this is for inference) and its state is loaded from the last checkpoint, as a
-        ``StackedMerger`` starts. One model is bound at a time: binding another replaces
-        it. Raises ``ValueError`` if the model's keys or shapes differ from the checkpoints'.
+        (this is for inference) and the checkpoints' tensors are loaded from the last one,
+        as a ``StackedMerger`` starts. The checkpoints may hold a subset of the model's keys
+        (see :func:`~lcsc_ops.math.merge.bind_targets`); the model's other tensors are left
+        as they are. One model is bound at a time: binding another replaces it.
         """
-        model.to(device=self.device, dtype=self.dtype)
-        tensors = model.state_dict(keep_vars=True)
-        missing = set(self._layout) ^ set(tensors)
-        if missing:
-            raise ValueError(f"model and checkpoints disagree on keys: {sorted(missing)[:5]}")
-        for name, t in tensors.items():
-            if t.shape != self._layout[name][0]:
-                raise ValueError(f"shape mismatch for {name!r}: model {tuple(t.shape)}, "
-                                 f"checkpoints {tuple(self._layout[name][0])}")
+        tensors = bind_targets(model, self._layout, device=self.device, dtype=self.dtype)
         for param in model.parameters():
             param.requires_grad_(False)
         self._targets = {name: t.detach() for name, t in tensors.items()}
