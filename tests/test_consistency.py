@@ -87,6 +87,29 @@ def test_unknown_setting_is_refused():
         TrainConfig(model_kind="consistency", cm_settings={"bogus": 1}).spec((1, 8, 8))
 
 
+def test_every_sampler_refuses_unknown_settings_and_takes_those_the_project_writes(net):
+    from lcsc_ops.models.diffusion import SAMPLERS
+    from lcsc_ops.training import MODEL_KINDS
+
+    known = {"ddim": "steps, timesteps, clip", "consistency": "steps, sigma_min, sigma_max",
+             "diffusers": "steps, scheduler, scheduler_config"}
+    assert set(known) == set(SAMPLERS)  # a new sampler: add it here
+    for name, listed in known.items():  # refused before the sampler is made (diffusers need not be installed)
+        with pytest.raises(LcscError, match=rf"unknown setting 'schedule' for sampler '{name}' \(known: {listed}"):
+            make_sampler({"name": name, "schedule": "linear"})
+    with pytest.raises(LcscError, match="unknown setting 'teacher'"):  # a run-time object, never a setting
+        make_sampler({"name": "consistency", "teacher": "run-id"})
+    # Every sampler spec the project writes (training's kinds, ModelSpec's default, `lcsc-ops import`'s
+    # ddim spec), also with --nfe's steps override, and distillation's run-time teacher.
+    written = [TrainConfig(model_kind=kind).spec((1, 8, 8)).sampler for kind in MODEL_KINDS]
+    written += [ModelSpec(factory="lcsc_ops.models.unet:digits_unet").sampler, {"name": "ddim", "steps": 2}]
+    for settings in written:
+        assert make_sampler(settings).nfe == settings["steps"]
+        assert make_sampler({**settings, "steps": 1}).nfe == 1
+    teacher = DiffusionTeacher(net, cosine_alpha_bar(1000))
+    assert make_sampler(ConsistencySampler().settings(), teacher=teacher).teacher is teacher
+
+
 def test_curriculum_and_level_sampling():
     assert ict_num_levels(0, 800) == 11 and ict_num_levels(799, 800) == 1281
     assert [ict_num_levels(k, 800) for k in (99, 100, 200)] == [11, 21, 41]

@@ -15,7 +15,7 @@ from lcsc_ops.errors import LcscError
 
 
 def _digits_arrays():
-    # Imported lazily: scikit-learn costs ~0.5 s to import and only the digits need it.
+    # Imported lazily: only the digits need scikit-learn, and it is slow to import.
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

@@ -1,19 +1,11 @@
 """FID at growing sample counts (rungs) from one fixed noise, for stopping hopeless trials early.
 
-Rung n scores the first n samples of each seed's fixed noise, the same noise the full
-score uses (common random numbers), so the rung scores of different candidates compare at
-equal sample counts: FID is biased by the count, and only equal counts may be compared.
-Samples are drawn once, batch by batch, and fed to the metric as they come; at a rung the
-Fréchet distance is computed from the statistics gathered so far (~1 ms at 64-d, 0.3 s at
-Inception's 2048-d on a GPU), so every rung of a trial together costs about what one full
-score does, and a trial stopped at rung n has drawn only n samples per seed.
-
-With several seeds a rung is the mean over the seeds of the FID of each seed's first n
-samples, so the last rung is exactly the search objective (mean over seeds at the full
-count). Sampling batches are ``batch_size`` batches split at the rung counts: with rung
-counts that are multiples of ``batch_size`` the metric sees the very batches of an unpruned
-score and the last rung equals it bit for bit; otherwise only the order of the float64
-feature sums differs.
+Rung n is the mean over seeds of the FID of the first n samples of each seed's fixed noise
+(common random numbers); FID is biased by the count, so only equal counts are compared.
+Samples are drawn once and fed to the metric as they come, so all rungs together cost
+about one full score, and a trial stopped at rung n has drawn only n samples per seed.
+The last rung is the search objective: bit for bit when the rung counts are multiples of
+``batch_size`` (the same batches), else up to the order of the float64 feature sums.
 """
 from __future__ import annotations
 

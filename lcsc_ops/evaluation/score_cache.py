@@ -1,19 +1,12 @@
 """Scores already computed, kept on disk so that no evaluation is ever run twice.
 
-A score is a pure function of what produced it: the checkpoint files (by sha256) and the
-coefficients over them, how they were merged (stacked or streamed, stack dtype), the
-model spec (architecture and sampler settings), the evaluator (feature extractor weights,
-reference statistics, batch size), the sample count, the noise seed, the precision, and
-the software and device that ran it (torch version, device, thread count: reductions
-change their order with them), and the code that computes it (:func:`code_identity`: the
-package version and a hash of the merge, sampler and evaluation sources), so a code
-change never returns an old score. A hit returns the bit-identical float the evaluation
-would return. Every `lcsc-ops optimize` on the same run
-scores the same baselines (last, uniform, the EMA* grid, the training EMA) on the same
-seeds: the second strategy, a resumed study or a re-run gets them for free.
-
-Storage: one sqlite file (WAL, so several optimize processes can share it); a corrupt or
-unwritable file turns the cache off rather than failing an optimization.
+A score is keyed by everything that decides it: checkpoint files (sha256), coefficients,
+merge mode and dtype, model spec, evaluator, sample count, seed, precision, runtime (torch,
+device, threads) and the scoring code itself (:func:`code_identity`), so a hit is the
+float a recomputation would give and a code change never returns an old score. Repeated
+optimizations of one run score the same baselines on the same seeds and reuse them.
+One sqlite file (WAL, shared by concurrent processes); a corrupt or unwritable file turns
+the cache off rather than failing an optimization.
 """
 from __future__ import annotations
 

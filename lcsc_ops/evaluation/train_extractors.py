@@ -9,7 +9,7 @@ Shuffling and augmentation draw from their own seeded generator, so a rerun with
 same torch version on the same kind of CPU writes the same bytes. Writes
 ``digits_cnn.safetensors``, ``digits_mlp.safetensors`` (arch, seed and held-out accuracy
 in the safetensors metadata) and ``digits_extractors.json`` (the same plus sha256 and
-parameter counts) into ``lcsc_ops/assets`` by default. About 15 s on 2 CPU cores.
+parameter counts) into ``lcsc_ops/assets`` by default.
 """
 from __future__ import annotations
 

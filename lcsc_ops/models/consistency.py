@@ -11,21 +11,17 @@ trajectory straight to its origin, ``f(x_sigma, sigma) ~ x_0`` (Song et al. 2023
     c_noise = 1000 * 0.25 * ln(sigma)
 
 so that ``f(x, sigma_min) = x`` exactly (the boundary condition). ``F`` is any network
-called as ``model(x, t)``, the same interface as the DDPM denoisers; ``c_noise`` is EDM's
-``0.25 ln sigma`` times 1000, so a sinusoidal timestep embedding built for DDPM's integer
-timesteps sees a comparable spread of (float) values.
+called as ``model(x, t)``, like the DDPM denoisers; ``c_noise`` is scaled by 1000 so a
+timestep embedding built for DDPM's integer timesteps sees a comparable spread of values.
 
 Training follows iCT (Song & Dhariwal 2023, "Improved Techniques for Training Consistency
-Models"): no EMA teacher (the target is the same network, gradient stopped, at the
-neighbouring noise level), pseudo-Huber distance, lognormal sampling of the noise level
-over a Karras discretisation, and a discretisation curriculum ``N(k)`` that doubles during
-training. Consistency distillation (CD) swaps the target's input ``x_0 + sigma_i z`` for one
-probability-flow ODE step of a frozen diffusion teacher from ``x_{sigma_{i+1}}``
-(:class:`DiffusionTeacher`). Imports torch only.
+Models"): the target is the same network, gradient stopped, at the neighbouring noise
+level; pseudo-Huber distance; lognormal noise levels over a Karras discretisation whose
+size ``N(k)`` doubles during training. Consistency distillation (CD) replaces the target's
+input by one probability-flow ODE step of a frozen diffusion teacher (:class:`DiffusionTeacher`).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any
 
@@ -33,12 +29,7 @@ import torch
 from torch import nn
 
 from lcsc_ops.errors import LcscError
-
-
-def _call(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    out = model(x, t)
-    # diffusers-style models return an object with ``.sample``.
-    return out.sample if hasattr(out, "sample") else out
+from lcsc_ops.models.sampling import denoiser_output, noise_generator
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -82,20 +73,6 @@ def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return (sq + c * c).sqrt() - c
 
 
-def _noise_generator(noise: torch.Tensor) -> torch.Generator:
-    """A CPU generator seeded by the content of ``noise`` (at most 4,096 strided values hashed).
-
-    Multistep sampling injects fresh noise between steps, but a sampler only receives the
-    starting noise. Deriving the injected noise from it keeps sampling a deterministic
-    function of the starting noise (the common random numbers of the search), the same on
-    every device, while different batches still get independent draws.
-    """
-    flat = noise.detach().flatten()
-    stride = max(1, flat.numel() // 4096)
-    digest = hashlib.sha256(flat[::stride][:4096].float().cpu().numpy().tobytes()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 class DiffusionTeacher:
     """A frozen epsilon-prediction DDPM as a probability-flow ODE in sigma, for distillation.
 
@@ -125,7 +102,8 @@ class DiffusionTeacher:
     def eps(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The teacher's noise estimate at ``x_sigma`` (per-sample ``sigma``, shape (N,))."""
         s = _per_sample(sigma, x)
-        eps = _call(self.model, x / (1 + s * s).sqrt(), self.timestep(sigma))  # x_t = sqrt(alpha_bar) x_sigma
+        x_t = x / (1 + s * s).sqrt()  # x_t = sqrt(alpha_bar) x_sigma
+        eps = denoiser_output(self.model, x_t, self.timestep(sigma))
         if self.clip:  # as the DDIM sampler does: clip the implied x_0 to the data range
             x0 = (x - s * eps).clamp(-1, 1)
             eps = (x - x0) / s
@@ -196,7 +174,7 @@ class ConsistencySampler:
         if sigma.dim() == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in = (_per_sample(c, x) for c in self.scalings(sigma))
-        return c_skip * x + c_out * _call(model, c_in * x, self.c_noise(sigma))
+        return c_skip * x + c_out * denoiser_output(model, c_in * x, self.c_noise(sigma))
 
     # -- sampling -----------------------------------------------------------------------
     def sample_sigmas(self) -> list[float]:
@@ -217,7 +195,7 @@ class ConsistencySampler:
         sigmas = self.sample_sigmas()
         x0 = self.denoise(model, noise * sigmas[0], sigmas[0])
         if len(sigmas) > 1:
-            gen = _noise_generator(noise)
+            gen = noise_generator(noise)
             for sigma in sigmas[1:]:
                 z = torch.randn(noise.shape, generator=gen, dtype=torch.float32).to(noise.device, noise.dtype)
                 x0 = self.denoise(model, x0 + math.sqrt(sigma ** 2 - self.sigma_min ** 2) * z, sigma)

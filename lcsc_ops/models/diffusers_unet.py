@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.models.consistency import _noise_generator
+from lcsc_ops.models.sampling import denoiser_output, noise_generator
 
 MODEL_CLASS = "UNet2DModel"
 FACTORY = "lcsc_ops.models.diffusers_unet:unet2d_from_config"
@@ -87,13 +87,11 @@ def resolve_scheduler_config(name: str = DEFAULT_SCHEDULER, config: Mapping[str,
 class DiffusersSampler:
     """Sampling with a diffusers scheduler (DDIM by default), ``model(x, t).sample`` as the prediction.
 
-    Settings (the model spec's ``sampler`` dict): ``steps`` (inference steps, ``set_timesteps``;
-    ``optimize --nfe N`` overrides it), ``scheduler`` (a diffusers scheduler class name) and
-    ``scheduler_config`` (its config; None: the class defaults). The loop is diffusers' own
-    (as in its DDIM pipeline): ``x = noise * init_noise_sigma``, then for each timestep
-    ``x = step(model(scale_model_input(x, t), t).sample, t, x).prev_sample``; DDIM's ``eta`` is 0,
-    and a stochastic scheduler draws from a generator seeded by ``noise``, so the samples stay a
-    deterministic function of the starting noise (the common random numbers of the search).
+    Settings (the model spec's ``sampler`` dict): ``steps`` (``set_timesteps``; ``--nfe``
+    overrides it), ``scheduler`` (a diffusers scheduler class name) and ``scheduler_config``
+    (None: the class defaults). The loop is diffusers' DDIM pipeline's (eta 0); a stochastic
+    scheduler draws from :func:`~lcsc_ops.models.sampling.noise_generator`, so samples stay a
+    deterministic function of the starting noise.
     """
 
     def __init__(self, steps: int = 10, scheduler: str = DEFAULT_SCHEDULER,
@@ -125,10 +123,9 @@ class DiffusersSampler:
         """Images in [-1, 1] from standard-normal ``noise`` (the scheduler's x_T before scaling)."""
         sched = self.scheduler
         sched.set_timesteps(self.steps, device=noise.device)  # also resets multistep solvers' history
-        extra = {"generator": _noise_generator(noise)} if self._takes_generator else {}
+        extra = {"generator": noise_generator(noise)} if self._takes_generator else {}
         x = noise * sched.init_noise_sigma
         for t in sched.timesteps:
-            out = model(sched.scale_model_input(x, t), t)
-            pred = out.sample if hasattr(out, "sample") else out
+            pred = denoiser_output(model, sched.scale_model_input(x, t), t)
             x = sched.step(pred, t, x, **extra).prev_sample
         return x.clamp(-1, 1)

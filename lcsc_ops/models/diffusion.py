@@ -1,14 +1,14 @@
 """DDPM training objective and DDIM sampling (epsilon prediction, cosine schedule).
 
-Samplers are looked up by name in :data:`SAMPLERS` from the ``sampler`` settings of a
-:class:`lcsc_ops.spec.ModelSpec` (``"ddim"`` here, ``"consistency"`` from
-:mod:`lcsc_ops.models.consistency`, ``"diffusers"`` from :mod:`lcsc_ops.models.diffusers_unet`).
-A sampler turns a fixed starting noise into images deterministically, which is what makes
-search scores comparable across candidates (common random numbers): every candidate is
-sampled from the same noise tensor.
+:func:`make_sampler` builds a sampler from the ``sampler`` settings of a
+:class:`lcsc_ops.spec.ModelSpec`, by name in :data:`SAMPLERS` (``"ddim"`` here,
+``"consistency"``, ``"diffusers"``). A sampler turns a starting noise into images
+deterministically, so candidates sampled from the same noise compare fairly (common
+random numbers).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable, Mapping
 
@@ -18,6 +18,7 @@ from torch import nn
 from lcsc_ops.errors import LcscError
 from lcsc_ops.models.consistency import ConsistencySampler
 from lcsc_ops.models.diffusers_unet import DiffusersSampler  # imports diffusers only when one is made
+from lcsc_ops.models.sampling import denoiser_output
 
 
 def cosine_alpha_bar(timesteps: int, s: float = 0.008) -> torch.Tensor:
@@ -29,16 +30,10 @@ def cosine_alpha_bar(timesteps: int, s: float = 0.008) -> torch.Tensor:
     return torch.cumprod(1 - betas, dim=0)
 
 
-def _eps(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    out = model(x, t)
-    # diffusers-style models return an object with ``.sample``.
-    return out.sample if hasattr(out, "sample") else out
-
-
 class DDIMSampler:
     """Deterministic DDIM (eta = 0) over ``steps`` evenly spaced timesteps of a T-step DDPM."""
 
-    def __init__(self, steps: int = 10, timesteps: int = 1000, clip: bool = True, **_: Any) -> None:
+    def __init__(self, steps: int = 10, timesteps: int = 1000, clip: bool = True) -> None:
         if not 1 <= int(steps) <= int(timesteps):
             raise LcscError(f"DDIM steps must be in 1..{timesteps}, got {steps}")
         self.steps, self.timesteps, self.clip = int(steps), int(timesteps), clip
@@ -59,7 +54,7 @@ class DDIMSampler:
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         ab = self.alpha_bar.to(x0.device)[t].view(n, *([1] * (x0.dim() - 1)))
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        return torch.mean((_eps(model, x_t, t) - noise) ** 2)
+        return torch.mean((denoiser_output(model, x_t, t) - noise) ** 2)
 
     @torch.inference_mode()
     def sample(self, model: nn.Module, noise: torch.Tensor) -> torch.Tensor:
@@ -71,7 +66,7 @@ class DDIMSampler:
         for i, t in enumerate(ts):
             a_t = ab[t]
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = _eps(model, x, tt)
+            eps = denoiser_output(model, x, tt)
             x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
             if self.clip:
                 x0 = x0.clamp(-1, 1)
@@ -86,18 +81,38 @@ SAMPLERS: dict[str, Callable[..., Any]] = {"ddim": DDIMSampler, "consistency": C
                                            "diffusers": DiffusersSampler}
 
 
+def _check_settings(name: str, cls: Callable[..., Any], settings: Mapping[str, Any]) -> None:
+    """Refuse a setting the sampler does not take, rather than sample as if it were not there.
+
+    Settings are the constructor's ordinary parameters; keyword-only ones (a ``teacher``)
+    are run-time objects, never settings. A sampler taking ``**kwargs`` checks its own.
+    """
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # no signature to check against
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+    for key in settings:
+        if key not in known:
+            raise LcscError(f"unknown setting {key!r} for sampler {name!r} (known: {', '.join(known)})")
+
+
 def make_sampler(settings: Mapping[str, Any], **runtime: Any) -> Any:
     """Build the sampler named by ``settings['name']`` with the remaining settings.
 
-    ``runtime`` passes objects that are not settings (a distillation ``teacher``) to the constructor.
+    ``runtime`` passes objects that are not settings (a distillation ``teacher``) to the
+    constructor. A setting the sampler does not take is an error, not silently ignored.
     """
-    settings = {**settings, **runtime}
+    settings = dict(settings)
     name = settings.pop("name", "ddim")
     try:
         cls = SAMPLERS[name]
     except KeyError:
         raise LcscError(f"unknown sampler {name!r} (known: {', '.join(sorted(SAMPLERS))})") from None
+    _check_settings(name, cls, settings)
     try:
-        return cls(**settings)
-    except TypeError as exc:  # an unknown or missing setting
+        return cls(**{**settings, **runtime})
+    except TypeError as exc:  # e.g. a missing setting
         raise LcscError(f"sampler {name!r}: {exc}") from None

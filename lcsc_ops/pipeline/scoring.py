@@ -36,7 +36,8 @@ class Scorer:
         self.precision = precision
         # Scores of evaluators that carry an ``identity`` (the built-in FID) are looked up in
         # ``cache`` first: the key names the files, the coefficients, the merge, the model spec
-        # (``model_identity``), the evaluator, the sample count, the seed and the runtime.
+        # (``model_identity``), the evaluator, the sample count, the seed, the runtime and the
+        # scoring code (``code_identity``). ``cache=None`` computes every score.
         self.cache = cache
         # The parts of a score's cache key that are fixed for this scorer, hashed once (not per trial).
         self._key_base = score_key(files=[e.sha256 for e in window.entries], model=model_identity,
