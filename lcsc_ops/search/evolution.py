@@ -1,24 +1,17 @@
-"""An evolutionary search strategy (the LCSC paper's kind) as an Optuna sampler.
+"""An evolutionary search strategy (the kind the LCSC paper uses) as an Optuna sampler.
 
-The LCSC paper searches merge coefficients with an evolutionary algorithm initialised
-from EMA-like profiles (Sec. 4; its code was never published, so the defaults below are
-ours, chosen on a quadratic test and the digits bench, see ``benchmarks/RESULTS.md``):
+The paper starts its evolutionary search from EMA-like profiles but published no code, so
+the defaults here are ours. Generation 0 (the first ``population_size`` trials) is the seed
+points, then the middle of the box (the strongest baseline), then Gaussian jitter around it.
+Every later trial is a child of two of the ``n_parents`` best complete trials so far
+(selection over all generations, so the best point is never lost): a blend or uniform
+crossover, a Gaussian mutation that narrows each generation, and a clip to the bounds. The
+decoder (``AffineEncoding.decode``) makes every child an affine merge.
 
-1. generation 0 (the first ``population_size`` trials): the given seed points (e.g. the
-   encodings of EMA profiles, see :func:`seed_points_from_profiles`), then the middle of
-   the box (the origin of the LCSC encoding, i.e. the strongest baseline), then the
-   middle plus Gaussian jitter of ``init_sigma`` half-widths per coordinate;
-2. every later trial: two parents drawn from the ``n_parents`` best completed trials
-   (truncation selection over all earlier generations, so the best point is never
-   lost), a blend crossover (``u ~ U(-alpha, 1 + alpha)`` per coordinate) or a uniform
-   one (each coordinate from either parent), a Gaussian mutation whose scale
-   ``mutation_sigma`` (in half-widths) shrinks by ``sigma_decay`` per generation down to
-   ``min_sigma``, and a clip to the bounds. Renormalising to ``sum(a) = 1`` is the
-   decoder's job (``AffineEncoding.decode``), so every child is an affine merge.
-
-State lives in the study: each trial's random stream is seeded by ``(seed, trial.number)``
-and its parents come from ``study.get_trials``, so a run is reproducible for a seed and
-a fresh sampler on the same storage continues a stopped study where it left off.
+Each trial draws from a stream seeded by ``(seed, trial.number)`` and finds its parents in
+the study, so a run repeats for a seed and a fresh sampler on the same storage resumes a
+stopped study exactly. Pruned and failed trials are never parents, but they do use up their
+trial numbers (and so their places in a generation).
 """
 from __future__ import annotations
 
@@ -39,10 +32,14 @@ SeedPoint = Mapping[str, float] | Sequence[float]
 class EvolutionSampler(optuna.samplers.BaseSampler):
     """Generational evolutionary search over float coordinates with fixed bounds.
 
-    ``population_size`` trials make a generation; ``seed_points`` (mappings name ->
-    value, or sequences in the order the objective suggests the coordinates) open
-    generation 0. All scales are in half-widths of each coordinate's bounds, so the same
-    defaults fit any radius. Non-float parameters fall back to random sampling.
+    ``population_size`` trials make a generation. ``seed_points`` (mappings name -> value, or
+    sequences in the order the objective suggests the coordinates) are trials ``0, 1, ...``:
+    a trial already in the study at that number (e.g. the start trial) keeps its slot, and
+    that seed point is not used. Scales are in half-widths of each coordinate's bounds, so
+    the defaults fit any radius: ``init_sigma`` for the jitter of generation 0,
+    ``mutation_sigma`` shrinking by ``sigma_decay`` per generation down to ``min_sigma``,
+    ``blend_alpha`` for how far a blend child may reach beyond its parents. Non-float
+    parameters fall back to random sampling.
     """
 
     def __init__(self, *, seed: int = 0, population_size: int = 12, n_parents: int = 4,
