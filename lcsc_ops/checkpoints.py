@@ -14,21 +14,26 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.spec import ModelSpec
+from lcsc_ops.spec import ModelSpec, brief_repr
 
 MANIFEST_FORMAT = "lcsc-checkpoints/1"
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_NAME = "manifest.json"
 SPEC_ARTIFACT = "lcsc/spec.json"
+FRAGMENT_DIR = "manifest.d"  # one small manifest per logged step, so no upload grows with the run
+FRAGMENT_NAME = re.compile(r"step\d{8}-[a-z+]+\.json")
 KINDS = ("raw", "ema")
+RUN_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,255}")  # an MLflow run id; a folder name in the cache
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -37,6 +42,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def fragment_filename(step: int, kinds: str) -> str:
+    return f"step{step:08d}-{kinds}.json"
 
 
 def checkpoint_filename(step: int, kind: str) -> str:
@@ -88,6 +97,59 @@ class CheckpointWindow:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("LCSC_OPS_CACHE", Path.home() / ".cache" / "lcsc-ops"))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_run_id(run_id: Any) -> str:
+    """``run_id`` if it looks like an MLflow run id (letters, digits, ``_``, ``-``): it becomes a
+    folder name in the checkpoint cache, so nothing like ``..`` or ``/`` may pass."""
+    if not (isinstance(run_id, str) and RUN_ID.fullmatch(run_id)):
+        raise LcscError(f"not an MLflow run id: {brief_repr(run_id)} (expected letters, digits, '_' or '-')")
+    return run_id
+
+
+def validate_manifest(manifest: Any, run_id: str) -> list[dict]:
+    """The entries of a run's ``checkpoints/manifest.json``, every field checked before anything
+    is written: the manifest is whatever the store holds, and each ``file`` becomes a path in
+    the local cache. ``file`` must be exactly the name the logger writes
+    (:func:`checkpoint_filename`), ``step`` and ``bytes`` non-negative ints, ``kind`` one of
+    :data:`KINDS`, ``sha256`` 64 lowercase hex digits, and ``spec`` a valid model spec.
+    LcscError names the run and the entry."""
+    validate_run_id(run_id)
+    if not isinstance(manifest, dict):
+        raise LcscError(f"run {run_id}: manifest must be a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != MANIFEST_FORMAT or not manifest.get("entries"):
+        raise LcscError(f"run {run_id} has no checkpoints listed in its manifest")
+    try:
+        ModelSpec.from_dict(manifest.get("spec"))
+    except LcscError as exc:
+        raise LcscError(f"run {run_id}: manifest spec: {exc}") from None
+    entries = manifest["entries"]
+    if not isinstance(entries, list):
+        raise LcscError(f"run {run_id}: manifest entries must be a list, got {type(entries).__name__}")
+    for i, e in enumerate(entries):
+        where = f"run {run_id}: manifest entry {i}"
+        if not isinstance(e, dict):
+            raise LcscError(f"{where} must be a JSON object, got {type(e).__name__}")
+        for key in ("step", "kind", "file", "sha256", "bytes"):
+            if key not in e:
+                raise LcscError(f"{where} lacks {key!r}")
+        step, kind, name = e["step"], e["kind"], e["file"]
+        if not (_is_int(step) and step >= 0):
+            raise LcscError(f"{where}: step must be a non-negative integer, got {brief_repr(step)}")
+        if kind not in KINDS:
+            raise LcscError(f"{where}: kind must be one of {', '.join(KINDS)}, got {brief_repr(kind)}")
+        if name != checkpoint_filename(step, kind):
+            raise LcscError(f"{where}: file {brief_repr(name)} is not the checkpoint name "
+                            f"{checkpoint_filename(step, kind)!r} of step {step} ({kind})")
+        if not (isinstance(e["sha256"], str) and SHA256.fullmatch(e["sha256"])):
+            raise LcscError(f"{where} ({name}): sha256 must be 64 lowercase hex digits, got {brief_repr(e['sha256'])}")
+        if not (_is_int(e["bytes"]) and e["bytes"] >= 0):
+            raise LcscError(f"{where} ({name}): bytes must be a non-negative integer, got {brief_repr(e['bytes'])}")
+    return list(entries)
 
 
 def select_window(entries: list[dict], window: int, end_step: int | None = None

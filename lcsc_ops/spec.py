@@ -3,12 +3,20 @@
 A training run records one spec (as ``lcsc/spec.json`` and in every checkpoint's
 safetensors metadata), so ``lcsc-ops optimize <run-id>`` needs nothing but the run id.
 The factory is named by import path, so users plug in their own architectures.
+
+A spec read from a run is untrusted input (whoever can write to the tracking store wrote
+it): calling its factory runs code. Such a spec carries its ``origin`` and is built only
+once :class:`Trust` allows its factory (the package's own model factories, diffusers model
+classes, the module prefixes the user lists, or everything with trust-remote-code). A spec
+the user gives on the command line has no origin and is trusted by definition.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -17,16 +25,38 @@ import torch
 from lcsc_ops.errors import LcscError
 
 SPEC_VERSION = 1
+TRUST_ENV = "LCSC_OPS_TRUST_FACTORY"
+# Built-in trust: the package's model factories (any callable of these modules) and diffusers
+# model classes (``diffusers:UNet2DModel``; only nn.Module classes named without dots, so not
+# e.g. ``diffusers:DiffusionPipeline.from_pretrained``, which can fetch and run remote code).
+TRUSTED_FACTORY_MODULES = ("lcsc_ops.models",)
+TRUSTED_MODEL_CLASS_MODULES = ("diffusers",)
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED = re.compile(rf"{_NAME}(?:\.{_NAME})*")
 
 
-def import_object(path: str) -> Any:
-    """Import ``"package.module:attr"`` (or ``"package.module.attr"``) and return the attribute."""
+def brief_repr(value: Any, limit: int = 200) -> str:
+    """``repr`` cut to one short line (for values read from a run, which may be anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def split_import_path(path: str) -> tuple[str, str]:
+    """``(module, attr)`` of ``"package.module:attr"`` (or ``"package.module.attr"``), without importing."""
+    if not isinstance(path, str):
+        raise LcscError(f"not an import path (expected 'module:callable'): {brief_repr(path)}")
     if ":" in path:
         module_name, _, attr = path.partition(":")
     else:
         module_name, _, attr = path.rpartition(".")
     if not module_name or not attr:
-        raise LcscError(f"not an import path (expected 'module:callable'): {path!r}")
+        raise LcscError(f"not an import path (expected 'module:callable'): {brief_repr(path)}")
+    return module_name, attr
+
+
+def import_object(path: str) -> Any:
+    """Import ``"package.module:attr"`` (or ``"package.module.attr"``) and return the attribute."""
+    module_name, attr = split_import_path(path)
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
@@ -56,6 +86,9 @@ class ModelSpec:
     sampler: Mapping[str, Any] = field(default_factory=lambda: {"name": "ddim", "steps": 10})
     dataset: str = "digits"
     image_shape: tuple[int, ...] = (1, 8, 8)
+    # Where the spec was read from (``"run <id>"``) when it is untrusted input; None for a spec
+    # the user gave (or one :meth:`Trust.vouch` allowed). Not part of the spec's value.
+    origin: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kwargs", dict(self.kwargs))
@@ -64,8 +97,14 @@ class ModelSpec:
         if "name" not in self.sampler:
             raise LcscError("model spec: sampler settings need a 'name'")
 
-    def build(self) -> torch.nn.Module:
-        """Instantiate the (untrained) model from the factory."""
+    def build(self, trust: "Trust | None" = None) -> torch.nn.Module:
+        """Instantiate the (untrained) model from the factory.
+
+        A spec read from a run (``origin`` set) is built only if ``trust`` (default: the
+        built-in trust plus ``LCSC_OPS_TRUST_FACTORY``) allows its factory; the check comes
+        before the factory's module is imported."""
+        if self.origin is not None:
+            (trust or Trust()).check(self.factory, origin=self.origin)
         factory = import_object(self.factory)
         model = factory(**self.kwargs)
         if not isinstance(model, torch.nn.Module):
@@ -85,18 +124,114 @@ class ModelSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelSpec":
-        try:
-            return cls(factory=data["factory"], kwargs=data.get("kwargs", {}),
-                       sampler=data.get("sampler", {"name": "ddim", "steps": 10}),
-                       dataset=data.get("dataset", "digits"),
-                       image_shape=tuple(data.get("image_shape", (1, 8, 8))))
-        except KeyError as exc:
-            raise LcscError(f"model spec lacks {exc.args[0]!r}") from None
+    def from_dict(cls, data: Mapping[str, Any], origin: str | None = None) -> "ModelSpec":
+        """The spec in ``data`` (as :meth:`to_dict` writes it), every field's type checked, since
+        ``data`` may come from a run; ``origin`` (e.g. ``"run <id>"``) marks it untrusted."""
+        if not isinstance(data, Mapping):
+            raise LcscError(f"model spec must be a JSON object, got {type(data).__name__}")
+        if "factory" not in data:
+            raise LcscError("model spec lacks 'factory'")
+        factory = data["factory"]
+        if not (isinstance(factory, str) and re.fullmatch(rf"{_DOTTED.pattern}(?::{_DOTTED.pattern})?", factory)
+                and (":" in factory or "." in factory)):
+            raise LcscError(f"model spec: factory must be an import path 'module:callable', got {brief_repr(factory)}")
+        kwargs = data.get("kwargs", {})
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+            raise LcscError(f"model spec: kwargs must be a JSON object, got {brief_repr(kwargs)}")
+        sampler = data.get("sampler", {"name": "ddim", "steps": 10})
+        if not isinstance(sampler, Mapping) or not isinstance(sampler.get("name"), str):
+            raise LcscError(f"model spec: sampler must be a JSON object with a 'name', got {brief_repr(sampler)}")
+        dataset = data.get("dataset", "digits")
+        if not isinstance(dataset, str):
+            raise LcscError(f"model spec: dataset must be a string, got {brief_repr(dataset)}")
+        shape = data.get("image_shape", (1, 8, 8))
+        if not (isinstance(shape, (list, tuple)) and shape
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            raise LcscError(f"model spec: image_shape must be positive integers, got {brief_repr(shape)}")
+        return cls(factory=factory, kwargs=kwargs, sampler=sampler, dataset=dataset, image_shape=tuple(shape),
+                   origin=origin)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelSpec":
+    def from_json(cls, text: str, origin: str | None = None) -> "ModelSpec":
         try:
-            return cls.from_dict(json.loads(text))
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise LcscError(f"model spec is not valid JSON: {exc}") from None
+        return cls.from_dict(data, origin=origin)
+
+
+def _matches(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def parse_module_prefixes(text: str, what: str = "module prefixes") -> tuple[str, ...]:
+    """``"a, b.c"`` -> ``("a", "b.c")``: comma-separated module prefixes (``--trust-factory``,
+    ``LCSC_OPS_TRUST_FACTORY``), each a dotted module name."""
+    prefixes = tuple(p.strip() for p in text.split(",") if p.strip())
+    check_module_prefixes(prefixes, what)
+    return prefixes
+
+
+def check_module_prefixes(prefixes: tuple[str, ...], what: str = "module prefixes") -> None:
+    for p in prefixes:
+        if not (isinstance(p, str) and _DOTTED.fullmatch(p)):
+            raise LcscError(f"{what + ': ' if what else ''}{brief_repr(p)} is not a module name like 'my_pkg' or "
+                            "'my_pkg.nets'")
+
+
+def env_trusted_prefixes() -> tuple[str, ...]:
+    """The module prefixes listed in ``LCSC_OPS_TRUST_FACTORY`` (comma-separated)."""
+    return parse_module_prefixes(os.environ.get(TRUST_ENV, ""), TRUST_ENV)
+
+
+def check_factory_trusted(factory: str, trust_factory: tuple[str, ...] = (), trust_remote_code: bool = False, *,
+                          origin: str = "the run", options: bool = True) -> None:
+    """LcscError unless a spec from ``origin`` may call ``factory``: with ``trust_remote_code``,
+    or when the factory's module lies under a prefix of ``trust_factory`` or
+    ``LCSC_OPS_TRUST_FACTORY``, or under the built-in ones (the package's model modules; for
+    diffusers, only nn.Module classes). Untrusted modules are never imported; ``options`` says
+    whether the refusal may point at --trust-factory / --trust-remote-code."""
+    if trust_remote_code:
+        return
+    module, attr = split_import_path(factory)
+    if not _DOTTED.fullmatch(module) or not _DOTTED.fullmatch(attr):
+        raise LcscError(f"{origin} names model factory {brief_repr(factory)}, which is not an import path "
+                        "'module:callable'")
+    if _matches(module, tuple(trust_factory) + env_trusted_prefixes() + TRUSTED_FACTORY_MODULES):
+        return
+    if _matches(module, TRUSTED_MODEL_CLASS_MODULES) and "." not in attr:
+        obj = import_object(f"{module}:{attr}")  # a trusted library: importing it is safe
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+            return
+    how = (f"pass --trust-factory {module} (or --trust-remote-code), or set {TRUST_ENV}={module}," if options
+           else f"set {TRUST_ENV}={module}")
+    why = ("which is not a diffusers model class" if _matches(module, TRUSTED_MODEL_CLASS_MODULES)
+           else f"from an untrusted module {brief_repr(module)}")
+    raise LcscError(f"{origin} names model factory {brief_repr(factory)} {why}; {how} if you trust the run's authors")
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Which model factories a spec read from a run may name (like Hugging Face's
+    ``trust_remote_code``): module prefixes (``factory``, plus ``LCSC_OPS_TRUST_FACTORY`` and
+    the built-in ones) or everything (``remote_code``). ``options``: whether a refusal may
+    point at the --trust-factory / --trust-remote-code options (False where there are none)."""
+
+    factory: tuple[str, ...] = ()
+    remote_code: bool = False
+    options: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "factory", tuple(self.factory))
+        check_module_prefixes(self.factory, "--trust-factory")
+
+    def check(self, factory: str, *, origin: str = "the run") -> None:
+        """LcscError (one line, naming ``origin`` and the factory) unless ``factory`` is trusted."""
+        check_factory_trusted(factory, self.factory, self.remote_code, origin=origin, options=self.options)
+
+    def vouch(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` checked and marked trusted (no origin), so it builds without a check later."""
+        if spec.origin is None:
+            return spec
+        self.check(spec.factory, origin=spec.origin)
+        return dataclasses.replace(spec, origin=None)

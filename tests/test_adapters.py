@@ -130,7 +130,8 @@ def test_adapter_only_import_optimizes_and_registers_only_the_adapters(store, tm
     window = fetch_window(run_id, window=K, tracking_uri=store["uri"], cache_dir=store["cache"])
     assert window.steps == (100, 200, 300, 400) and set(window.entries[0].load()) == set(ADAPTER_KEYS)
 
-    cfg = tiny_optimize_config(run_id, store, evaluator="tests.evaluators:weight_energy", n_trials=2)
+    cfg = tiny_optimize_config(run_id, store, evaluator="tests.evaluators:weight_energy", n_trials=2,
+                               trust_factory=(__name__,))  # the run names this module's factory
     report = run_optimize(cfg, log=lambda m: None)
     name, version = report["registered_model"]["name"], report["registered_model"]["version"]
     assert name == "tiny-lora"
