@@ -151,13 +151,19 @@ def train(cfg: TrainConfig) -> str | None:
 
 
 def _load_teacher(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
-    """The distillation teacher: the training EMA of the finished diffusion run ``cfg.teacher_run``."""
+    """The distillation teacher: the training EMA of the finished diffusion run ``cfg.teacher_run``.
+
+    The teacher run's spec is untrusted input: its factory must be trusted (built in,
+    ``LCSC_OPS_TRUST_FACTORY``, or the module of the user's own ``--factory``), checked
+    before anything is downloaded."""
     from lcsc_ops.models.consistency import DiffusionTeacher
     from lcsc_ops.models.diffusion import make_sampler
+    from lcsc_ops.spec import Trust, split_import_path
     from lcsc_ops.store.fetch import fetch_window
 
+    trust = Trust(factory=(split_import_path(spec.factory)[0],), options=False)
     with accelerator.main_process_first():  # one download into the shared cache, then cache hits
-        window = fetch_window(cfg.teacher_run, window=1, tracking_uri=cfg.tracking_uri)
+        window = fetch_window(cfg.teacher_run, window=1, tracking_uri=cfg.tracking_uri, trust=trust)
     tspec = window.spec
     if window.training_ema is None:
         raise LcscError(f"teacher run {cfg.teacher_run} has no EMA checkpoint")

@@ -42,6 +42,6 @@ def test_two_process_training_logs_one_set_of_checkpoints(tmp_path):
     assert sorted((e["step"], e["kind"]) for e in manifest["entries"]) == [
         (10, "ema"), (10, "raw"), (20, "ema"), (20, "raw")]
     files = sorted(a.path for a in client.list_artifacts(run_ids[0], "checkpoints"))
-    assert files == ["checkpoints/manifest.json", "checkpoints/step00000010-ema.safetensors",
+    assert files == ["checkpoints/manifest.d", "checkpoints/manifest.json", "checkpoints/step00000010-ema.safetensors",
                      "checkpoints/step00000010-raw.safetensors", "checkpoints/step00000020-ema.safetensors",
                      "checkpoints/step00000020-raw.safetensors"]

@@ -104,7 +104,8 @@ def test_resume_runs_only_missing_trials_under_the_same_parent(store, tiny_run, 
 def test_search_is_centred_on_the_strongest_baseline(store, optimized):
     _, report = optimized
     study = optuna.load_study(study_name=report["study"], storage=make_storage(store["storage"]))
-    centre = study.user_attrs["centre"]
+    setup = study.user_attrs["lcsc.setup"]
+    centre = {"name": setup["centre"], "coefficients": setup["coefficients"]}
     baselines = {n: r for n, r in report["methods"].items() if r["kind"] == "baseline"}
     assert centre["name"] == min(baselines, key=lambda n: baselines[n]["search_mean"]) == report["centre"]
     # the stored centre, over the basis (raw then EMA), is that baseline's own coefficients
@@ -122,4 +123,5 @@ def test_running_a_finished_optimization_again_registers_nothing_new(store, tiny
     assert again["registered_model"]["version"] == first["registered_model"]["version"] == "1"
     assert again["registered_model"].get("existing") is True
     client = mlflow.tracking.MlflowClient(store["uri"])
+    assert client.get_run(again["parent_run_id"]).info.status == "FINISHED"
     assert len(client.search_model_versions("name = 'tiny-again'")) == 1

@@ -118,7 +118,7 @@ def test_optimize_seeds_the_evolution_population_with_ema_profiles(store, tiny_r
 
     job = stages.prepare(tiny_optimize_config(tiny_run, store, strategy="evolution", n_trials=3, register=False,
                                               ema_grid=4, search_samples=32), log=lambda m: None)
-    search = stages.open_search(job, stages.score_baselines(job))
+    search, _ = stages.open_search(job)
     stages.run_search(job, search)
     search.run.end()
     raw = [j for j, i in enumerate(job.basis) if job.window.entries[i].kind == "raw"]

@@ -107,8 +107,4 @@ def test_run_trials_counts_the_trials_that_ran_when_a_study_is_stopped_early():
     enc = AffineEncoding(centre=(0.25, 0.25, 0.25, 0.25), radius=0.3)
     study = optuna.create_study(sampler=make_strategy("random", 0))
 
-    def stop_at_third(study, trial):
-        if trial.number == 2:
-            study.stop()
-
-    assert run_trials(study, enc, lambda c: 1.0, 10, [stop_at_third]) == 3
+    assert run_trials(study, enc, lambda c: 1.0, 10, should_stop=lambda t: t.number == 2) == 3

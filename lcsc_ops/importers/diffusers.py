@@ -31,7 +31,8 @@ from lcsc_ops.models.diffusers_unet import (DEFAULT_SCHEDULER, FACTORY, MODEL_CL
                                             require_diffusers, resolve_scheduler_config, unet_config)
 from lcsc_ops.spec import ModelSpec
 from lcsc_ops.checkpoints import KINDS
-from lcsc_ops.importers.files import PlannedFile, check_layout, compile_step_pattern, read_checkpoint, write_import_run
+from lcsc_ops.importers.files import (PlannedFile, check_finite, check_layout, compile_step_pattern, read_checkpoint,
+                                     write_import_run)
 
 CHECKPOINT_STEP_PATTERN = r"checkpoint-(\d+)"
 CHECKPOINT_SUBFOLDERS = (("unet", "raw"), ("unet_ema", "ema"))
@@ -234,6 +235,8 @@ def import_diffusers(folder: str | Path, *, steps: int = 10, scheduler: str = DE
         layout, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle, layout_only=True)
         check_layout(p.label, layout, model, first, partial=False)
         first = first or (p.label, layout)
+    for p in planned:
+        check_finite(p, allow_pickle)
     return write_import_run(planned, spec=spec, folder=folder, ema_folder=ema_folder, allow_pickle=allow_pickle,
                             experiment=experiment, run_name=run_name, model_name=model_name,
                             tracking_uri=tracking_uri, tags={"lcsc.source_format": "diffusers"}, log=log)

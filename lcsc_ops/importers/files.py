@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -216,7 +217,7 @@ def plan_import(folders: list[tuple[Path, str]], *, spec: ModelSpec, step_patter
                 partial: bool) -> list[PlannedFile]:
     """Read every file's layout and step and check them all; the files to import, by kind then step."""
     pattern = compile_step_pattern(step_pattern)
-    model = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
+    model = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
     planned: list[PlannedFile] = []
     seen: dict[tuple[str, int], Path] = {}
     first: tuple[str, Layout] | None = None
@@ -230,7 +231,28 @@ def plan_import(folders: list[tuple[Path, str]], *, spec: ModelSpec, step_patter
                 raise LcscError(f"duplicate step {step} ({kind}): {seen[kind, step].name} and {path.name}")
             seen[kind, step] = path
             planned.append(PlannedFile(path, kind, step))
+    for p in planned:
+        check_finite(p, allow_pickle)
     return sorted(planned, key=lambda p: (KINDS.index(p.kind), p.step))
+
+
+def build_model(spec: ModelSpec) -> torch.nn.Module:
+    """The user's factory called with the user's kwargs; a failure is one line naming both."""
+    try:
+        return spec.build()
+    except LcscError:
+        raise
+    except Exception as exc:
+        raise LcscError(f"factory {spec.factory!r} with kwargs {json.dumps(spec.kwargs)} failed: "
+                        f"{type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def check_finite(p: PlannedFile, allow_pickle: bool) -> None:
+    """Refuse a checkpoint holding NaN or inf: a merge multiplies it into every candidate."""
+    state, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle)
+    for key, t in state.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise LcscError(f"{p.label}: tensor {key!r} holds NaN or inf")
 
 
 def import_checkpoints(folder: str | Path, *, spec: ModelSpec, step_pattern: str | None = None, kind: str = "raw",
@@ -274,12 +296,15 @@ def write_import_run(planned: list[PlannedFile], *, spec: ModelSpec, folder: str
         with tempfile.TemporaryDirectory(prefix="lcsc-import-") as tmp:
             for p in planned:
                 state, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle)
-                local = Path(tmp) / checkpoint_filename(p.step, p.kind)
+                folder = Path(tmp) / f"{p.kind}{p.step}"
+                folder.mkdir()
+                local = folder / checkpoint_filename(p.step, p.kind)
                 write_checkpoint(local, state, step=p.step, kind=p.kind, spec=spec, extra={"lcsc.source_file": p.label})
                 del state
-                uploader.add(local, {"step": p.step, "kind": p.kind, "file": local.name, "sha256": sha256_file(local),
-                                     "bytes": local.stat().st_size, "source": p.label})
-                local.unlink()
+                uploader.add_step(folder, [{"step": p.step, "kind": p.kind, "file": local.name,
+                                            "sha256": sha256_file(local), "bytes": local.stat().st_size,
+                                            "source": p.label}])
+                shutil.rmtree(folder)
                 log(f"{p.kind}@{p.step} <- {p.label}")
     except BaseException:
         uploader.end("FAILED")

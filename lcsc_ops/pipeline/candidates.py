@@ -10,7 +10,7 @@ import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -36,6 +36,13 @@ class Candidate:
     second: list[float] = field(default_factory=list)
     final_default_nfe: list[float] = field(default_factory=list)  # baselines at the spec's NFE (with --nfe)
 
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Candidate":
+        return cls(**{**data, "indices": tuple(data["indices"]), "coeffs": tuple(data["coeffs"])})
+
     def dense(self, size: int) -> list[float]:
         """The coefficients over all ``size`` entries of the window (zeros elsewhere)."""
         return embed(self.coeffs, self.indices, size)
@@ -46,7 +53,8 @@ class Candidate:
 
     @property
     def final_std(self) -> float:
-        return statistics.stdev(self.final) if len(self.final) > 1 else 0.0
+        """Standard deviation across the final seeds (NaN if a score is not finite)."""
+        return _stdev(self.final) if len(self.final) > 1 else 0.0
 
     @property
     def second_mean(self) -> float | None:
@@ -66,14 +74,28 @@ def baselines(window: CheckpointWindow, ema_grid: int, score: Callable[[Candidat
     grid = [Candidate(f"ema@{g:.6g}", raw, tuple(ema_profile(k, g)), "baseline") for g in ema_decay_grid(k, ema_grid)]
     for c in grid:
         c.search_fid = score(c)
-    best = min(grid, key=lambda c: c.search_fid)
-    out.append(dataclasses.replace(best, name="ema_star", note=best.name.replace("ema@", "decay ")))
+    finite = [c for c in grid if math.isfinite(c.search_fid)]
+    if finite:
+        best = min(finite, key=lambda c: c.search_fid)
+        out.append(dataclasses.replace(best, name="ema_star", note=best.name.replace("ema@", "decay ")))
     if window.training_ema is not None:
         out.append(Candidate("training_ema", (window.entries.index(window.training_ema),), (1.0,), "baseline"))
     for c in out:
         if c.search_fid is None:
             c.search_fid = score(c)
     return out
+
+
+def finite_baselines(cands: Sequence[Candidate], log: Callable[[str], None]) -> list[Candidate]:
+    """The baselines whose search score is finite; the others are named and excluded."""
+    bad = [c for c in cands if not math.isfinite(c.search_fid)]
+    for c in bad:
+        log(f"baseline {c.name} scored {c.search_fid} on the search seeds: excluded")
+    good = [c for c in cands if math.isfinite(c.search_fid)]
+    if not good:
+        raise LcscError("every baseline scored NaN or inf: the checkpoints or the evaluator produce "
+                        "non-finite values")
+    return good
 
 
 def centre_in_basis(cands: Sequence[Candidate], basis: Sequence[int]) -> Candidate:
@@ -104,8 +126,12 @@ def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
     d = [x - y for x, y in zip(a, b)]
     if not d:
         return math.nan, math.nan
-    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
+    se = _stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.nan
     return statistics.fmean(d), se
+
+
+def _stdev(xs: Sequence[float]) -> float:
+    return statistics.stdev(xs) if all(math.isfinite(x) for x in xs) else math.nan
 
 
 def merged_state(window: CheckpointWindow, cand: Candidate) -> dict[str, torch.Tensor]:

@@ -12,9 +12,10 @@ from typing import Any
 from lcsc_ops.errors import LcscError
 from lcsc_ops.evaluation.precision import PRECISIONS
 from lcsc_ops.options import check_positive, option, parse_fractions
+from lcsc_ops.spec import check_module_prefixes, parse_module_prefixes
 
 BASIS_KINDS = {"raw": ("raw",), "ema": ("ema",), "both": ("raw", "ema")}
-BASIS, SEARCH, EVAL, MLFLOW = "Basis", "Search", "Evaluation", "MLflow"
+BASIS, SEARCH, EVAL, MLFLOW, TRUST, WORKERS = "Basis", "Search", "Evaluation", "MLflow", "Trust", "Workers"
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,10 @@ class OptimizeConfig:
                                             "of --search-samples.", panel=SEARCH, parse=parse_fractions)
     storage: str | None = option(None, "Optuna storage: a journal file path or a database URL (default: "
                                        "optuna.journal beside the MLflow store).", panel=SEARCH)
+    workers: int = option(1, "Local worker processes sharing the study (more may join from any host with the "
+                             "same --storage and tracking URI).", panel=WORKERS)
+    devices: str | None = option(None, "Devices of the local workers, round-robin, e.g. cuda:0,cuda:1 "
+                                       "(default: --device for all).", panel=WORKERS)
     search_samples: int = option(1000, "Samples per search evaluation.", panel=EVAL)
     search_seeds: int = option(1, "Fixed noise seeds averaged per search evaluation.", panel=EVAL)
     final_samples: int = option(2000, "Samples per final evaluation.", panel=EVAL)
@@ -61,6 +66,14 @@ class OptimizeConfig:
     model_name: str | None = option(None, "Registered model name (default: the training run's tag "
                                           "lcsc.model_name, else lcsc-model).", panel=MLFLOW)
     register: bool = option(True, "Register the winning merge.", panel=MLFLOW)
+    trust_factory: tuple[str, ...] = option((), "Module prefixes whose model factories a run's spec may name, "
+                                                "comma-separated (e.g. my_pkg,other.nets; also from "
+                                                "LCSC_OPS_TRUST_FACTORY). The package's model factories and "
+                                                "diffusers model classes need none. Building a model runs its "
+                                                "factory's code: list only modules of authors you trust.",
+                                            panel=TRUST, parse=lambda t: parse_module_prefixes(t, ""))
+    trust_remote_code: bool = option(False, "Build whatever model factory the run's spec names (runs code chosen "
+                                            "by whoever can write to the tracking store).", panel=TRUST)
     tracking_uri: str | None = option(None, cli=False)
 
     def study_key(self) -> dict[str, Any]:
@@ -79,7 +92,7 @@ class OptimizeConfig:
 
         if self.basis not in BASIS_KINDS:
             raise LcscError(f"unknown basis {self.basis!r} (use raw, ema or both)")
-        check_positive(self, ("window", "n_trials", "search_samples", "search_seeds", "final_samples", "final_seeds",
+        check_positive(self, ("workers", "window", "n_trials", "search_samples", "search_seeds", "final_samples", "final_seeds",
                               "top_k", "ema_grid", "batch_size", "blocks", "nfe"))
         if not (math.isfinite(self.radius) and self.radius > 0):
             raise LcscError(f"--radius must be a finite number > 0, got {self.radius}")
@@ -88,6 +101,9 @@ class OptimizeConfig:
         if self.search_precision not in PRECISIONS:
             raise LcscError(f"unknown search precision {self.search_precision!r} (use {', '.join(PRECISIONS)})")
         check_strategy(self.strategy)
+        if isinstance(self.trust_factory, str) or not isinstance(self.trust_factory, (tuple, list)):
+            raise LcscError(f"--trust-factory must be a tuple of module prefixes, got {self.trust_factory!r}")
+        check_module_prefixes(tuple(self.trust_factory), "--trust-factory")
         if self.storage:
             check_storage(self.storage)
         if self.nfe is not None and self.evaluator:

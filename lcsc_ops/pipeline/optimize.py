@@ -21,13 +21,14 @@ from lcsc_ops.evaluation.score_cache import ScoreCache
 from lcsc_ops.math.encoding import AffineEncoding, partition_by_kind
 from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, embed
 from lcsc_ops.pipeline.candidates import (FINAL_SEED_BASE, Candidate, average_coefficients, baselines,
-                                          centre_in_basis, merged_state, restrict)
+                                          centre_in_basis, finite_baselines, merged_state, restrict)
+from lcsc_ops.pipeline.checks import drop_nonfinite
 from lcsc_ops.pipeline.config import BASIS_KINDS, OptimizeConfig
 from lcsc_ops.pipeline.report import build_report, save_plots
 from lcsc_ops.pipeline.scoring import Scorer
 from lcsc_ops.search.evolution import seed_points_from_profiles
 from lcsc_ops.search.storage import default_storage, study_name
-from lcsc_ops.search.study import CENTRE_ATTR, PARENT_ATTR, SearchStudy
+from lcsc_ops.search.study import SearchStudy
 from lcsc_ops.spec import ModelSpec
 from lcsc_ops.store import fetch
 from lcsc_ops.store.registry import find_version, register_model, to_json_tag
@@ -78,13 +79,19 @@ class Search:
 
 
 def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None) -> Job:
-    """Check the options, fetch and verify the window, build the evaluators and the scorer."""
+    """Check the options, fetch and verify the window, build the evaluators and the scorer.
+
+    The run's model spec is untrusted: its factory is checked against --trust-factory /
+    --trust-remote-code (and LCSC_OPS_TRUST_FACTORY) before any checkpoint is downloaded."""
+    from lcsc_ops.spec import Trust
+
     cfg.validate()
     uri = fetch.resolve_tracking_uri(cfg.tracking_uri)
     cache_dir = cache_dir or default_cache_dir()
     source = fetch.get_run_or_fail(cfg.run_id, uri)
-    window = fetch.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step, tracking_uri=uri,
-                                cache_dir=cache_dir)
+    trust = Trust(factory=tuple(cfg.trust_factory), remote_code=cfg.trust_remote_code)
+    window = drop_nonfinite(fetch.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
+                                               tracking_uri=uri, cache_dir=cache_dir, trust=trust), log)
     spec = window.spec if cfg.nfe is None else window.spec.with_sampler(steps=cfg.nfe)
     device = resolve_device(cfg.device)
     evaluators = build_evaluators(spec, evaluator=cfg.evaluator, feature_extractor=cfg.feature_extractor,
@@ -109,32 +116,61 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None) -> Job
 def score_baselines(job: Job) -> list[Candidate]:
     """Last, uniform, EMA* and training EMA under the search protocol."""
     n = len(job.window.entries)
-    return baselines(job.window, job.cfg.ema_grid, lambda c: job.search_score(c.dense(n)))
+    return finite_baselines(baselines(job.window, job.cfg.ema_grid, lambda c: job.search_score(c.dense(n))), job.log)
 
 
-def open_search(job: Job, base: Sequence[Candidate]) -> Search:
-    """Open (or resume) the study, centre the box on the strongest expressible baseline, seed the
-    strategy, and open the MLflow parent run. A resumed study keeps the centre it started with."""
+def open_search(job: Job) -> tuple[Search, list[Candidate]]:
+    """Open (or join, or resume) the study and its shared setup: the baselines, the centre of the
+    box (the strongest expressible baseline), the MLflow parent run and the start trial are made
+    once per study, by the first worker, and reused by every other worker and by a resume."""
     cfg = job.cfg
     storage = cfg.storage or default_storage(job.tracking_uri)
     study = SearchStudy.open(study_name(cfg.run_id, cfg.study_key()), storage, prune=cfg.prune)
-    centre, coeffs = centre_in_basis(base, job.basis), None
-    stored = study.attr(CENTRE_ATTR)
-    if stored is not None:
-        centre, coeffs = next(c for c in base if c.name == stored["name"]), tuple(stored["coefficients"])
-    else:
-        coeffs = tuple(restrict(centre, job.basis))
-        study.set_attr(CENTRE_ATTR, {"name": centre.name, "coefficients": list(coeffs)})
-    blocks = partition_by_kind([job.window.entries[i].kind for i in job.basis], cfg.blocks) if cfg.blocks else None
-    encoding = AffineEncoding(centre=coeffs, radius=cfg.radius, blocks=blocks)
+    waiting = _Waiting(job.log, "another worker scores the baselines")
+    setup = study.once("setup", lambda: _setup(job, study, storage), on_wait=waiting)
+    base = [Candidate.from_dict(d) for d in setup["baselines"]]
+    centre = next(c for c in base if c.name == setup["centre"])
+    encoding = _encoding(job, setup["coefficients"])
     study.use_strategy(cfg.strategy, cfg.seed, profile_points(job, encoding))
     job.log(f"baselines (search {job.evaluators.metric}): "
             + ", ".join(f"{c.name} {c.search_fid:.3f}" for c in base) + f"; search centred on {centre.name}")
-    params = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"}
-    run = OptimizeRun.open(job.tracking_uri, study.attr(PARENT_ATTR), source=job.source, study=study.name,
-                           storage=storage, params=params)
-    study.set_attr(PARENT_ATTR, run.run_id)
-    return Search(study, centre, encoding, run, storage)
+    run = _parent_run(job, study, storage, setup["parent_run_id"])
+    return Search(study, centre, encoding, run, storage), base
+
+
+def _setup(job: Job, study: SearchStudy, storage: str) -> dict[str, Any]:
+    base = score_baselines(job)
+    centre = centre_in_basis(base, job.basis)
+    coeffs = restrict(centre, job.basis)
+    run = _parent_run(job, study, storage, None)
+    log_baselines(job, run, base)
+    study.add_start(_encoding(job, coeffs), centre.search_fid, centre.name)
+    return {"baselines": [c.to_dict() for c in base], "centre": centre.name, "coefficients": list(coeffs),
+            "parent_run_id": run.run_id}
+
+
+def _encoding(job: Job, coeffs: Sequence[float]) -> AffineEncoding:
+    kinds = [job.window.entries[i].kind for i in job.basis]
+    blocks = partition_by_kind(kinds, job.cfg.blocks) if job.cfg.blocks else None
+    return AffineEncoding(centre=tuple(coeffs), radius=job.cfg.radius, blocks=blocks)
+
+
+def _parent_run(job: Job, study: SearchStudy, storage: str, existing: str | None) -> OptimizeRun:
+    params = {k: v for k, v in dataclasses.asdict(job.cfg).items() if k != "tracking_uri"}
+    return OptimizeRun.open(job.tracking_uri, existing, source=job.source, study=study.name, storage=storage,
+                            params=params)
+
+
+class _Waiting:
+    """``on_wait`` for a shared stage: one line the first time, then one a minute."""
+
+    def __init__(self, log: Log, what: str) -> None:
+        self.log, self.what, self.last = log, what, 0.0
+
+    def __call__(self) -> None:
+        if time.monotonic() - self.last > 60:
+            self.log(f"waiting: {self.what}")
+            self.last = time.monotonic()
 
 
 def profile_points(job: Job, encoding: AffineEncoding) -> list[list[float]]:
@@ -147,13 +183,14 @@ def profile_points(job: Job, encoding: AffineEncoding) -> list[list[float]]:
 
 
 def run_search(job: Job, search: Search, stop_below: float | None = None) -> float:
-    """Add the start trial, run the missing trials (each a child run), return the search's seconds.
+    """Run this worker's share of the missing trials (each a child run); returns its seconds.
     With ``stop_below``, the search ends after the first trial that scores below it."""
     study, metric = search.study, job.evaluators.metric
     trial_logger = TrialRunLogger(search.run.run_id, tracking_uri=job.tracking_uri, metric=metric)
-    study.add_start(search.encoding, search.centre.search_fid, search.centre.name)
     try:
-        trial_logger.backfill(study.records(), study.name)  # the start trial, and trials a crash left unlogged
+        finished = [t for t in study.records() if t.value is not None or t.pruned]
+        # The start trial, and trials a crash left without a child run: one worker logs them.
+        study.once(f"backfill-{len(finished)}", lambda: trial_logger.backfill(finished, study.name) or True)
         t0 = time.perf_counter()
         rungs = prune_rungs(job) if job.cfg.prune else None
         ran = study.run(search.encoding, lambda c: job.search_score(job.dense(c)), job.cfg.n_trials,
@@ -184,10 +221,10 @@ def prune_rungs(job: Job) -> Any:
     return Rungs(counts, scores)
 
 
-def log_baselines(job: Job, search: Search, base: Sequence[Candidate]) -> None:
-    search.run.log_metrics({f"search_{job.evaluators.metric}.{c.name}": c.search_fid for c in base})
+def log_baselines(job: Job, run: OptimizeRun, base: Sequence[Candidate]) -> None:
+    run.log_metrics({f"search_{job.evaluators.metric}.{c.name}": c.search_fid for c in base})
     if job.evaluators.reference_path is not None:
-        search.run.log_artifact(job.evaluators.reference_path, "fid")
+        run.log_artifact(job.evaluators.reference_path, "fid")
 
 
 def pick_candidates(job: Job, search: Search) -> list[Candidate]:
@@ -288,23 +325,50 @@ def log_results(job: Job, search: Search, report: dict[str, Any], cands: Sequenc
             run.log_artifact(path, "plots")
 
 
+def conclude(job: Job, search: Search, base: Sequence[Candidate], seconds: float) -> dict[str, Any]:
+    """The final evaluation, the report and the registration: done once per finished study, by
+    one worker; the others (and a rerun of a finished command) get its report."""
+    n = search.study.n_searched
+
+    def current(report: dict[str, Any]) -> bool:
+        return report["trials"] == n and (not job.cfg.register or "registered_model" in report)
+
+    waiting = _Waiting(job.log, "another worker runs the final evaluation")
+    mine: list[dict[str, Any]] = []
+    report = search.study.once(f"result-{n}", lambda: mine.append(_conclude(job, search, base, seconds)) or mine[0],
+                               ready=current, on_wait=waiting)
+    if not mine and "registered_model" in report:  # another worker's (or an earlier run's) registration
+        report["registered_model"] = {**report["registered_model"], "existing": True}
+        job.log(f"{report['registered_model']['name']} version {report['registered_model']['version']} "
+                f"is this optimization's result, registered before; nothing registered")
+    return report
+
+
+def _conclude(job: Job, search: Search, base: Sequence[Candidate], seconds: float) -> dict[str, Any]:
+    cands = pick_candidates(job, search)
+    final_evaluation(job, [*base, *cands])
+    report = make_report(job, search, base, cands, seconds)
+    winner = next(c for c in [*base, *cands] if c.name == report["winner"])
+    if job.cfg.register:
+        report["registered_model"] = register(job, search, winner, report)
+    log_results(job, search, report, cands, base, winner)
+    return report
+
+
 def run_optimize(cfg: OptimizeConfig, *, log: Log = print, cache_dir: Path | None = None,
                  stop_below: float | None = None) -> dict[str, Any]:
-    """Run (or resume) the whole optimization; returns the report (also logged as ``results.json``).
-    The parent run ends FINISHED, or FAILED on an error. ``stop_below`` ends the search early."""
+    """Run (or join, or resume) the whole optimization; returns the report (also logged as
+    ``results.json``). The parent run ends FINISHED, or FAILED on an error. ``stop_below``
+    ends the search early. With ``cfg.workers > 1`` the other local workers run as processes."""
+    if cfg.workers > 1:
+        from lcsc_ops.pipeline.workers import run_workers
+
+        cfg.validate()
+        return run_workers(cfg, run_optimize, log=log, cache_dir=cache_dir, stop_below=stop_below)
     job = prepare(cfg, log, cache_dir)
-    base = score_baselines(job)
-    search = open_search(job, base)
+    search, base = open_search(job)
     try:
-        log_baselines(job, search, base)
-        seconds = run_search(job, search, stop_below)
-        cands = pick_candidates(job, search)
-        final_evaluation(job, [*base, *cands])
-        report = make_report(job, search, base, cands, seconds)
-        winner = next(c for c in [*base, *cands] if c.name == report["winner"])
-        if cfg.register:
-            report["registered_model"] = register(job, search, winner, report)
-        log_results(job, search, report, cands, base, winner)
+        report = conclude(job, search, base, run_search(job, search, stop_below))
     except BaseException:
         search.run.end("FAILED")
         raise

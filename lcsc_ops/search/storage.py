@@ -5,6 +5,7 @@ import functools
 import hashlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -62,17 +63,37 @@ def check_storage(url: str) -> None:
         raise LcscError(f"Optuna storage {url!r}: folder {str(path.parent)!r} does not exist")
 
 
-def make_storage(url: str) -> str | optuna.storages.BaseStorage:
+def make_storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``: a plain path is a journal file (Optuna's own
-    ``JournalFileBackend``); ``sqlite:///`` opens in WAL mode with ``synchronous=NORMAL``
-    (a commit per ``suggest_float`` otherwise costs an fsync each); other URLs go to Optuna."""
+    ``JournalFileBackend``); a database URL is an ``RDBStorage`` with Optuna's heartbeat, so a
+    killed worker's trial is FAILed after the grace period; ``sqlite:///`` opens in WAL mode
+    (a commit per ``suggest_float`` otherwise costs an fsync each)."""
+    from lcsc_ops.search.workers import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S
+
     check_storage(url)
     if is_journal_path(url):
         return optuna.storages.JournalStorage(JournalFileBackend(str(Path(url).expanduser())))
-    if not url.startswith("sqlite:///"):
-        return url
-    # A partial of a module-level function, so the storage pickles (Optuna's contract).
-    return optuna.storages.RDBStorage(url, engine_kwargs={"creator": functools.partial(_wal_connect, url[10:])})
+    kwargs: dict[str, Any] = {"heartbeat_interval": max(1, round(HEARTBEAT_INTERVAL_S)),
+                              "grace_period": max(2, round(GRACE_PERIOD_S))}
+    if url.startswith("sqlite:///"):
+        # A partial of a module-level function, so the storage pickles (Optuna's contract).
+        kwargs["engine_kwargs"] = {"creator": functools.partial(_wal_connect, url[10:])}
+    return _create_tables_once(url, kwargs)
+
+
+def _create_tables_once(url: str, kwargs: dict[str, Any], attempts: int = 5) -> optuna.storages.RDBStorage:
+    """RDBStorage(url): several workers creating Optuna's tables in an empty database at once
+    collide (PostgreSQL: UniqueViolation on pg_type); the loser retries and finds them made."""
+    import sqlalchemy.exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _wal_connect(path: str) -> sqlite3.Connection:

@@ -14,13 +14,10 @@ from lcsc_ops.errors import LcscError
 from lcsc_ops.math.encoding import AffineEncoding
 from lcsc_ops.records import TrialRecord
 from lcsc_ops.search.storage import make_storage, storage_error
+from lcsc_ops.search.workers import once
 from lcsc_ops.search.strategies import make_strategy
-from lcsc_ops.search.trials import (START_ATTR, RungPruner, Rungs, add_start_trial, completed, pruned, run_trials,
-                                    searched)
-
-CENTRE_ATTR = "centre"
-PARENT_ATTR = "mlflow_parent_run_id"
-
+from lcsc_ops.search.trials import (START_ATTR, NonFiniteScore, RungPruner, Rungs, add_start_trial, completed, pruned,
+                                    run_trials, searched)
 
 def record(trial: optuna.trial.FrozenTrial) -> TrialRecord:
     duration = trial.duration.total_seconds() if trial.duration else None
@@ -33,22 +30,30 @@ def record(trial: optuna.trial.FrozenTrial) -> TrialRecord:
 class SearchStudy:
     """One Optuna study: open or resume it, seed its strategy, run trials, read results."""
 
-    def __init__(self, study: optuna.Study) -> None:
-        self._study = study
+    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
+        self._study, self._storage = study, storage
 
     @classmethod
     def open(cls, name: str, storage: str, *, prune: bool = False) -> "SearchStudy":
-        """Create or load study ``name`` in ``storage`` (minimising; the rung pruner with ``prune``)."""
+        """Create or load study ``name`` in ``storage`` (minimising; the rung pruner with ``prune``).
+        Several workers may open the same study at once."""
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            study = optuna.create_study(study_name=name, storage=make_storage(storage),
+            backend = make_storage(storage)
+            study = optuna.create_study(study_name=name, storage=backend,
                                         pruner=RungPruner() if prune else optuna.pruners.NopPruner(),
                                         direction="minimize", load_if_exists=True)
         except LcscError:
             raise
         except Exception as exc:  # bad URL, unreachable server, locked file
             raise storage_error(storage, exc) from None
-        return cls(study)
+        return cls(study, backend)
+
+    def once(self, what: str, compute: Callable[[], Any], *, ready: Callable[[Any], bool] = lambda v: True,
+             on_wait: Callable[[], None] | None = None) -> Any:
+        """Study attribute ``lcsc.<what>``, computed by one worker and shared with the others
+        (see :func:`~lcsc_ops.search.workers.once`)."""
+        return once(self._storage, self.name, what, compute, ready=ready, on_wait=on_wait)
 
     @property
     def name(self) -> str:
@@ -69,15 +74,15 @@ class SearchStudy:
     def run(self, encoding: AffineEncoding, score: Callable[[list[float]], float], n_trials: int,
             on_trial: Callable[[TrialRecord], None] | None = None, rungs: Rungs | None = None,
             stop_below: float | None = None) -> int:
-        """Run trials until ``n_trials`` searched ones are finished (or one scores below
-        ``stop_below``); returns how many finished now."""
-        def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if on_trial is not None:
-                on_trial(record(trial))
-            if stop_below is not None and trial.value is not None and trial.value < stop_below:
-                study.stop()
-
-        return run_trials(self._study, encoding, score, n_trials, [callback], rungs=rungs)
+        """Run trials until ``n_trials`` searched ones are finished (by this and any other worker),
+        or one scores below ``stop_below``; returns how many this process finished."""
+        callbacks = [lambda study, trial: on_trial(record(trial))] if on_trial is not None else []
+        stop = None if stop_below is None else (lambda t: t.value is not None and t.value < stop_below)
+        try:
+            return run_trials(self._study, encoding, score, n_trials, callbacks, rungs=rungs, storage=self._storage,
+                              should_stop=stop)
+        except NonFiniteScore as exc:
+            raise LcscError(f"search stopped: {exc}; check the checkpoints and the evaluator") from None
 
     def records(self) -> list[TrialRecord]:
         """Every trial, by number."""

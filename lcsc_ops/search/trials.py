@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Callable, Iterator, Sequence
 
 import optuna
+from optuna.trial import TrialState
 
 from lcsc_ops.math.encoding import AffineEncoding
 
@@ -101,40 +103,125 @@ class Rungs:
         self.steps, self.scores = [int(s) for s in steps], scores
 
 
+NONFINITE_ATTR = "lcsc.nonfinite"
+SURPLUS_ATTR = "lcsc.surplus"
+
+
+class NonFiniteScore(Exception):
+    """A candidate scored NaN or inf: its trial FAILs and does not use up the budget."""
+
+
+class SurplusTrial(Exception):
+    """Another worker already claimed the last trial of the budget: this one FAILs unscored."""
+
+
 def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[list[float]], float],
-               n_trials: int, callbacks: Sequence[Callable] = (), *, rungs: Rungs | None = None) -> int:
+               n_trials: int, callbacks: Sequence[Callable] = (), *, rungs: Rungs | None = None,
+               storage: optuna.storages.BaseStorage | None = None,
+               should_stop: Callable[[optuna.trial.FrozenTrial], bool] | None = None) -> int:
     """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones, not
-    counting a start trial (:func:`add_start_trial`); returns how many finished now.
+    counting a start trial (:func:`add_start_trial`); returns how many this process finished.
 
-    Each trial suggests the encoding's coordinates (fixed names and bounds, so CMA-ES never
-    falls back to random sampling), decodes them to coefficients that sum to exactly 1,
-    stores those as the trial's ``coefficients`` attribute and returns ``score(coefficients)``.
-    With ``rungs``, it instead reports each rung's score (``trial.report(value, step=count)``),
-    asks the study's pruner after every rung but the last, and returns the last rung's score,
-    which is the full score. Pruned trials count towards ``n_trials``: the budget is trials
-    started, and pruning makes some of them cheaper.
+    Each trial suggests the encoding's coordinates (fixed names and bounds), decodes them to
+    coefficients that sum to exactly 1 (stored as the trial's ``coefficients``) and returns
+    ``score(coefficients)``; with ``rungs`` it reports each rung's score and asks the pruner.
+    Any number of processes may run this on one study: a trial claims its place in the
+    budget before it is scored (a surplus one FAILs at once), a trial scoring NaN or inf
+    FAILs and is replaced (up to ``n_trials`` in a row), and a trial left RUNNING by a dead
+    worker is FAILed after the grace period (``storage``: see :mod:`.workers`) and replaced.
+    ``should_stop(trial)`` ends this process's search after a trial.
     """
-    lo, hi = encoding.bounds
+    runner = TrialRunner(study, encoding, score, n_trials, rungs, storage)
+    runner.should_stop = should_stop
+    return runner.run(callbacks)
 
-    def objective(trial: optuna.Trial) -> float:
-        z = [trial.suggest_float(n, lo, hi) for n in encoding.names]
-        coeffs = encoding.decode(z)
+
+class TrialRunner:
+    """The state of :func:`run_trials` in one process: its own trials, and whether it stopped."""
+
+    def __init__(self, study: optuna.Study, encoding: AffineEncoding, score: Callable[[list[float]], float],
+                 n_trials: int, rungs: Rungs | None, storage: optuna.storages.BaseStorage | None) -> None:
+        self.study, self.encoding, self.score, self.n_trials = study, encoding, score, n_trials
+        self.rungs, self.storage = rungs, storage
+        self.mine: list[int] = []
+        self.stopped = False
+        self.should_stop: Callable[[optuna.trial.FrozenTrial], bool] | None = None
+
+    def run(self, callbacks: Sequence[Callable]) -> int:
+        from lcsc_ops.search.workers import fail_stale_trials
+
+        failures = 0
+        callbacks = [*callbacks, self._watch_stop]
+        while not self.stopped:
+            if self.storage is not None:
+                fail_stale_trials(self.study, self.storage)
+            remaining = self.n_trials - len(budgeted(self.study))
+            if remaining <= 0:
+                if not running(self.study):
+                    break
+                time.sleep(1.0)  # another worker's trials may still fail and reopen the budget
+                continue
+            start = len(self.mine)
+            self.study.optimize(self._objective, n_trials=remaining, callbacks=callbacks, gc_after_trial=False,
+                                catch=(NonFiniteScore, SurplusTrial))
+            bad = sum(NONFINITE_ATTR in t.user_attrs for t in self._own(start))
+            failures = failures + bad if bad == len(self.mine) - start else bad
+            if failures >= self.n_trials:
+                raise NonFiniteScore(f"the last {failures} trials all scored NaN or inf")
+        return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in self._own(0))
+
+    def _own(self, start: int) -> list[optuna.trial.FrozenTrial]:
+        numbers = set(self.mine[start:])
+        return [t for t in self.study.get_trials(deepcopy=False) if t.number in numbers]
+
+    def _watch_stop(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.should_stop is not None and self.should_stop(trial):
+            self.stopped = True
+            study.stop()
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        self.mine.append(trial.number)
+        lo, hi = self.encoding.bounds
+        z = [trial.suggest_float(n, lo, hi) for n in self.encoding.names]
+        coeffs = self.encoding.decode(z)
         trial.set_user_attr("coefficients", coeffs)
-        if rungs is None:
-            return score(coeffs)
-        value = math.nan
-        with contextlib.closing(rungs.scores(coeffs)) as values:  # a pruned trial's sampler state is released now
-            for step, value in zip(rungs.steps, values):
-                trial.report(value, step)
-                if step != rungs.steps[-1] and trial.should_prune():
-                    raise optuna.TrialPruned(f"score {value:.4g} at {step} samples")
+        if not self._claimed(trial.number):
+            trial.set_user_attr(SURPLUS_ATTR, True)
+            raise SurplusTrial(f"trial {trial.number} is beyond the budget of {self.n_trials}")
+        with self._heartbeat(trial.number):
+            value = self.score(coeffs) if self.rungs is None else _rung_scores(trial, coeffs, self.rungs)
+        if not math.isfinite(value):
+            trial.set_user_attr(NONFINITE_ATTR, repr(value))
+            raise NonFiniteScore(f"trial {trial.number} scored {value}")
         return value
 
-    # The start trial (add_start_trial) was scored before the search: it is not in the budget.
-    done = len(searched(study)) + len(pruned(study))
-    remaining = max(0, n_trials - done)
-    if not remaining:
-        return 0
-    study.optimize(objective, n_trials=remaining, callbacks=list(callbacks), gc_after_trial=False)
-    # study.stop() (from a callback or the objective) can end the loop early: count what finished.
-    return len(searched(study)) + len(pruned(study)) - done
+    def _claimed(self, number: int) -> bool:
+        """Whether trial ``number`` is among the first ``n_trials`` trials that count (finished or running)."""
+        ahead = [t for t in budgeted(self.study) + running(self.study) if t.number < number]
+        return len(ahead) < self.n_trials
+
+    def _heartbeat(self, number: int) -> contextlib.AbstractContextManager:
+        from lcsc_ops.search.workers import trial_heartbeat
+
+        if self.storage is None or isinstance(self.storage, optuna.storages.RDBStorage):
+            return contextlib.nullcontext()  # RDB storages keep Optuna's own heartbeat
+        return trial_heartbeat(self.storage, self.study.study_name, number)
+
+
+def budgeted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials that use up the budget: searched (complete, not the start trial) and pruned."""
+    return searched(study) + pruned(study)
+
+
+def running(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if not is_start(t)]
+
+
+def _rung_scores(trial: optuna.Trial, coeffs: list[float], rungs: Rungs) -> float:
+    value = math.nan
+    with contextlib.closing(rungs.scores(coeffs)) as values:  # a pruned trial's sampler state is released now
+        for step, value in zip(rungs.steps, values):
+            trial.report(value, step)
+            if step != rungs.steps[-1] and trial.should_prune():
+                raise optuna.TrialPruned(f"score {value:.4g} at {step} samples")
+    return value

@@ -1,20 +1,24 @@
-"""Checkpoints as MLflow artifacts while training: :class:`CheckpointLogger`.
+"""Checkpoints as MLflow artifacts while training (:class:`CheckpointLogger`) or importing.
 
-A manifest entry is added only after its file has been fully logged, so a reader never
-sees an entry whose file is missing or partial.
+Per checkpoint step, two artifact calls: the files, then a manifest fragment
+``checkpoints/manifest.d/step<N>.json`` listing them, so a reader never sees an entry whose
+file is missing, and no call grows with the number of checkpoints. At the end of the run
+the whole manifest is written once, marked complete: a run without it is partial
+(still training, or killed).
 """
 from __future__ import annotations
 
 import json
 import tempfile
+import shutil
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lcsc_ops.checkpoints import (CHECKPOINT_DIR, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT, checkpoint_filename,
-                                  sha256_file, write_checkpoint)
+from lcsc_ops.checkpoints import (CHECKPOINT_DIR, FRAGMENT_DIR, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT,
+                                  checkpoint_filename, fragment_filename, sha256_file, write_checkpoint)
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.ema import ema_decay_at, ema_update_
 from lcsc_ops.spec import ModelSpec
@@ -29,17 +33,11 @@ def _unwrap(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Module:
 
 
 class CheckpointUploader:
-    """Checkpoint files of one MLflow run: each file is logged, then listed in the manifest.
-
-    Used by :class:`CheckpointLogger` while training and by ``lcsc-ops import``. A manifest
-    entry is added only after its file is fully logged, so a reader never sees an entry
-    whose file is missing or partial.
-    """
+    """The checkpoint artifacts of one MLflow run: :meth:`add_step` per step, :meth:`end` once."""
 
     def __init__(self, client: Any, run_id: str, spec: ModelSpec) -> None:
         self.client, self.run_id, self.spec = client, run_id, spec
         self.entries: list[dict[str, Any]] = []
-        self._tmp = tempfile.TemporaryDirectory(prefix="lcsc-manifest-")
         client.log_text(run_id, json.dumps(spec.to_dict(), indent=2, sort_keys=True), SPEC_ARTIFACT)
         client.set_tag(run_id, "lcsc.spec", spec.to_json())
 
@@ -49,55 +47,70 @@ class CheckpointUploader:
         """A new run in ``experiment`` (created if missing) to upload into."""
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=tracking_uri)
+        from lcsc_ops.store.fetch import resolve_tracking_uri
+
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
         run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         return cls(client, run_id, spec)
 
-    def add(self, path: Path, entry: dict[str, Any]) -> None:
-        """Log the checkpoint file at ``path``, then its manifest ``entry``."""
-        self.client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
-        self.entries.append(entry)
-        manifest = Path(self._tmp.name) / MANIFEST_NAME
-        manifest.write_text(json.dumps({"format": MANIFEST_FORMAT, "spec": self.spec.to_dict(),
+    def add_step(self, folder: Path, entries: list[dict[str, Any]]) -> None:
+        """Log the checkpoint files in ``folder`` (one step's), then the fragment listing ``entries``."""
+        self.client.log_artifacts(self.run_id, str(folder), CHECKPOINT_DIR)
+        with tempfile.TemporaryDirectory(prefix="lcsc-fragment-") as tmp:
+            path = Path(tmp) / fragment_filename(entries[0]["step"], "+".join(e["kind"] for e in entries))
+            path.write_text(json.dumps({"format": MANIFEST_FORMAT, "entries": entries}))
+            self.client.log_artifact(self.run_id, str(path), f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}")
+        self.entries.extend(entries)
+
+    def finish(self) -> None:
+        """Write the whole manifest once, marked complete: every checkpoint of the run is logged."""
+        with tempfile.TemporaryDirectory(prefix="lcsc-manifest-") as tmp:
+            path = Path(tmp) / MANIFEST_NAME
+            path.write_text(json.dumps({"format": MANIFEST_FORMAT, "spec": self.spec.to_dict(), "complete": True,
                                         "entries": self.entries}, indent=1))
-        self.client.log_artifact(self.run_id, str(manifest), CHECKPOINT_DIR)
+            self.client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
 
     def end(self, status: str) -> None:
+        """Finish (a FINISHED run only) and end the run with ``status``."""
+        if status == "FINISHED":
+            self.finish()
         self.client.set_terminated(self.run_id, status)
-        self._tmp.cleanup()
 
 
 class CheckpointLogger:
     """Log raw and EMA checkpoints of a model as artifacts of an MLflow run, from any training loop.
 
     Call :meth:`step` after every optimizer step: it updates the training EMA and, every
-    ``every`` steps, snapshots the raw weights and the EMA and logs both (plus a manifest
-    entry each) in a background thread, so training does not wait for disk or network;
-    the loop waits only if the previous upload is still running. Under ``accelerate``
-    pass the ``accelerator``: only the main process keeps an EMA and logs, the model is
-    unwrapped first, and the other processes return at once. Call :meth:`close` at the
-    end (or use the logger as a context manager) to wait for the last upload.
+    ``every`` steps, snapshots the raw weights and the EMA. A writer thread spools them to
+    local disk and an uploader thread logs them, so the loop waits only while the previous
+    snapshot is still being written (at most one snapshot pair in memory) or while more than
+    ``max_spool_bytes`` wait for a slow server. Under ``accelerate`` pass the ``accelerator``:
+    only the main process keeps an EMA and logs. :meth:`close` waits for the uploads and
+    writes the complete manifest; the run itself belongs to the caller.
     """
 
     def __init__(self, spec: ModelSpec, *, every: int = 50, ema_decay: float = 0.999, ema_warmup: bool = True,
                  accelerator: Any = None, run_id: str | None = None, tracking_uri: str | None = None,
-                 start_step: int = 0) -> None:
+                 start_step: int = 0, max_spool_bytes: int = 8 << 30) -> None:
         if every < 1:
             raise LcscError(f"checkpoint interval must be >= 1, got {every}")
         if not 0.0 <= ema_decay < 1.0:
             raise LcscError(f"EMA decay must be in [0, 1), got {ema_decay}")
         self.spec, self.every, self.ema_decay = spec, int(every), float(ema_decay)
         self.ema_warmup, self._ema_updates = bool(ema_warmup), 0
-        self.start_step = int(start_step)
+        self.start_step, self.max_spool_bytes = int(start_step), int(max_spool_bytes)
         self.accelerator = accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
         self._ema: dict[str, torch.Tensor] | None = None
-        self._pending: Future | None = None
+        self._written: Future | None = None
+        self._uploads: list[tuple[Future, int]] = []
         self.run_id = None
-        if not self.is_main:
-            return
+        if self.is_main:
+            self._open(run_id, tracking_uri)
+
+    def _open(self, run_id: str | None, tracking_uri: str | None) -> None:
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -107,9 +120,10 @@ class CheckpointLogger:
                 raise LcscError("no active MLflow run: call mlflow.start_run() first or pass run_id")
             run_id = active.info.run_id
         self.run_id = run_id
-        self._uploader = CheckpointUploader(MlflowClient(tracking_uri=tracking_uri), run_id, spec)
-        self._tmp = tempfile.TemporaryDirectory(prefix="lcsc-ckpt-")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcsc-ckpt")
+        self._uploader = CheckpointUploader(MlflowClient(tracking_uri=tracking_uri), run_id, self.spec)
+        self._spool = tempfile.TemporaryDirectory(prefix="lcsc-spool-")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcsc-ckpt-write")
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcsc-ckpt-upload")
 
     # -- training-loop side -------------------------------------------------------------
     def step(self, model: torch.nn.Module, step: int) -> None:
@@ -132,31 +146,49 @@ class CheckpointLogger:
 
     @torch.no_grad()
     def save(self, model: torch.nn.Module, step: int) -> None:
-        """Snapshot raw + EMA weights now and log them in the background."""
+        """Snapshot raw + EMA weights now; write and upload them in the background."""
         if not self.is_main:
             return
         net = _unwrap(model, self.accelerator)
         if self._ema is None:
             self._update_ema(net)
-        self.wait()  # back-pressure: at most one upload in flight
+        self._wait_written()  # memory bound: one snapshot pair not yet on disk
+        self._wait_spool()
         raw = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
         ema = {k: v.detach().to("cpu", copy=True) for k, v in self._ema.items()}
-        self._pending = self._executor.submit(self._write_and_log, step, raw, ema)
+        self._written = self._writer.submit(self._write, step, raw, ema)
 
-    def wait(self) -> None:
-        """Block until the upload in flight (if any) is done; re-raise its error."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
+    def _wait_written(self) -> None:
+        if self._written is not None:
+            pending, self._written = self._written, None
             pending.result()
 
+    def _wait_spool(self) -> None:
+        """Raise a failed upload; wait while the spool holds more than ``max_spool_bytes``."""
+        while self._uploads and (self._uploads[0][0].done() or
+                                 sum(n for _, n in self._uploads) > self.max_spool_bytes):
+            future, _ = self._uploads.pop(0)
+            future.result()
+
+    def wait(self) -> None:
+        """Block until every snapshot so far is written and uploaded; re-raise an error."""
+        if not self.is_main:
+            return
+        self._wait_written()
+        while self._uploads:
+            self._uploads.pop(0)[0].result()
+
     def close(self) -> None:
+        """Wait for the uploads, then write the complete manifest (not on an error)."""
         if not self.is_main:
             return
         try:
             self.wait()
         finally:
-            self._executor.shutdown(wait=True)
-            self._tmp.cleanup()
+            self._writer.shutdown(wait=True)
+            self._sender.shutdown(wait=True)
+            self._spool.cleanup()
+        self._uploader.finish()
 
     def __enter__(self) -> "CheckpointLogger":
         return self
@@ -169,15 +201,24 @@ class CheckpointLogger:
         return list(self._uploader.entries) if self.is_main else []
 
     # -- background side ----------------------------------------------------------------
-    def _write_and_log(self, step: int, raw: dict, ema: dict) -> None:
+    def _write(self, step: int, raw: dict, ema: dict) -> None:
+        folder = Path(self._spool.name) / f"step{step:08d}"
+        folder.mkdir()
+        entries = []
         for kind, state, extra in (("raw", raw, {}), ("ema", ema, {"lcsc.ema_decay": repr(self.ema_decay),
-                                                                          "lcsc.ema_warmup": str(self.ema_warmup).lower()})):
-            name = checkpoint_filename(step, kind)
-            path = Path(self._tmp.name) / name
+                                                                  "lcsc.ema_warmup": str(self.ema_warmup).lower()})):
+            path = folder / checkpoint_filename(step, kind)
             write_checkpoint(path, state, step=step, kind=kind, spec=self.spec, extra=extra)
-            entry = {"step": step, "kind": kind, "file": name, "sha256": sha256_file(path),
+            entry = {"step": step, "kind": kind, "file": path.name, "sha256": sha256_file(path),
                      "bytes": path.stat().st_size}
             if kind == "ema":
                 entry["ema_decay"], entry["ema_warmup"] = self.ema_decay, self.ema_warmup
-            self._uploader.add(path, entry)
-            path.unlink()
+            entries.append(entry)
+        size = sum(e["bytes"] for e in entries)
+        self._uploads.append((self._sender.submit(self._upload, folder, entries), size))
+
+    def _upload(self, folder: Path, entries: list[dict[str, Any]]) -> None:
+        try:
+            self._uploader.add_step(folder, entries)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -68,7 +68,9 @@ def promote(name: str, version: str, alias: str, *, tracking_uri: str | None = N
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    from lcsc_ops.store.fetch import resolve_tracking_uri
+
+    client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
     try:
         client.get_registered_model(name)
     except MlflowException:

@@ -17,8 +17,9 @@ class TrainingRun:
     def start(cls, *, experiment: str, run_name: str | None, config: Mapping[str, Any], tags: Mapping[str, str],
               tracking_uri: str | None = None) -> "TrainingRun":
         """Start the run and record ``config`` whole (params and ``lcsc/train_config.json``)."""
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
+        from lcsc_ops.store.fetch import resolve_tracking_uri
+
+        resolve_tracking_uri(tracking_uri)
         mlflow.set_experiment(experiment)
         run = mlflow.start_run(run_name=run_name)
         mlflow.log_params({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in config.items()})

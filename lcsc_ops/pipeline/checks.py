@@ -1,0 +1,43 @@
+"""Checks on a fetched window before anything is scored."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+
+from lcsc_ops.checkpoints import CheckpointEntry, CheckpointWindow
+from lcsc_ops.errors import LcscError
+
+
+def first_nonfinite(entry: CheckpointEntry) -> str | None:
+    """The name of the first floating tensor of ``entry`` holding NaN or inf, if any."""
+    with safe_open(str(entry.path), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_tensor(key)
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return key
+    return None
+
+
+def drop_nonfinite(window: CheckpointWindow, log: Callable[[str], None]) -> CheckpointWindow:
+    """The window without checkpoints holding NaN or inf, each named with its tensor.
+
+    A merge multiplies every checkpoint by its coefficient, and 0 × NaN is NaN: one such
+    file would spoil every candidate, so it is left out rather than scored."""
+    bad = {}
+    for e in window.entries:
+        key = first_nonfinite(e)
+        if key is not None:
+            bad[e.file] = key
+            log(f"checkpoint {e.file} of run {window.run_id} holds NaN/inf in tensor {key!r}: left out")
+    if not bad:
+        return window
+    keep = tuple(e for e in window.entries if e.file not in bad)
+    if not keep:
+        raise LcscError(f"every checkpoint in the window of run {window.run_id} holds NaN or inf "
+                        f"(e.g. {next(iter(bad))}, tensor {next(iter(bad.values()))!r})")
+    ema = window.training_ema if window.training_ema in keep else None
+    return dataclasses.replace(window, entries=keep, training_ema=ema,
+                               steps=tuple(sorted({e.step for e in keep})))

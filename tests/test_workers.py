@@ -1,0 +1,111 @@
+"""Several workers on one study, and a worker killed with kill -9: real processes, the journal storage."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+
+from lcsc_ops.search.storage import make_storage
+from lcsc_ops.search.trials import is_start
+from lcsc_ops.search.workers import StudyLock, fail_stale_trials, once
+from tests.conftest import tiny_optimize_config
+
+
+def _study(storage: str, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=make_storage(storage))
+
+
+def _searched(study):
+    return [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and not is_start(t)]
+
+
+def test_a_lock_is_held_by_one_worker_and_taken_over_when_stale(tmp_path):
+    storage = make_storage(str(tmp_path / "j.journal"))
+    a, b = StudyLock(storage, "s:lock:x", grace=0.5), StudyLock(storage, "s:lock:x", grace=0.5)
+    assert a.try_acquire() and not b.try_acquire()
+    time.sleep(0.7)  # a stops beating (a dead holder)
+    assert not b.try_acquire()  # the stale marker is broken now...
+    assert b.try_acquire()  # ...and taken
+    b.release()
+
+
+def test_once_computes_in_one_worker_only(tmp_path):
+    storage = make_storage(str(tmp_path / "j.journal"))
+    optuna.create_study(study_name="s", storage=storage)
+    calls = []
+    assert once(storage, "s", "thing", lambda: calls.append(1) or {"v": 1}) == {"v": 1}
+    assert once(storage, "s", "thing", lambda: calls.append(1) or {"v": 2}) == {"v": 1}
+    assert calls == [1]
+
+
+def test_a_trial_without_heartbeat_is_failed_after_the_grace_period(tmp_path):
+    storage = make_storage(str(tmp_path / "j.journal"))
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.ask()  # RUNNING, never beats: its worker is gone
+    assert fail_stale_trials(study, storage, grace=60) == []
+    assert fail_stale_trials(study, storage, grace=0.0) == [0]
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
+
+
+def test_two_workers_share_one_study_exactly(store, tiny_run):
+    """--workers 2: exactly --n-trials trials, one parent run, one registered version, baselines once."""
+    from lcsc_ops.pipeline.optimize import run_optimize
+
+    logs = []
+    cfg = tiny_optimize_config(tiny_run, store, workers=2, n_trials=6, model_name="tiny-workers", seed=11)
+    report = run_optimize(cfg, log=logs.append)
+    study = _study(store["storage"], report["study"])
+    assert len(_searched(study)) == 6 and report["trials"] == 6
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    client = mlflow.tracking.MlflowClient(store["uri"])
+    parents = client.search_runs([client.get_run(report["parent_run_id"]).info.experiment_id],
+                                 filter_string=f"tags.`optuna.study` = '{report['study']}' and tags.`lcsc.kind` = 'optimize'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(client.search_model_versions("name = 'tiny-workers'")) == 1
+    children = client.search_runs([parents[0].info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{report['parent_run_id']}'")
+    assert sorted(int(r.data.tags["lcsc.trial"]) for r in children) == sorted(
+        t.number for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+def _optimize_cmd(store, run_id, *extra):
+    return [sys.executable, "-m", "lcsc_ops.cli", "optimize", run_id, "--tracking-uri", store["uri"],
+            "--storage", store["storage"], "--window", "4", "--search-samples", "64", "--final-samples", "64",
+            "--final-seeds", "2", "--top-k", "2", "--ema-grid", "3", "--batch-size", "64", "--device", "cpu",
+            "--model-name", "tiny-killed", "--seed", "23", *extra]
+
+
+def test_kill_9_mid_search_then_rerun_loses_and_repeats_nothing(store, tiny_run):
+    env = {**os.environ, "LCSC_OPS_GRACE_S": "3", "LCSC_OPS_HEARTBEAT_S": "1"}
+    cmd = _optimize_cmd(store, tiny_run, "--n-trials", "12")
+    old = {s.study_name for s in optuna.get_all_study_summaries(make_storage(store["storage"]))}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    name, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        new = [s.study_name for s in optuna.get_all_study_summaries(make_storage(store["storage"]))
+               if s.study_name not in old and ":lock:" not in s.study_name]
+        study = _study(store["storage"], new[0]) if new else None
+        if study is not None and len(_searched(study)) >= 3 and any(
+                t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
+            name = new[0]
+            break
+        time.sleep(0.1)
+    assert name is not None, "the search did not get going"
+    before = {t.number: t.params for t in _searched(_study(store["storage"], name))}
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run(cmd + ["--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    study = _study(store["storage"], name)
+    after = {t.number: t.params for t in _searched(study)}
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]  # running_left = 0
+    assert all(after.get(n) == p for n, p in before.items())  # trials_lost = 0
+    assert len(after) == 12  # trials_repeated = 0: exactly the budget, each trial once
+    client = mlflow.tracking.MlflowClient(store["uri"])
+    assert len(client.search_model_versions("name = 'tiny-killed'")) == 1
