@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,diffusers]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,diffusers,postgres]'
 	@$(PY) -m pip list 2>/dev/null | grep -E '^torch ' | grep -q '2.13.0' || { echo "error: wrong torch installed"; exit 1; }
 	touch $(STAMP)
 

@@ -123,15 +123,16 @@ def render(r: dict[str, Any]) -> str:
         f"- **Trial breakdown** (ms per trial): sampling {tr['sampling_ms']:.0f}, features {tr['features_ms']:.0f}, "
         f"merge {tr['merge_ms']:.1f}, FID statistics and distance {tr['fid_statistics_ms']:.1f}, MLflow child run "
         f"{tr['mlflow_child_run_ms']:.0f} (submitting it: the child runs are written by a background thread, "
-        f"waited for before the timing stops), Optuna (ask + tell on the default journal file, sharing "
-        f"the GIL with the background MLflow writes) {tr['optuna_ms']:.0f}. The "
-        f"same CMA-ES study with a constant objective costs {tr['optuna_only_journal_ms']:.0f} ms per trial on the "
-        f"default journal file (fsynced once per trial), "
-        f"{tr.get('optuna_only_journal_fsync_every_write_ms', float('nan')):.0f} ms on Optuna's own "
-        f"`JournalFileBackend` (one fsync per `suggest_float`), "
-        f"{tr['optuna_only_sqlite_ms']:.0f} ms on sqlite in WAL mode with `synchronous=NORMAL` (the default before), "
-        f"{tr['optuna_only_sqlite_plain_journal_mode_ms']:.0f} ms on a plain sqlite URL (each `suggest_float` its own "
-        f"fully synchronous commit) and {tr['optuna_only_memory_ms']:.1f} ms in memory. A shared machine slows sampling, which makes the fraction look smaller; on an idle one it is larger.",
+        f"waited for before the timing stops), Optuna (ask + tell and the trial's bookkeeping on the default "
+        f"journal file, sharing the GIL with the background MLflow writes) {tr['optuna_ms']:.0f}. The "
+        f"same CMA-ES study with a constant objective, run by the same `run_trials`, costs "
+        f"{tr['optuna_only_journal_ms']:.0f} ms per trial on the default journal file (Optuna's own "
+        f"`JournalFileBackend`: a lock file and an fsync per write, e.g. per `suggest_float`), "
+        f"{tr['optuna_only_sqlite_ms']:.0f} ms on a `sqlite:///` storage as `lcsc-ops` opens it (WAL mode, "
+        f"`synchronous=NORMAL`, Optuna's heartbeat), "
+        f"{tr['optuna_only_sqlite_plain_journal_mode_ms']:.0f} ms on a plain `RDBStorage` on sqlite (each "
+        f"`suggest_float` its own fully synchronous commit) and {tr['optuna_only_memory_ms']:.1f} ms in memory. "
+        "A shared machine slows sampling, which makes the fraction look smaller; on an idle one it is larger.",
         f"- **FID.** Both sides give the same value ({fid['fid_cached']:.4f} vs {fid['fid_recomputed']:.4f}). "
         f"Counting the {fid['sampling_ms']:.0f} ms of sampling that both share, the speed-up is "
         f"{fid['speedup_including_sampling']:.2f}x. The ratio grows with the reference set (50k images for CIFAR-10).",
@@ -142,11 +143,12 @@ def render(r: dict[str, Any]) -> str:
         f"{mem['k'] * mem['model_bytes'] / 2**20:.0f} MiB. The stacked peak is the stack plus the K files "
         "memory-mapped while it is built (clean page-cache pages, reclaimable); streaming holds the model, one "
         f"mapped file and one tensor in flight. A streaming merge took {mem['streaming_merge_ms']:.0f} ms.",
-        f"- **Training.** Each upload (raw + EMA safetensors, sha256, MLflow artifacts, manifest) is waited for at "
-        "the end of its 50-step block, so its whole wall time is charged to the logging run: an upper bound, as in "
-        "training it overlaps the next steps. Per-block slowdowns "
+        f"- **Training.** Each snapshot (raw + EMA safetensors written to a local spool by the logger's writer "
+        "thread with their sha256, then the MLflow artifacts and the step's manifest fragment by its uploader "
+        "thread) is waited for at the end of its 50-step block (`CheckpointLogger.wait`), so its whole wall time is "
+        "charged to the logging run: an upper bound, as in training it overlaps the next steps. Per-block slowdowns "
         f"{', '.join(f'{p:+.0%}' for p in train['block_slowdowns'])}. Time inside `CheckpointLogger.step` on the "
-        f"training thread (EMA update every step, snapshot every 50): {train['logger_step_ms']:.2f} ms/step, "
+        f"training thread (EMA update every step, a CPU copy of raw + EMA every 50): {train['logger_step_ms']:.2f} ms/step, "
         f"{train['logger_step_fraction']:.1%} of a step. {train['checkpoint_files']} files logged.",
     ]
     return "\n".join([

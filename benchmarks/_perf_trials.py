@@ -1,17 +1,19 @@
 """Trial overhead and per-trial FID, measured through the real code path (bench_perf sections 3 + 4).
 
-Trials run as ``lcsc-ops optimize`` runs them: ``run_trials`` (Optuna CMA-ES on its default
-storage, a journal file) with a ``TrialRunLogger`` callback (one MLflow child run per trial, sqlite
-store), scoring with ``Scorer`` + ``FIDScorer`` on the digits DDPM. Sampling and feature
-extraction are timed by thin wrappers around the sampler and the extractor; everything
-else in the trial's wall time is overhead.
+Trials run as ``lcsc-ops optimize`` runs them: ``SearchStudy.run`` (Optuna CMA-ES on the
+default storage, Optuna's journal file, starting from a start trial) with a ``TrialRunLogger``
+callback (one MLflow child run per trial, sqlite store), scoring with ``Scorer`` + ``FIDScorer``
+on the digits DDPM. Sampling and feature extraction are timed by thin wrappers around the
+sampler and the extractor; everything else in the trial's wall time is overhead. Where
+Optuna's share goes is measured on raw Optuna studies (one per storage) run by the same
+``run_trials`` with a constant objective.
 """
 from __future__ import annotations
 
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -57,11 +59,12 @@ def bench_trials_and_fid(work: Path, cfg: dict) -> tuple[dict, dict]:
     from lcsc_ops.pipeline.scoring import Scorer
     from lcsc_ops.spec import ModelSpec
     from lcsc_ops.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file
-    from lcsc_ops.store.runs import TrialRunLogger
+    from lcsc_ops.records import TrialRecord
     from lcsc_ops.search.storage import default_storage, make_storage
     from lcsc_ops.search.strategies import make_strategy
-    from lcsc_ops.search.study import open_study
-    from lcsc_ops.search.trials import run_trials
+    from lcsc_ops.search.study import SearchStudy
+    from lcsc_ops.search.trials import add_start_trial, run_trials
+    from lcsc_ops.store.runs import TrialRunLogger
 
     k, channels, samples = cfg["k"], cfg["trial_channels"], cfg["samples"]
     spec = ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": channels},
@@ -97,32 +100,39 @@ def bench_trials_and_fid(work: Path, cfg: dict) -> tuple[dict, dict]:
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("bench-trials", artifact_location=(work / "artifacts").as_uri())
     parent = client.create_run(exp, run_name="optimize-bench", tags={"lcsc.kind": "optimize"}).info.run_id
-    study = open_study("bench", default_storage(uri), make_strategy("cmaes", 0))
+    study = SearchStudy.open("bench", default_storage(uri))
+    study.use_strategy("cmaes", 0)
     trial_logger = TrialRunLogger(parent, tracking_uri=uri)
 
-    def log_trial(study: Any, trial: Any) -> None:
+    def log_trial(trial: TrialRecord) -> None:
         t0 = time.perf_counter()
-        trial_logger(study, trial)
+        trial_logger(trial, study.name)
         clock["mlflow"] += time.perf_counter() - t0
 
     encoding = AffineEncoding(centre=tuple(uniform(k)), radius=0.3)
     warm, n = cfg["warmup_trials"], cfg["trials"]
 
-    def timed_trials(study: Any, callbacks: list, objective: Any = score, after: Any = None) -> float:
+    def timed_trials(run: Callable[[int], int], after: Callable[[], None] | None = None) -> float:
         """Wall seconds of ``n`` trials after ``warm`` untimed ones (plus ``after()``, e.g. waiting
-        for the background child runs); resets the clock first."""
-        run_trials(study, encoding, objective, warm, callbacks)
+        for the background child runs); resets the clock first. ``run(total)`` runs trials until
+        the study holds ``total`` searched ones and returns how many it ran."""
+        run(warm)
         if after is not None:
             after()
         clock.update({name: 0.0 for name in clock})
         t0 = time.perf_counter()
-        assert run_trials(study, encoding, objective, warm + n, callbacks) == n
+        assert run(warm + n) == n
         if after is not None:
             after()
         return time.perf_counter() - t0
 
-    wall = timed_trials(study, [log_trial], after=trial_logger.flush)
-    assert len(trial_logger.logged) == warm + n
+    # As `lcsc-ops optimize`: the centre, already scored, is the study's start trial.
+    study.add_start(encoding, score(list(encoding.centre)), "uniform")
+    try:
+        wall = timed_trials(lambda total: study.run(encoding, score, total, log_trial), after=trial_logger.flush)
+        assert len(trial_logger.logged) == warm + n
+    finally:
+        trial_logger.close()
     per = {name: 1e3 * v / n for name, v in clock.items()}
     trial = {"trials": n, "samples_per_trial": samples, "k": k, "params": scorer.merger.num_parameters,
              "wall_ms": 1e3 * wall / n, "sampling_ms": per["sampling"], "features_ms": per["features"],
@@ -131,27 +141,29 @@ def bench_trials_and_fid(work: Path, cfg: dict) -> tuple[dict, dict]:
              "mlflow_child_run_ms": per["mlflow"],
              "optuna_ms": 1e3 * wall / n - per["objective"] - per["mlflow"]}
     trial["overhead_fraction"] = 1.0 - (per["sampling"] + per["features"]) / (1e3 * wall / n)
-    # Where Optuna's share goes: the same study with a constant objective, on sqlite and in memory.
+    # Where Optuna's share goes: the same CMA-ES study with a constant objective, run by the same
+    # run_trials (budget claims, stale-trial checks and heartbeats included), on each storage.
     for name, storage in (("sqlite", make_storage(f"sqlite:///{work / 'optuna-bare.db'}")),
-                          ("sqlite_plain_journal_mode", f"sqlite:///{work / 'optuna-plain.db'}"),
+                          ("sqlite_plain_journal_mode",
+                           optuna.storages.RDBStorage(f"sqlite:///{work / 'optuna-plain.db'}")),
                           ("journal", make_storage(str(work / "optuna-default.journal"))),
-                          ("journal_fsync_every_write", optuna.storages.JournalStorage(
-                              optuna.storages.journal.JournalFileBackend(str(work / "optuna.journal")))),
-                          ("memory", None)):
+                          ("memory", optuna.storages.InMemoryStorage())):
         bare = optuna.create_study(study_name=f"bench-bare-{name}", storage=storage, direction="minimize",
                                    sampler=make_strategy("cmaes", 0))
-        trial[f"optuna_only_{name}_ms"] = 1e3 * timed_trials(bare, [], lambda coeffs: 1.0) / n
+        add_start_trial(bare, encoding, 1.0, "uniform")
+        trial[f"optuna_only_{name}_ms"] = 1e3 * timed_trials(
+            lambda total, bare=bare, storage=storage: run_trials(bare, encoding, lambda coeffs: 1.0, total,
+                                                                 storage=storage)) / n
     print(f"trials [{n} x {samples} samples, K={k}]: {trial['wall_ms']:.0f} ms/trial = sampling "
           f"{trial['sampling_ms']:.0f} + features {trial['features_ms']:.0f} + merge {trial['merge_ms']:.1f} + "
           f"FID statistics {trial['fid_statistics_ms']:.1f} + MLflow {trial['mlflow_child_run_ms']:.0f} + "
           f"Optuna {trial['optuna_ms']:.0f}; overhead {trial['overhead_fraction']:.1%} (Optuna alone, ms/trial: sqlite "
           f"WAL {trial['optuna_only_sqlite_ms']:.0f}, sqlite default journal mode "
-          f"{trial['optuna_only_sqlite_plain_journal_mode_ms']:.0f}, Optuna's journal file "
-          f"{trial['optuna_only_journal_fsync_every_write_ms']:.0f}, the default journal file "
+          f"{trial['optuna_only_sqlite_plain_journal_mode_ms']:.0f}, journal file (the default) "
           f"{trial['optuna_only_journal_ms']:.0f}, in memory {trial['optuna_only_memory_ms']:.1f})", flush=True)
 
     # FID of one trial's samples: cached reference vs recomputing both sides each trial.
-    scorer.merger.merge = merge
+    del scorer.merger.merge  # the class's own method again
     scorer.merger.merge(uniform(k))
     cached = FIDScorer(DDIMSampler(steps=10), extractor, stats, image_shape=(1, 8, 8), batch_size=500)
     t0 = time.perf_counter()

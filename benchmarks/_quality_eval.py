@@ -14,23 +14,26 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from lcsc_ops.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file, write_checkpoint
+from lcsc_ops.math.ema import ema_decay_at, ema_update_
 from lcsc_ops.math.merge import merge_state_dicts
 from lcsc_ops.math.profiles import quantise
 from lcsc_ops.pipeline.candidates import FINAL_SEED_BASE
 from lcsc_ops.pipeline.config import OptimizeConfig
 from lcsc_ops.pipeline.scoring import Scorer
-from lcsc_ops.math.ema import ema_decay_at, ema_update_
 from lcsc_ops.store import logger as ckpt_mod
-from lcsc_ops.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file, write_checkpoint
 
 
 @contextlib.contextmanager
 def extra_online_emas(decays: Sequence[float], out_dir: Path) -> Iterator[None]:
     """While training, keep online EMAs at more ``decays`` and write them to ``out_dir`` at the end.
 
-    ``lcsc_ops.training`` looks its ``CheckpointLogger`` up at call time, so swapping the
-    class for a subclass here adds EMAs without touching the library. Files are
-    ``ema-<decay>.safetensors`` (same metadata format as logged checkpoints).
+    ``lcsc_ops.training`` looks ``lcsc_ops.store.logger.CheckpointLogger`` up when it opens the
+    run (it offers no other hook for the logger), so swapping the class for a subclass here
+    adds EMAs without touching the library. The subclass uses the logger's public interface
+    only: after each ``step`` it updates its own EMAs with the same warm-up schedule as the
+    logger's (update ``n`` uses ``ema_decay_at(d, n)``; the first step copies the weights), and
+    ``close`` writes them. Files are ``ema-<decay>.safetensors`` (same metadata as logged checkpoints).
     """
     base = ckpt_mod.CheckpointLogger
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -38,29 +41,29 @@ def extra_online_emas(decays: Sequence[float], out_dir: Path) -> Iterator[None]:
     class MultiEmaLogger(base):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self._extra: dict[float, dict[str, torch.Tensor]] = {}
-            self._last_step = 0
+            self.extra: dict[float, dict[str, torch.Tensor]] = {}
+            self.extra_updates, self.last_step = 0, 0
 
         def step(self, model: torch.nn.Module, step: int) -> None:
-            self._last_step = step
             super().step(model, step)
+            if self.is_main:
+                self.last_step = step
+                self.update_extra(unwrap(model, self.accelerator))
 
         @torch.no_grad()
-        def _update_ema(self, net: torch.nn.Module) -> None:
-            super()._update_ema(net)
+        def update_extra(self, net: torch.nn.Module) -> None:
             state = net.state_dict()
-            n = self._ema_updates  # the library's own warm-up schedule, counted the same way
-            for d in decays:
-                ema = self._extra.get(d)
-                if ema is None:
-                    self._extra[d] = {k: v.detach().clone() for k, v in state.items()}
-                    continue
-                ema_update_(ema, state, ema_decay_at(d, n, self.ema_warmup))
+            if not self.extra:
+                self.extra = {d: {k: v.detach().clone() for k, v in state.items()} for d in decays}
+                return
+            self.extra_updates += 1
+            for d, ema in self.extra.items():
+                ema_update_(ema, state, ema_decay_at(d, self.extra_updates, self.ema_warmup))
 
         def close(self) -> None:
             if self.is_main:
-                for d, ema in self._extra.items():
-                    write_checkpoint(out_dir / f"ema-{d}.safetensors", ema, step=self._last_step, kind="ema",
+                for d, ema in self.extra.items():
+                    write_checkpoint(out_dir / f"ema-{d}.safetensors", ema, step=self.last_step, kind="ema",
                                      spec=self.spec, extra={"lcsc.ema_decay": repr(d)})
             super().close()
 
@@ -69,6 +72,15 @@ def extra_online_emas(decays: Sequence[float], out_dir: Path) -> Iterator[None]:
         yield
     finally:
         ckpt_mod.CheckpointLogger = base
+
+
+def unwrap(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Module:
+    """The bare module the logger snapshots: unwrapped by accelerate (and DataParallel / DDP)."""
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
 
 
 def local_entry(path: Path, step: int, kind: str = "ema") -> CheckpointEntry:

@@ -13,7 +13,7 @@ Every figure is a ratio of two things measured side by side in this one run, int
 * ``merge_fraction_of_memcpy``: the engine's memory throughput over a plain copy of the
   stack's bytes (both count bytes read + bytes written); per dtype in the details.
 * ``trial_overhead_fraction``: share of a trial's wall time that is not sampling or
-  features, over real trials: ``run_trials`` (Optuna CMA-ES, journal file) + ``TrialRunLogger``
+  features, over real trials: ``SearchStudy.run`` (Optuna CMA-ES, journal file) + ``TrialRunLogger``
   (MLflow child runs, sqlite) + ``Scorer`` + ``FIDScorer`` on the digits DDPM.
 * ``fid_speedup_vs_recompute``: FID of one trial's samples against cached reference
   statistics, over recomputing both sides with torchmetrics (same samples, same value).
@@ -71,10 +71,28 @@ QUICK = dict(k=4, merge_channels=16, merge_reps=3, naive_reps=2, small_reps=3, t
 MERGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _kernel_probe(engines: dict, reps: int) -> dict:
-    """torch's matrix-vector product alone, on the stacks just measured: on one thread vs all of them,
-    and bf16 with twice the rows as one product vs groups of ``CPU_16BIT_ROWS`` rows (what the engine does)."""
+def _stacks(paths: list[Path]) -> dict[str, torch.Tensor]:
+    """The (K, P) stacks the engine multiplies, built from the window's files as ``StackedMerger`` builds
+    them: float32 checkpoints, and bf16 deviations from the last checkpoint rounded to bf16."""
+    from safetensors.torch import load_file
+
+    fp32 = torch.stack([torch.cat([t.reshape(-1).float() for t in load_file(str(p)).values() if t.is_floating_point()])
+                        for p in paths])
+    ref = fp32[-1].to(torch.bfloat16).float()
+    bf16 = torch.empty(fp32.shape, dtype=torch.bfloat16)
+    for i, row in enumerate(fp32):
+        bf16[i] = row - ref
+    return {"fp32": fp32, "bf16": bf16}
+
+
+def _kernel_probe(paths: list[Path], coeffs: list[float], reps: int) -> dict:
+    """torch's matrix-vector product alone, on the stacks of the window just measured: on one thread vs
+    all of them, and bf16 with twice the rows as one product vs groups of ``CPU_16BIT_ROWS`` rows (what
+    the engine does)."""
+    from lcsc_ops.math.merge import StackedMerger
+
     threads, out = torch.get_num_threads(), {"threads": torch.get_num_threads()}
+    stacks = _stacks(paths)
 
     def on(n: int, fn: Any) -> Any:
         def run() -> None:
@@ -83,15 +101,16 @@ def _kernel_probe(engines: dict, reps: int) -> dict:
         return run
 
     try:
-        for name, m in engines.items():
-            stack, c = m._stack, m._coeffs
+        for name, stack in stacks.items():
+            c = torch.tensor(coeffs, dtype=torch.float64).to(stack.dtype)
             y = torch.empty(stack.shape[1], dtype=stack.dtype)
             fns = {n: on(n, lambda: torch.mv(stack.t(), c, out=y)) for n in sorted({1, threads})}
             times = interleaved(fns, reps)
             for n, t in times.items():
                 out[f"{name}_mv_gb_s_{n}_threads"] = stack.numel() * stack.element_size() / best(t) / 1e9
-        m = engines["bf16"]
-        rows, stack, c = m.CPU_16BIT_ROWS, torch.cat([m._stack, m._stack]), torch.cat([m._coeffs, m._coeffs])
+        c = torch.tensor(coeffs, dtype=torch.float64).to(torch.bfloat16)
+        rows, stack, c = StackedMerger.CPU_16BIT_ROWS, torch.cat([stacks.pop("bf16")] * 2), torch.cat([c, c])
+        del stacks
         y, part = torch.empty(stack.shape[1], dtype=stack.dtype), torch.empty(stack.shape[1], dtype=stack.dtype)
 
         def grouped() -> None:
@@ -156,7 +175,8 @@ def _merge_rows(folder: Path, channels: int, reps: int, cfg: dict, probe: bool =
               f"{row['engine_gb_s']:.1f} GB/s vs memcpy {row['memcpy_gb_s']:.1f} GB/s "
               f"({row['fraction_of_memcpy']:.2f})", flush=True)
     if probe:
-        rows["kernel"] = _kernel_probe(engines, cfg["merge_reps"])
+        del engines, fns, merger  # free the engines' stacks before the probe builds its own
+        rows["kernel"] = _kernel_probe(paths, coeffs, cfg["merge_reps"])
     return rows
 
 

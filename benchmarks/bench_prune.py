@@ -1,8 +1,9 @@
 """`make bench-prune`: does stopping hopeless trials early (--prune) save search time, and does the winner change?
 
 The same search (strategy, seed, trial budget, fixed search noise) runs twice through the
-library (`run_optimize`, nothing registered), without and with `--prune`, each in a study
-of its own, one after the other on the same warm process. Reported: the search wall time
+library (`run_optimize`, nothing registered, no score cache: the second search would
+otherwise reuse the first one's scores), without and with `--prune`, each in a study of
+its own, one after the other on the same warm process. Reported: the search wall time
 each way and the saved fraction (also in samples drawn, which the machine's load does not
 move), the pruned trials and the rung they stopped at, the best trial's search FID each
 way, and whether the winner changed (same trial, how far apart the coefficients are, and
@@ -14,6 +15,10 @@ benchmarks/work/full/cache; the last `--window` steps (raw + EMA) are imported i
 bench's own store under benchmarks/work/prune/ (reused on later runs; `--fresh` redoes
 it). Without them it trains a shorter digits run there (`--train-steps`). Figures go to
 benchmarks/results/prune.json and the section "Early stopping" of benchmarks/RESULTS.md.
+
+`--quick` checks the plumbing in a minute or two: a 200-step run trained under
+benchmarks/work/prune-quick/, 14 trials at 200 samples (enough complete trials for the
+pruner to start), small final evaluations; it prints the section and writes no results.
 """
 from __future__ import annotations
 
@@ -38,20 +43,22 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a shared machine: do not spin on the neighbours' cores
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 HEADING = "## Early stopping (bench_prune.py)"
+# --quick: the sizes it changes (any of them given on the command line wins).
+QUICK = dict(n_trials=14, search_samples=200, window=4, final_seeds=2, final_samples=300, train_steps=200)
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def source_run(work: Path, uri: str, window: int, train_steps: int) -> dict[str, Any]:
+def source_run(work: Path, uri: str, window: int, train_steps: int, reuse_full: bool = True) -> dict[str, Any]:
     """The digits run to search: bench-quality's checkpoints imported into this store, else a fresh training."""
     state_path = work / "state.json"
     if state_path.exists():
         return json.loads(state_path.read_text())
     full = HERE / "work" / "full"
     src = None
-    if (full / "state.json").exists():
+    if reuse_full and (full / "state.json").exists():
         trained = json.loads((full / "state.json").read_text())["train"]
         run_id = trained["run_id"]
         folder = full / "cache" / "checkpoints" / run_id
@@ -74,7 +81,7 @@ def source_run(work: Path, uri: str, window: int, train_steps: int) -> dict[str,
                 (Path(tmp) / kind).mkdir()
                 for s in steps:
                     name = f"step{s:08d}-{kind}.safetensors"
-                    os.symlink(folder / name, Path(tmp) / kind / name)
+                    shutil.copyfile(folder / name, Path(tmp) / kind / name)  # the importer refuses links out
             run_id = import_checkpoints(Path(tmp) / "raw", spec=spec, kind="raw", ema_folder=Path(tmp) / "ema",
                                         experiment="bench-prune", run_name=f"bench-quality-{origin[:8]}-last{window}",
                                         tracking_uri=uri)
@@ -116,44 +123,45 @@ def spearman(x: list[float], y: list[float]) -> float | None:
     return cov / var if var else None
 
 
-def study_figures(report: dict[str, Any], storage: str, search_samples: int, search_seeds: int) -> dict[str, Any]:
-    import optuna
+def trial_records(report: dict[str, Any], storage: str) -> list[Any]:
+    """The study's trials as the product reports them (``TrialRecord``), by number."""
+    from lcsc_ops.search.study import SearchStudy
 
-    study = optuna.load_study(study_name=report["study"], storage=storage)
-    trials = sorted(study.trials, key=lambda t: t.number)
-    done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
-    best = min(done, key=lambda t: t.value)
-    centre = study.user_attrs["centre"]
-    bar = report["methods"][centre["name"]]["search_mean"]
-    drawn = sum(search_samples if t.state == optuna.trial.TrialState.COMPLETE else max(t.intermediate_values)
-                for t in trials) * search_seeds
-    seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]
-    rungs = sorted({s for t in done for s in t.intermediate_values})
-    rho = {str(s): spearman([t.intermediate_values[s] for t in done], [t.value for t in done]) for s in rungs[:-1]}
+    return SearchStudy.open(report["study"], storage).records()
+
+
+def study_figures(report: dict[str, Any], storage: str, search_samples: int, search_seeds: int) -> dict[str, Any]:
+    records = trial_records(report, storage)
+    # The start trial is the centre, scored before the search: no search trial, but it can be the best.
+    start = next(t for t in records if t.start is not None)
+    trials = [t for t in records if t.start is None and t.state in ("COMPLETE", "PRUNED")]
+    done = [t for t in trials if t.state == "COMPLETE"]
+    pruned = [t for t in trials if t.pruned]
+    best = min((t for t in records if t.state == "COMPLETE"), key=lambda t: t.value)  # as the report's lcsc_top1
+    bar = report["methods"][report["centre"]]["search_mean"]
+    drawn = sum(search_samples if t.state == "COMPLETE" else max(t.rungs) for t in trials) * search_seeds
+    rungs = sorted({s for t in done for s in t.rungs})
+    rho = {str(s): spearman([t.rungs[s] for t in done], [t.value for t in done]) for s in rungs[:-1]}
     return {"trials": len(trials), "complete": len(done), "pruned": len(pruned),
-            "pruned_at_samples": {str(k): v for k, v in
-                                  sorted(Counter(max(t.intermediate_values) for t in pruned).items())},
-            "search_seconds": report["search_seconds"], "trial_seconds_sum": sum(seconds),
-            "complete_trial_seconds_median": statistics.median(
-                s for s, t in zip(seconds, trials) if t.state == optuna.trial.TrialState.COMPLETE),
-            "samples_drawn": drawn, "best_trial": best.number, "best_params": best.params,
-            "best_search_fid": best.value, "best_coefficients": best.user_attrs["coefficients"],
-            "centre": centre["name"], "centre_search_fid": bar, "centre_coefficients": centre["coefficients"],
+            "pruned_at_samples": {str(k): v for k, v in sorted(Counter(max(t.rungs) for t in pruned).items())},
+            "search_seconds": report["search_seconds"], "trial_seconds_sum": sum(t.duration_s or 0.0 for t in trials),
+            "complete_trial_seconds_median": statistics.median(t.duration_s or 0.0 for t in done),
+            "samples_drawn": drawn, "best_trial": best.number, "best_is_start": best.start is not None,
+            "best_params": best.params, "best_search_fid": best.value, "best_coefficients": list(best.coefficients),
+            "centre": report["centre"], "centre_search_fid": bar, "centre_coefficients": list(start.coefficients),
             "first_trial_beating_centre": next((t.number for t in done if t.value < bar), None),
             "rung_spearman_vs_full": rho}
 
 
-def fates(plain: dict[str, Any], storages: dict[str, str], k: int = 5) -> dict[str, Any]:
+def fates(reports: dict[str, dict[str, Any]], storages: dict[str, str], k: int = 5) -> dict[str, Any]:
     """What the pruned search did with the unpruned search's k best points, where it drew the same points
-    (the random sampler always does; CMA-ES and evolution until their paths part)."""
-    import optuna
-
-    a = optuna.load_study(study_name=plain["study"], storage=storages["plain"])
-    b = {t.number: t for t in optuna.load_study(study_name=plain["study"], storage=storages["prune"]).trials}
-    top = sorted((t for t in a.trials if t.value is not None), key=lambda t: t.value)[:k]
+    (the random sampler always does; CMA-ES and evolution until their paths part). Both studies hold the
+    same start trial (the centre): it is no drawn point and is left out."""
+    a = trial_records(reports["plain"], storages["plain"])
+    b = {t.number: t for t in trial_records(reports["prune"], storages["prune"])}
+    top = sorted((t for t in a if t.value is not None and t.start is None), key=lambda t: t.value)[:k]
     same = [b[t.number] for t in top if t.number in b and b[t.number].params == t.params]
-    pruned = [t for t in same if t.state == optuna.trial.TrialState.PRUNED]
+    pruned = [t for t in same if t.pruned]
     return {"top_k": len(top), "same_points": len(same), "pruned": len(pruned)}
 
 
@@ -293,12 +301,20 @@ def main() -> None:
     ap.add_argument("--search-samples", type=int, default=1000)
     ap.add_argument("--window", type=int, default=16)
     ap.add_argument("--final-seeds", type=int, default=3)
+    ap.add_argument("--final-samples", type=int, default=2000)
     ap.add_argument("--train-steps", type=int, default=2000, help="only without bench-quality's checkpoints")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the cores are shared)")
     ap.add_argument("--fresh", action="store_true", help="re-import (or retrain) the run")
     ap.add_argument("--no-write", action="store_true", help="print only; leave results/ and RESULTS.md alone")
     ap.add_argument("--render", action="store_true", help="only rewrite the RESULTS.md section from results/prune.json")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, its own work folder, writes no results "
+                                                         "(a plumbing check)")
     args = ap.parse_args()
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == ap.get_default(key):
+                setattr(args, key, value)
+        args.no_write = True
     results = HERE / "results" / "prune.json"
     if args.render:
         runs = json.loads(results.read_text())["runs"]
@@ -316,14 +332,14 @@ def main() -> None:
     from lcsc_ops.pipeline.config import OptimizeConfig
 
     t0, load_start = time.perf_counter(), os.getloadavg()
-    work = HERE / "work" / "prune"
+    work = HERE / "work" / ("prune-quick" if args.quick else "prune")
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     os.environ["LCSC_OPS_CACHE"] = str(work / "cache")
     os.chdir(work)  # MLflow puts the artifacts of a sqlite store under ./mlruns
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    src = source_run(work, uri, args.window, args.train_steps)
+    src = source_run(work, uri, args.window, args.train_steps, reuse_full=not args.quick)
     log(f"run {src['run_id']}: {src['source']}")
 
     cfgs, reports, figures = {}, {}, {}
@@ -333,9 +349,10 @@ def main() -> None:
             Path(f"{db}{suffix}").unlink(missing_ok=True)
         cfgs[name] = OptimizeConfig(run_id=src["run_id"], window=args.window, basis="both", strategy=args.strategy,
                                     n_trials=args.n_trials, search_samples=args.search_samples, search_seeds=1,
-                                    final_samples=2000, final_seeds=args.final_seeds, top_k=1, seed=args.seed,
+                                    final_samples=args.final_samples, final_seeds=args.final_seeds, top_k=1,
+                                    seed=args.seed,
                                     device="cpu", storage=f"sqlite:///{db}", tracking_uri=uri, register=False,
-                                    prune=prune)
+                                    prune=prune, score_cache=False)  # every score computed: timings comparable
         reports[name] = run_optimize(cfgs[name], log=lambda m, n=name: log(f"  {n}: {m}"))
         figures[name] = study_figures(reports[name], cfgs[name].storage, args.search_samples, 1)
         log(f"{name}: search {figures[name]['search_seconds']:.1f} s, {figures[name]['pruned']} pruned, "
@@ -353,7 +370,7 @@ def main() -> None:
                   f"after {pruner.n_startup_trials} complete trials",
         "plain": figures["plain"], "prune": figures["prune"],
         "comparison": compare(reports["plain"], reports["prune"], figures["plain"], figures["prune"]),
-        "unpruned_top_in_pruned_search": fates(reports["plain"], {n: c.storage for n, c in cfgs.items()}),
+        "unpruned_top_in_pruned_search": fates(reports, {n: c.storage for n, c in cfgs.items()}),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
                     "load_start": load_start, "load_end": os.getloadavg(),

@@ -237,12 +237,14 @@ class Bench:
         """Post-hoc EMA over raw checkpoints `interval` steps apart vs the online EMA at the last step."""
         from _quality_eval import ProtocolScorer, local_entry, posthoc_ema_state, relative_distance
 
-        from lcsc_ops.store.fetch import fetch_window
         from lcsc_ops.checkpoints import write_checkpoint
+        from lcsc_ops.store.fetch import fetch_window, read_manifest
 
         r = self.r
         cfg = self.config("cmaes", 0)
-        win = fetch_window(cfg.run_id, window=10 ** 6, tracking_uri=self.uri)
+        # The whole run: as many steps as it logged raw checkpoints (a longer window is refused).
+        raw_steps = {e["step"] for e in read_manifest(cfg.run_id, self.uri)["entries"] if e["kind"] == "raw"}
+        win = fetch_window(cfg.run_id, window=len(raw_steps), tracking_uri=self.uri)
         raw = [win.entries[i] for i in win.indices("raw")]
         online = win.training_ema.load()
         last = raw[-1].load()
@@ -439,13 +441,10 @@ def row(m: dict[str, Any], note: str = "") -> dict[str, Any]:
 def trial_values(report: dict[str, Any]) -> list[float]:
     """Search values of the study's complete trials, in trial order; the start trial (the centre,
     scored before the search, see ``add_start_trial``) is no search evaluation and is left out."""
-    import optuna
+    from lcsc_ops.search.study import SearchStudy
 
-    from lcsc_ops.search.storage import make_storage
-    from lcsc_ops.search.trials import searched  # noqa: F401
-
-    done = searched(optuna.load_study(study_name=report["study"], storage=make_storage(report["storage"])))
-    return [t.value for t in sorted(done, key=lambda t: t.number)]
+    records = SearchStudy.open(report["study"], report["storage"]).records()  # by trial number
+    return [t.value for t in records if t.state == "COMPLETE" and t.start is None]
 
 
 def first_below(values: list[float], bar: float) -> int | None:

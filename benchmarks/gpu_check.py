@@ -28,6 +28,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lcsc_ops.evaluation.fid import FIDScorer, compute_reference_stats  # noqa: E402  (torch + torchmetrics)
+from lcsc_ops.evaluation.precision import PRECISIONS, precision_context  # noqa: E402  (torch only)
 from lcsc_ops.math.merge import StackedMerger  # noqa: E402  (imports torch only)
 from lcsc_ops.models.diffusion import DDIMSampler  # noqa: E402
 
@@ -156,8 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="LCSC per-trial throughput on one GPU (issue 5).")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke test)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), default=None,
-                   help="sampling and features: fp32, TF32 (default on CUDA), bf16 autocast")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="sampling and features, as `lcsc-ops optimize --search-precision`: fp32, TF32 (default "
+                        "on CUDA), bf16 autocast")
     p.add_argument("--channels-last", action="store_true",
                    help="sample with a channels_last copy of the merged weights (refreshed after each merge)")
     p.add_argument("--k", type=int, default=32, help="checkpoints in the window")
@@ -170,9 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
     precision = a.precision or ("tf32" if device.type == "cuda" else "fp32")
     if a.quick:
         a.k, a.samples, a.batch, a.nfe = min(a.k, 4), min(a.samples, 64), min(a.batch, 32), min(a.nfe, 2)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
     fmt = torch.channels_last if a.channels_last else torch.contiguous_format
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def evaluating():  # the product's evaluation context at this precision (TF32 flags, autocast)
+        return precision_context(precision, device)
     torch.manual_seed(0)
     model = (UNet(ch=32, mults=(1, 2), blocks=1) if a.quick else UNet()).to(device)
     params = sum(p.numel() for p in model.parameters())
@@ -209,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     extractor.to(memory_format=fmt)
     x = torch.randn(a.batch, 3, 32, 32, device=device).to(memory_format=fmt)
     t = torch.full((a.batch,), 500, device=device, dtype=torch.long)
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), evaluating():
         fwd = a.batch / timed(lambda: net(x, t), device, reps=5, warmup=2)
         feat_fwd = a.batch / timed(lambda: extractor(x.clamp(-1, 1)), device, reps=5, warmup=2)
 
@@ -222,12 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def sample() -> torch.Tensor:
-        with autocast:
+        with evaluating():
             return scorer.sample(net, a.samples, seed=0).float()
 
     def features(images: torch.Tensor) -> None:  # the fake-side feature pass alone (no Frechet distance)
         scorer.metric.reset()
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), evaluating():
             for batch in images.split(a.batch):
                 scorer.metric.update(batch, real=False)
 
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for dst_p, src_p in zip(net.parameters(), model.parameters()):
                     dst_p.copy_(src_p)
         images = sample()
-        with autocast:
+        with evaluating():
             return scorer.score_images(images)
 
     trial()  # warm-up (cuDNN autotuning, allocator)
@@ -246,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     t_sampling = timed(sample, device, reps=2)  # each measured alone, outside any trial
     t_features = timed(lambda: features(images), device, reps=2)
     t0 = time.perf_counter()
-    scorer.score_images(images)
+    with evaluating():
+        scorer.score_images(images)
     sync()
     t_distance = time.perf_counter() - t0 - t_features  # score_images = features + Frechet distance
     t_trial = timed(trial, device, reps=2, warmup=0)

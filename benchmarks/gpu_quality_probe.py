@@ -13,25 +13,32 @@ on fresh final seeds. Its figures are a GPU's, not the benchmark's: they choose 
 they do not replace `make bench-quality`.
 
     python benchmarks/gpu_quality_probe.py --variants '[{"name": "a"}, {"name": "b", "trials": 250}]'
+    python benchmarks/gpu_quality_probe.py --quick     # one tiny variant: a plumbing check that runs on a CPU
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+# Spinning OpenMP threads on a shared CPU measure the neighbours (see bench_perf.py); no effect on
+# the GPU's work. Must be set before torch loads OpenMP; the environment overrides it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lcsc_ops.evaluation.data import load_digits_images  # noqa: E402
 from lcsc_ops.evaluation.features import build_extractor  # noqa: E402
 from lcsc_ops.evaluation.fid import FIDScorer, compute_reference_stats  # noqa: E402
+from lcsc_ops.math.ema import ema_update_  # noqa: E402
 from lcsc_ops.math.encoding import AffineEncoding, partition_by_kind  # noqa: E402
 from lcsc_ops.math.merge import StackedMerger  # noqa: E402
 from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, embed, one_hot, quantise, uniform  # noqa: E402
@@ -44,6 +51,9 @@ TRAIN_DEFAULTS = dict(kind="ddpm", steps=6000, lr=2e-3, batch=128, every=50, ema
 SEARCH_DEFAULTS = dict(window=60, blocks=8, radius=0.3, trials=60, search_seeds=1, search_samples=1000,
                        final_seeds=10, final_samples=2000, strategy="cmaes", top_k=3, nfe=None, end_frac=1.0,
                        seed=0, eval_nfe=())
+# --quick: one tiny variant (a minute on a CPU), every code path of a variant included.
+QUICK_VARIANT = dict(name="quick", steps=100, every=10, extra_emas=(0.99,), window=5, blocks=2, trials=8,
+                     search_samples=100, final_seeds=2, final_samples=100, top_k=2, eval_nfe=(5,))
 
 
 def log(msg: str) -> None:
@@ -74,10 +84,9 @@ def train(cfg: dict[str, Any], device: torch.device) -> dict[str, Any]:
         loss.backward()
         opt.step()
         sched.step()
-        with torch.no_grad():
-            cur = [v for v in model.state_dict().values() if v.is_floating_point()]
-            for d, ema in emas.items():
-                torch._foreach_lerp_([v for v in ema.values() if v.is_floating_point()], cur, 1 - d)
+        state = model.state_dict()
+        for d, ema in emas.items():
+            ema_update_(ema, state, d)  # the logger's update, at a constant decay (no warm-up)
         if step % cfg["every"] == 0:
             snaps.append((step, "raw", {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}))
             snaps.append((step, "ema", {k: v.to("cpu", copy=True) for k, v in emas[cfg["ema"]].items()}))
@@ -226,19 +235,24 @@ def probe(variant: dict[str, Any], runs: dict[str, Any], device: torch.device) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", required=True, help="JSON list of variant dicts (train and search settings)")
+    ap.add_argument("--variants", help="JSON list of variant dicts (train and search settings)")
+    ap.add_argument("--quick", action="store_true", help="one tiny variant instead (a plumbing check on a CPU)")
     ap.add_argument("--out", type=Path, help="write all summaries here (JSON)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
+    if (a.variants is None) == (not a.quick):
+        ap.error("give --variants or --quick (one of them)")
     device = torch.device(a.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     runs: dict[str, Any] = {}
     out = []
-    for v in json.loads(a.variants):
+    for v in [QUICK_VARIANT] if a.quick else json.loads(a.variants):
         try:
             out.append(probe(v, runs, device))
         except Exception as exc:  # one broken variant must not lose the others' figures
             log(f"variant {v.get('name')} failed: {type(exc).__name__}: {exc}")
+            if a.quick:  # a plumbing check must fail loudly
+                raise
         if a.out:
             a.out.write_text(json.dumps(out, indent=1))
 

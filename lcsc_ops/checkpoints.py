@@ -89,6 +89,7 @@ class CheckpointWindow:
     entries: tuple[CheckpointEntry, ...]
     training_ema: CheckpointEntry | None  # EMA snapshot at the last step of the window
     steps: tuple[int, ...]
+    complete: bool = True  # False: the run has no end marker (still training, or it died)
 
     def indices(self, *kinds: str) -> list[int]:
         """Positions of the entries of the given kinds (all kinds when none are given)."""
@@ -152,18 +153,29 @@ def validate_manifest(manifest: Any, run_id: str) -> list[dict]:
     return list(entries)
 
 
-def select_window(entries: list[dict], window: int, end_step: int | None = None
+DEFAULT_WINDOW = 16
+
+
+def select_window(entries: list[dict], window: int | None, end_step: int | None = None
                   ) -> tuple[list[dict], dict | None, list[int]]:
     """The last ``window`` checkpoint steps (at or before ``end_step``): every entry at those
-    steps, raw by step, then EMA by step."""
-    if window < 1:
-        raise LcscError(f"window must be >= 1, got {window}")
+    steps, raw by step, then EMA by step. ``None``: the last :data:`DEFAULT_WINDOW`, or all
+    there are if fewer. A window asked for that is longer than the steps there are is an
+    LcscError naming how many there are (it would silently merge fewer checkpoints)."""
+    if window is not None and window < 1:
+        raise LcscError(f"--window must be >= 1, got {window}")
     if end_step is not None:
         entries = [e for e in entries if e["step"] <= end_step]
         if not entries:
             raise LcscError(f"no checkpoints at or before step {end_step}")
     raw_steps = sorted({e["step"] for e in entries if e["kind"] == "raw"})
-    steps = (raw_steps or sorted({e["step"] for e in entries}))[-window:]
+    available = raw_steps or sorted({e["step"] for e in entries})
+    window = min(DEFAULT_WINDOW, len(available)) if window is None else window
+    if window > len(available):
+        where = f" at or before step {end_step}" if end_step is not None else ""
+        raise LcscError(f"--window {window}: the run has {len(available)} checkpoint steps{where} "
+                        f"({available[0]}..{available[-1]}); use --window {len(available)} or less")
+    steps = available[-window:]
     chosen = sorted((e for e in entries if e["step"] in set(steps)),
                     key=lambda e: (KINDS.index(e["kind"]) if e["kind"] in KINDS else len(KINDS), e["step"]))
     emas = sorted((e for e in entries if e["kind"] == "ema" and e["step"] <= steps[-1]), key=lambda e: e["step"])

@@ -1,4 +1,6 @@
-"""The ``lcsc-ops`` command line: train, optimize, promote, import. Thin: parse, configure, call."""
+"""The ``lcsc-ops`` command line: train, optimize, report, promote, import, runs, checkpoints.
+Thin: parse, configure, call. Progress goes to stderr (bars on a terminal, plain lines otherwise,
+nothing with ``--quiet``); results go to stdout."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +19,7 @@ import typer
 from lcsc_ops.errors import LcscError
 from lcsc_ops.options import parse_json_object
 from lcsc_ops.pipeline.config import OptimizeConfig
+from lcsc_ops.pipeline.report import ReportConfig
 from lcsc_ops.training import TrainConfig
 
 # Progress bars on every artifact download would drown the one-line output a CLI owes its user.
@@ -113,9 +116,12 @@ TRACKING = _extra("tracking_uri", Optional[str], None, "--tracking-uri", envvar=
                             "Prints the run id (last line). Multi-process: accelerate launch pipelines/train.py "
                             "takes the same options.")
 def train(**values: Any) -> None:
+    from lcsc_ops.pipeline.progress import make_progress
     from lcsc_ops.training import train as run_training
 
-    run_id = run_training(config_from(TrainConfig, values))
+    cfg = config_from(TrainConfig, values)
+    with make_progress(quiet=cfg.quiet) as progress:
+        run_id = run_training(cfg, progress=progress)
     if run_id is not None:
         typer.echo(run_id)
 
@@ -127,9 +133,13 @@ def train(**values: Any) -> None:
 ], "Search merge coefficients for a training run's checkpoints and register the winning merge.")
 def optimize(*, as_json: bool = False, report: Optional[Path] = None, **values: Any) -> None:
     from lcsc_ops.pipeline.optimize import run_optimize
+    from lcsc_ops.pipeline.progress import make_progress
     from lcsc_ops.pipeline.report import render_table
 
-    result = run_optimize(config_from(OptimizeConfig, values), log=lambda msg: typer.echo(msg, err=True))
+    cfg = config_from(OptimizeConfig, values)
+    # Several workers write to stderr from several processes: plain lines, each with its [worker i].
+    with make_progress(quiet=cfg.quiet, plain=cfg.workers > 1) as progress:
+        result = run_optimize(cfg, log=progress.note, progress=progress, watchdog=True)
     if report is not None:
         report.write_text(json.dumps(result, indent=2))
     if as_json:
@@ -138,6 +148,98 @@ def optimize(*, as_json: bool = False, report: Optional[Path] = None, **values: 
         from rich.console import Console
 
         Console(width=160).print(render_table(result))
+
+
+@config_command("report", ReportConfig, [TRACKING],
+                "Write an optimization's report (search curve, coefficients, samples from the same noise, the results "
+                "table in Markdown) and log it under report/ of its parent run; the table becomes the registered "
+                "version's description. optimize does this at its end too.")
+def report(**values: Any) -> None:
+    from lcsc_ops.pipeline.progress import stderr_writer
+    from lcsc_ops.pipeline.report import run_report
+
+    result = run_report(config_from(ReportConfig, values), log=stderr_writer())
+    typer.echo(result["artifact_uri"])
+
+
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+@app.command()
+def runs(
+    experiment: Annotated[Optional[str], typer.Option(help="Only this MLflow experiment (default: all).")] = None,
+    as_json: AsJson = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """List training runs (checkpoints, size, model spec) and optimize runs (source, status, registered version)."""
+    from lcsc_ops.store.fetch import resolve_tracking_uri
+    from lcsc_ops.store.listing import list_runs
+
+    found = list_runs(experiment, resolve_tracking_uri(tracking_uri))
+    if as_json:
+        typer.echo(json.dumps(found, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    train = Table(title="training runs", title_justify="left")
+    for col in ("run id", "name", "experiment", "kind", "status", "checkpoints", "size", "last step", "factory",
+                "sampler", "data"):
+        train.add_column(col, justify="right" if col in ("checkpoints", "size", "last step") else "left",
+                         no_wrap=col == "run id", min_width=32 if col == "run id" else None)
+    for r in found["training"]:
+        sampler = f"{r['sampler']} × {r['sampler_steps']}" if r["sampler_steps"] else str(r["sampler"] or "—")
+        count = f"{r['checkpoints']}" + ("" if r["complete"] else " (partial)")
+        train.add_row(r["run_id"], r["name"] or "", r["experiment"] or "", r["kind"], r["status"], count,
+                      _size(r["bytes"]), str(r["last_step"] if r["last_step"] is not None else "—"),
+                      r["factory"] or "—", sampler, r["dataset"] or "—")
+    opt = Table(title="optimize runs", title_justify="left")
+    for col in ("run id", "name", "experiment", "source run", "status", "registered"):
+        opt.add_column(col, no_wrap=col in ("run id", "source run"), min_width=32 if "run" in col else None)
+    for r in found["optimize"]:
+        opt.add_row(r["run_id"], r["name"] or "", r["experiment"] or "", r["source_run"] or "—", r["status"],
+                    r["registered_model"] or "—")
+    console = Console()
+    console = console if console.is_terminal else Console(width=220)  # piped: no run id or factory cut short
+    console.print(train)
+    console.print(opt)
+
+
+@app.command()
+def checkpoints(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a training (or imported) run.")],
+    as_json: AsJson = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """List a run's checkpoints: step, kind, bytes, sha256 (from its manifest; per-step fragments while it trains)."""
+    from lcsc_ops.store.fetch import resolve_tracking_uri
+    from lcsc_ops.store.listing import checkpoint_entries
+
+    entries, complete = checkpoint_entries(run_id, resolve_tracking_uri(tracking_uri))
+    if as_json:
+        typer.echo(json.dumps({"run_id": run_id, "complete": complete, "checkpoints": entries}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"checkpoints of run {run_id}" + ("" if complete else " (partial: no complete manifest yet: still "
+                                                                         "training, or stopped)"), highlight=False)
+    table = Table()
+    for col in ("step", "kind", "bytes", "sha256"):
+        table.add_column(col, justify="right" if col in ("step", "bytes") else "left")
+    for e in entries:
+        table.add_row(str(e["step"]), e["kind"], f"{e['bytes']:,}", e["sha256"][:12] + "…")
+    table.caption = f"{len(entries)} checkpoints, {_size(sum(e['bytes'] for e in entries))}"
+    console.print(table)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
 
 
 @app.command()

@@ -11,7 +11,6 @@ consistency sampler (iCT, or distillation from a finished diffusion run) for CMs
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.options import option, parse_json_object
+from lcsc_ops.pipeline.progress import PlainProgress, SilentProgress, stderr_writer
 from lcsc_ops.spec import ModelSpec
 
 CKPT, MLFLOW, KIND = "Checkpoints", "MLflow", "Model kind"
@@ -48,6 +48,8 @@ class TrainConfig:
     run_name: str | None = option(None, "MLflow run name.", panel=MLFLOW)
     model_name: str | None = option(None, "Registered model name optimize will use by default (default: "
                                           "digits-ddpm; digits-cm for consistency models).", panel=MLFLOW)
+    quiet: bool = option(False, "No progress bar or lines on stderr: only the run id (stdout) and errors. "
+                                "Not part of the run's params.")
     tracking_uri: str | None = option(None, cli=False)
     cpu: bool | None = option(None, cli=False)  # None: CPU when no GPU is visible
     factory: str = option("lcsc_ops.models.unet:digits_unet", "Model factory 'module:callable'.")
@@ -111,8 +113,11 @@ def _validate(cfg: TrainConfig) -> None:
         raise LcscError("teacher-run and cm-settings apply to consistency models only (--model-kind consistency)")
 
 
-def train(cfg: TrainConfig) -> str | None:
-    """Train, logging to MLflow from the main process; returns the run id there (None elsewhere)."""
+def train(cfg: TrainConfig, progress: Any = None) -> str | None:
+    """Train, logging to MLflow from the main process; returns the run id there (None elsewhere).
+
+    The main process shows ``progress`` (a :class:`~lcsc_ops.pipeline.progress.Progress`; default:
+    plain lines on stderr, none with ``cfg.quiet``): step/N, loss, steps/s, checkpoints logged."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -137,17 +142,24 @@ def train(cfg: TrainConfig) -> str | None:
     run, logger = None, None
     if accelerator.is_main_process:
         run, logger = _open_run(cfg, spec, accelerator)
+    progress = _progress(cfg, progress) if accelerator.is_main_process else SilentProgress()
     status = "FAILED"
     try:
-        _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run)
+        _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run, progress)
         status = "FINISHED"
     finally:
         if logger is not None:
-            logger.close()
+            logger.close(complete=status == "FINISHED")  # a run that failed stays partial
         if run is not None:
             run.end(status)
     accelerator.wait_for_everyone()
     return run.run_id if run is not None else None
+
+
+def _progress(cfg: TrainConfig, progress: Any) -> Any:
+    if cfg.quiet:
+        return SilentProgress()
+    return progress if progress is not None else PlainProgress(stderr_writer())
 
 
 def _load_teacher(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
@@ -182,7 +194,7 @@ def _open_run(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
     from lcsc_ops.store.logger import CheckpointLogger
     from lcsc_ops.store.training_run import TrainingRun
 
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "tracking_uri"}
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("tracking_uri", "quiet")}
     tags = {"lcsc.kind": "training", "lcsc.model_name": cfg.model_name, "lcsc.model_kind": cfg.model_kind,
             **({"lcsc.teacher_run": cfg.teacher_run} if cfg.teacher_run else {})}
     run = TrainingRun.start(experiment=cfg.experiment, run_name=cfg.run_name,
@@ -194,8 +206,9 @@ def _open_run(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
     return run, logger
 
 
-def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run) -> None:
+def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run, progress) -> None:
     step, t0, loss_sum, loss_n = 0, time.perf_counter(), torch.zeros((), device=accelerator.device), 0
+    progress.stage("train", cfg.steps, unit="steps", every=10 * cfg.log_every)
     model.train()
     while step < cfg.steps:
         for (x0,) in loader:
@@ -209,6 +222,7 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger
             loss_n += 1
             if logger is not None:
                 logger.step(model, step)
+            status = None
             if step % cfg.log_every == 0 or step == cfg.steps:
                 # A collective: every process takes part, the main one logs the mean.
                 mean_loss = accelerator.reduce(loss_sum / loss_n, reduction="mean").item()
@@ -217,7 +231,8 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger
                 if run is not None:
                     rate = step / (time.perf_counter() - t0)
                     run.log_metrics({"loss": mean_loss, "steps_per_second": rate}, step=step)
-                    if step % (10 * cfg.log_every) == 0 or step == cfg.steps:
-                        print(f"step {step}/{cfg.steps}  loss {mean_loss:.4f}  {rate:.1f} steps/s", file=sys.stderr)
+                    logged = len(logger.entries) if logger is not None else 0
+                    status = f"loss {mean_loss:.4f}, {logged} checkpoints logged"
+            progress.advance(status=status)
             if step >= cfg.steps:
                 break

@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# In-process CLI calls would leave a watchdog per call waiting for pytest to exit; tests that
+# kill a real optimize process turn it back on (LCSC_OPS_WATCHDOG=1 in its environment).
+os.environ["LCSC_OPS_WATCHDOG"] = "0"
 
 TINY_TRAIN = dict(steps=60, batch_size=32, channels=8, checkpoint_every=10, sampler_steps=2, log_every=10,
                   warmup_steps=5, experiment="tests", model_name="tiny-ddpm")

@@ -130,3 +130,28 @@ def test_ema_warmup_follows_the_diffusers_schedule(store):
             torch.testing.assert_close(ema[k], expected[k])
     assert ema_decay_at(0.999, 10 ** 6) == 0.999 and ema_decay_at(0.999, 1, warmup=False) == 0.999
     assert read_manifest(run_id, store["uri"])["entries"][1]["ema_warmup"] is True
+
+
+def test_a_run_without_its_end_marker_is_read_from_its_fragments_and_called_partial(store):
+    """Per step: the files, then a small fragment (no upload grows with the run); the complete
+    manifest only when the logger closes. A run read before that is partial."""
+    from lcsc_ops.models.unet import digits_unet
+
+    client = mlflow.tracking.MlflowClient(store["uri"])
+    exp = client.get_experiment_by_name("partial") or client.get_experiment(client.create_experiment("partial"))
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    spec = ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": 8})
+    model = digits_unet(channels=8)
+    logger = CheckpointLogger(spec, every=1, run_id=run_id, tracking_uri=store["uri"])
+    for step in (1, 2):
+        logger.step(model, step)
+    logger.wait()
+    partial = read_manifest(run_id, store["uri"])
+    assert partial["complete"] is False and len(partial["entries"]) == 4
+    names = [a.path for a in client.list_artifacts(run_id, "checkpoints/manifest.d")]
+    assert names == ["checkpoints/manifest.d/step00000001-raw+ema.json", "checkpoints/manifest.d/step00000002-raw+ema.json"]
+    window = fetch_window(run_id, window=2, tracking_uri=store["uri"], cache_dir=store["cache"])
+    assert window.complete is False and window.steps == (1, 2)
+    logger.close()
+    done = read_manifest(run_id, store["uri"])
+    assert done["complete"] is True and done["entries"] == partial["entries"]

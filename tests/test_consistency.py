@@ -224,7 +224,7 @@ def test_consistency_run_is_optimized_registered_and_loaded(store, cm_run):
     tags = mlflow.tracking.MlflowClient(store["uri"]).get_model_version(name, version).tags
     assert tags["lcsc.source_run"] == cm_run
     coeffs, files = json.loads(tags["lcsc.coefficients"]), json.loads(tags["lcsc.checkpoints"])
-    window = fetch_window(cm_run, window=8, tracking_uri=store["uri"], cache_dir=store["cache"])
+    window = fetch_window(cm_run, window=None, tracking_uri=store["uri"], cache_dir=store["cache"])
     by_file = {e.file: e for e in window.entries}
     assert [sha256_file(by_file[f].path) for f in files] == json.loads(tags["lcsc.checkpoint_sha256"])
     expected = merge_state_dicts([by_file[f].load() for f in files], coeffs)

@@ -80,7 +80,7 @@ def test_registered_promoted_model_is_the_recomputed_merge(store, tiny_run, opti
     files = json.loads(tags["lcsc.checkpoints"])
     hashes = json.loads(tags["lcsc.checkpoint_sha256"])
     assert sum(coeffs) == 1.0 and len(coeffs) == len(files) == len(hashes)
-    window = fetch_window(tiny_run, window=8, tracking_uri=store["uri"], cache_dir=store["cache"])
+    window = fetch_window(tiny_run, window=6, tracking_uri=store["uri"], cache_dir=store["cache"])
     by_file = {e.file: e for e in window.entries}
     assert [sha256_file(by_file[f].path) for f in files] == hashes
     expected = merge_state_dicts([by_file[f].load() for f in files], coeffs)

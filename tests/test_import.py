@@ -66,13 +66,14 @@ def test_pt_state_dicts_with_steps_from_file_names(store, tmp_path):
     manifest = read_manifest(run_id, store["uri"])
     assert [(e["step"], e["kind"], e["source"]) for e in manifest["entries"]] == [
         (10, "raw", "ckpt-step10.pt"), (20, "raw", "ckpt-step20.pt"), (30, "raw", "ckpt-step30.pt")]
-    window = fetch_window(run_id, window=4, tracking_uri=store["uri"], cache_dir=store["cache"])
+    window = fetch_window(run_id, window=3, tracking_uri=store["uri"], cache_dir=store["cache"])
     assert window.steps == (10, 20, 30) and window.training_ema is None
     loaded = window.entries[1].load()
     expected = _walk(3)[1]
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
 
-    cfg = tiny_optimize_config(run_id, store, evaluator="tests.evaluators:weight_energy", n_trials=2, register=False)
+    cfg = tiny_optimize_config(run_id, store, evaluator="tests.evaluators:weight_energy", n_trials=2, register=False,
+                               window=3)
     report = run_optimize(cfg, log=lambda m: None)
     assert report["trials"] == 2 and {"last", "uniform", "ema_star", "lcsc_top1"} <= set(report["methods"])
 

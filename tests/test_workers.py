@@ -109,3 +109,31 @@ def test_kill_9_mid_search_then_rerun_loses_and_repeats_nothing(store, tiny_run)
     assert len(after) == 12  # trials_repeated = 0: exactly the budget, each trial once
     client = mlflow.tracking.MlflowClient(store["uri"])
     assert len(client.search_model_versions("name = 'tiny-killed'")) == 1
+
+
+def test_the_watchdog_cleans_up_after_a_killed_worker_that_nobody_reruns(store, tiny_run):
+    """kill -9 and no rerun: after the grace period no trial is RUNNING and the parent run is not RUNNING."""
+    env = {**os.environ, "LCSC_OPS_GRACE_S": "2", "LCSC_OPS_HEARTBEAT_S": "1", "LCSC_OPS_WATCHDOG": "1"}
+    storage = str(store["root"] / "watchdog.journal")
+    cmd = _optimize_cmd(store, tiny_run, "--n-trials", "40")
+    cmd[cmd.index("--storage") + 1] = storage
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    study, deadline = None, time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(make_storage(storage)) if ":lock:" not in s.study_name]
+        study = _study(storage, names[0]) if names else None
+        if study is not None and _searched(study) and any(
+                t.state == optuna.trial.TrialState.RUNNING for t in study.trials):
+            break
+        time.sleep(0.1)
+    assert study is not None and proc.poll() is None, "the search did not get going"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    parent = study.user_attrs["lcsc.setup"]["parent_run_id"]
+    client = mlflow.tracking.MlflowClient(store["uri"])
+    deadline = time.time() + 120
+    while time.time() < deadline and client.get_run(parent).info.status == "RUNNING":
+        time.sleep(0.5)
+    assert client.get_run(parent).info.status == "KILLED"
+    study = _study(storage, study.study_name)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]

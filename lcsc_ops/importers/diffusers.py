@@ -31,8 +31,8 @@ from lcsc_ops.models.diffusers_unet import (DEFAULT_SCHEDULER, FACTORY, MODEL_CL
                                             require_diffusers, resolve_scheduler_config, unet_config)
 from lcsc_ops.spec import ModelSpec
 from lcsc_ops.checkpoints import KINDS
-from lcsc_ops.importers.files import (PlannedFile, check_finite, check_layout, compile_step_pattern, read_checkpoint,
-                                     write_import_run)
+from lcsc_ops.importers.files import (PlannedFile, check_finite, check_inside, check_layout, compile_step_pattern,
+                                     read_checkpoint, write_import_run)
 
 CHECKPOINT_STEP_PATTERN = r"checkpoint-(\d+)"
 CHECKPOINT_SUBFOLDERS = (("unet", "raw"), ("unet_ema", "ema"))
@@ -161,6 +161,7 @@ def plan_diffusers_import(folder: str | Path, *, step_pattern: str | None = None
     first: tuple[str, dict[str, Any]] | None = None
     planned: list[PlannedFile] = []
     seen: dict[tuple[str, int], str] = {}
+    roots = [Path(folder)] + ([Path(ema_folder)] if ema_folder is not None else [])
     for model in models:
         raw = _read_json(model.path / "config.json", f"{model.label}/config.json")
         if raw.get("_class_name") != MODEL_CLASS:
@@ -175,6 +176,7 @@ def plan_diffusers_import(folder: str | Path, *, step_pattern: str | None = None
                             f"({config[key]!r} vs {first[1][key]!r}): all checkpoints must share one "
                             f"{MODEL_CLASS} config")
         weights = _weights_file(model)
+        check_inside(weights, roots, f"{model.label}/{weights.name}")
         step = _step(model, pattern)
         if (model.kind, step) in seen:
             raise LcscError(f"duplicate step {step} ({model.kind}): {seen[model.kind, step]} and {model.label}")
@@ -225,10 +227,13 @@ def import_diffusers(folder: str | Path, *, steps: int = 10, scheduler: str = DE
     (layout b only). ``.bin`` weights are loaded with ``weights_only=True`` unless ``allow_pickle``.
     Everything is checked before the run is created; errors are LcscError.
     """
+    from lcsc_ops.store.fetch import resolve_tracking_uri
+
+    notes: list[str] = []  # what was skipped and how the scheduler is set up: said once everything passed
     config, planned = plan_diffusers_import(folder, step_pattern=step_pattern, kind=kind, ema_folder=ema_folder,
-                                            log=log)
+                                            log=notes.append)
     spec = diffusers_spec(folder, config, steps=steps, scheduler=scheduler, dataset=dataset,
-                          image_shape=image_shape, log=log)
+                          image_shape=image_shape, log=notes.append)
     model = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
     first = None
     for p in planned:
@@ -237,6 +242,9 @@ def import_diffusers(folder: str | Path, *, steps: int = 10, scheduler: str = DE
         first = first or (p.label, layout)
     for p in planned:
         check_finite(p, allow_pickle)
+    resolve_tracking_uri(tracking_uri)  # an unreachable server is the one line a bad input gets, too
+    for note in notes:
+        log(note)
     return write_import_run(planned, spec=spec, folder=folder, ema_folder=ema_folder, allow_pickle=allow_pickle,
                             experiment=experiment, run_name=run_name, model_name=model_name,
                             tracking_uri=tracking_uri, tags={"lcsc.source_format": "diffusers"}, log=log)

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import pickle
+import pickletools
 import re
 import shutil
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ STEP_KEYS = ("lcsc.step", "step", "global_step")  # metadata (or top-level .pt e
 # Where a training script's checkpoint dict keeps the weights, by the kind being imported.
 NESTED_KEYS = {"raw": ("state_dict", "model", "ema"), "ema": ("ema", "state_dict", "model")}
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
+_PLAIN_MODULES = ("torch", "collections", "builtins", "copyreg", "_codecs")  # what a pickled state dict needs
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
@@ -61,31 +64,99 @@ class PlannedFile:
 
 
 def find_checkpoints(folder: Path) -> list[Path]:
-    """The checkpoint files directly inside ``folder`` (LcscError if there are none)."""
+    """The checkpoint files directly inside ``folder`` (LcscError if there are none, or if one is a
+    link to a file outside ``folder``)."""
     if not folder.is_dir():
         raise LcscError(f"not a folder: {folder}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in SUFFIXES)
     if not files:
         raise LcscError(f"no checkpoints ({', '.join('*' + s for s in SUFFIXES)}) in {folder}")
+    for p in files:
+        check_inside(p, [folder], p.name)
     return files
+
+
+def check_inside(path: Path, folders: list[Path], label: str) -> Path:
+    """``path`` if, links followed, it lies inside one of ``folders``: an import uploads what it reads,
+    so a link must not carry a file from elsewhere on the machine into the store unnoticed."""
+    target = path.resolve()
+    if not any(target.is_relative_to(Path(f).resolve()) for f in folders):
+        raise LcscError(f"{label} in {folders[0]} is a link to {target}, outside the folder: refusing to import "
+                        f"it (copy the file into the folder if you mean it)")
+    return path
+
+
+def _load_quietly(path: Path, **kwargs: Any) -> Any:
+    """``torch.load`` without its warnings (e.g. on the pickle protocol of a plain pickle file): the
+    verdict on the file is the one line the user gets."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", **kwargs)
 
 
 def _torch_load(path: Path, allow_pickle: bool) -> Any:
     mmap = zipfile.is_zipfile(path)  # torch.save's zip format maps lazily: reading a layout reads no weights
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return _load_quietly(path, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         if not allow_pickle:
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            what = f" (it references {found.group(1)})" if found else ""
-            raise LcscError(f"refusing to unpickle {path.name}: it needs full unpickling{what}; "
-                            f"pass --allow-pickle if you trust it") from None
+            raise _refusal(path, exc, zipped=mmap) from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise LcscError(f"cannot read {path.name}: {_first_line(exc)}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return _load_quietly(path, weights_only=False)
     except Exception as exc:  # whatever a foreign pickle raises, the user gets one line
         raise LcscError(f"cannot read {path.name}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _refusal(path: Path, exc: pickle.UnpicklingError, zipped: bool) -> LcscError:
+    """Why a file that ``weights_only`` refused is not loaded: what it would import, or that it is
+    no pickle at all (then --allow-pickle would not help)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    named = found.group(1) if found else None
+    scanned = None if zipped else _pickled_global(path)  # a plain pickle: torch names no global, or a torch one
+    if scanned is None and named is None and not zipped:
+        return LcscError(f"cannot read {path.name}: neither a torch checkpoint nor a pickle")
+    if scanned and (named is None or scanned.split(".")[0] not in _PLAIN_MODULES):
+        named = scanned
+    what = f" (it references {named})" if named else ""
+    return LcscError(f"refusing to unpickle {path.name}: it needs full unpickling{what}; "
+                     f"pass --allow-pickle if you trust it")
+
+
+def _pickled_global(path: Path) -> str | None:
+    """What a plain pickle file would import on loading (its first global outside torch and the
+    standard containers, else its first global; ``""`` for none), read without running anything;
+    None when the file is not a pickle at all."""
+    found: list[str] = []
+    strings: list[str | None] = []  # the strings pushed so far (memo fetches included), newest last
+    memo: dict[int, str | None] = {}
+    top: str | None = None  # the value just pushed, when it is a string
+    try:
+        with open(path, "rb") as f:
+            for op, arg, _ in pickletools.genops(f):
+                name, pushed = op.name, None
+                if "UNICODE" in name:
+                    pushed = arg
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed = memo.get(arg)
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = top
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = top
+                elif name == "GLOBAL":
+                    found.append(str(arg).replace(" ", "."))
+                elif name == "STACK_GLOBAL" and len(strings) >= 2 and None not in strings[-2:]:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                if "UNICODE" in name or name.endswith("GET"):
+                    strings.append(pushed)
+                if name not in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME"):
+                    top = pushed
+                if found and found[-1].split(".")[0] not in _PLAIN_MODULES:
+                    return found[-1]
+    except Exception:  # pickletools raises ValueError and friends on bytes that are no pickle
+        return None
+    return found[0] if found else ""
 
 
 def _first_line(exc: BaseException) -> str:

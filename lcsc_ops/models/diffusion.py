@@ -18,6 +18,7 @@ from torch import nn
 from lcsc_ops.errors import LcscError
 from lcsc_ops.models.consistency import ConsistencySampler
 from lcsc_ops.models.diffusers_unet import DiffusersSampler  # imports diffusers only when one is made
+from lcsc_ops.models.dpm_solver import DPMSolverSampler  # it imports this module lazily (no cycle)
 from lcsc_ops.models.sampling import denoiser_output
 
 
@@ -78,7 +79,7 @@ class DDIMSampler:
 
 
 SAMPLERS: dict[str, Callable[..., Any]] = {"ddim": DDIMSampler, "consistency": ConsistencySampler,
-                                           "diffusers": DiffusersSampler}
+                                           "diffusers": DiffusersSampler, "dpmpp-2m": DPMSolverSampler}
 
 
 def _check_settings(name: str, cls: Callable[..., Any], settings: Mapping[str, Any]) -> None:

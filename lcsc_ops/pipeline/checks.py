@@ -26,18 +26,15 @@ def drop_nonfinite(window: CheckpointWindow, log: Callable[[str], None]) -> Chec
 
     A merge multiplies every checkpoint by its coefficient, and 0 × NaN is NaN: one such
     file would spoil every candidate, so it is left out rather than scored."""
-    bad = {}
-    for e in window.entries:
-        key = first_nonfinite(e)
-        if key is not None:
-            bad[e.file] = key
-            log(f"checkpoint {e.file} of run {window.run_id} holds NaN/inf in tensor {key!r}: left out")
+    bad = {e.file: key for e in window.entries if (key := first_nonfinite(e)) is not None}
     if not bad:
         return window
     keep = tuple(e for e in window.entries if e.file not in bad)
     if not keep:
         raise LcscError(f"every checkpoint in the window of run {window.run_id} holds NaN or inf "
                         f"(e.g. {next(iter(bad))}, tensor {next(iter(bad.values()))!r})")
+    for file, key in bad.items():
+        log(f"checkpoint {file} of run {window.run_id} holds NaN/inf in tensor {key!r}: left out")
     ema = window.training_ema if window.training_ema in keep else None
     return dataclasses.replace(window, entries=keep, training_ema=ema,
                                steps=tuple(sorted({e.step for e in keep})))

@@ -23,7 +23,8 @@ class OptimizeConfig:
     """The whole optimization, logged as the parent run's params."""
 
     run_id: str = option(help="MLflow run id of the training run.")
-    window: int = option(16, "Use the last N checkpoint steps.", panel=BASIS)
+    window: int | None = option(None, "Use the last N checkpoint steps (default: the last 16, or all the run has "
+                                      "if fewer; asking for more than the run has is an error).", panel=BASIS)
     end_step: int | None = option(None, "Window ends at or before this step (default: the last).", panel=BASIS)
     basis: str = option("both", "Merge raw checkpoints, EMA snapshots, or both.", panel=BASIS)
     strategy: str = option("cmaes", "Search strategy: cmaes, cmaes-sep, cmaes-margin, evolution, gp, tpe, random.",
@@ -74,6 +75,8 @@ class OptimizeConfig:
                                             panel=TRUST, parse=lambda t: parse_module_prefixes(t, ""))
     trust_remote_code: bool = option(False, "Build whatever model factory the run's spec names (runs code chosen "
                                             "by whoever can write to the tracking store).", panel=TRUST)
+    quiet: bool = option(False, "No progress bars or lines and no log lines on stderr: only the result "
+                                "(stdout) and errors. Not part of the run's params.")
     tracking_uri: str | None = option(None, cli=False)
 
     def study_key(self) -> dict[str, Any]:

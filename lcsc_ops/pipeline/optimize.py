@@ -7,10 +7,11 @@ result. MLflow is reached only through :mod:`lcsc_ops.store`, Optuna only throug
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,7 +25,8 @@ from lcsc_ops.pipeline.candidates import (FINAL_SEED_BASE, Candidate, average_co
                                           centre_in_basis, finite_baselines, merged_state, restrict)
 from lcsc_ops.pipeline.checks import drop_nonfinite
 from lcsc_ops.pipeline.config import BASIS_KINDS, OptimizeConfig
-from lcsc_ops.pipeline.report import build_report, save_plots
+from lcsc_ops.pipeline.progress import PlainProgress, Progress, SilentProgress
+from lcsc_ops.pipeline.report import build_report, publish_report, save_plots
 from lcsc_ops.pipeline.scoring import Scorer
 from lcsc_ops.search.evolution import seed_points_from_profiles
 from lcsc_ops.search.storage import default_storage, study_name
@@ -51,6 +53,7 @@ class Job:
     evaluators: Evaluators
     scorer: Scorer
     score_cache: ScoreCache | None
+    progress: Progress = field(default_factory=SilentProgress)
 
     @property
     def default_nfe(self) -> int | None:
@@ -76,9 +79,10 @@ class Search:
     encoding: AffineEncoding
     run: OptimizeRun
     storage: str
+    base: Sequence[Candidate] = ()  # the baselines, with their search scores
 
 
-def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None) -> Job:
+def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None, progress: Progress | None = None) -> Job:
     """Check the options, fetch and verify the window, build the evaluators and the scorer.
 
     The run's model spec is untrusted: its factory is checked against --trust-factory /
@@ -89,6 +93,7 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None) -> Job
     uri = fetch.resolve_tracking_uri(cfg.tracking_uri)
     cache_dir = cache_dir or default_cache_dir()
     source = fetch.get_run_or_fail(cfg.run_id, uri)
+    SearchStudy.check_storage(cfg.storage or default_storage(uri))  # a database that refuses us: before any download
     trust = Trust(factory=tuple(cfg.trust_factory), remote_code=cfg.trust_remote_code)
     window = drop_nonfinite(fetch.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
                                                tracking_uri=uri, cache_dir=cache_dir, trust=trust), log)
@@ -100,6 +105,9 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None) -> Job
     basis = window.indices(*BASIS_KINDS[cfg.basis])
     if not basis:
         raise LcscError(f"run {cfg.run_id} has no {cfg.basis} checkpoints in the window")
+    if not window.complete:
+        log(f"run {cfg.run_id} is partial (no end marker: still training, or stopped before it finished): "
+            f"using the checkpoints logged so far")
     log(f"window: steps {window.steps[0]}..{window.steps[-1]} ({len(window.steps)} steps, "
         f"{len(window.entries)} checkpoints, basis {cfg.basis}: {len(basis)})")
     cache = ScoreCache(cache_dir / "scores.sqlite") if cfg.score_cache else None
@@ -110,13 +118,28 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None) -> Job
     if cfg.search_precision != "fp32":
         log(f"search evaluations in {cfg.search_precision} ({scorer.merger.dtype} merge); "
             "the final evaluation and the registered model in full precision")
-    return Job(cfg, log, uri, source, window, spec, basis, evaluators, scorer, cache)
+    return Job(cfg, log, uri, source, window, spec, basis, evaluators, scorer, cache,
+               progress if progress is not None else PlainProgress(log))
 
 
 def score_baselines(job: Job) -> list[Candidate]:
     """Last, uniform, EMA* and training EMA under the search protocol."""
     n = len(job.window.entries)
-    return finite_baselines(baselines(job.window, job.cfg.ema_grid, lambda c: job.search_score(c.dense(n))), job.log)
+    job.progress.stage("baselines", baseline_count(job.window, job.cfg.ema_grid), unit="scored")
+
+    def score(c: Candidate) -> float:
+        value = job.search_score(c.dense(n))
+        job.progress.advance(status=f"{c.name} {value:.3f}")
+        return value
+
+    return finite_baselines(baselines(job.window, job.cfg.ema_grid, score), job.log)
+
+
+def baseline_count(window: CheckpointWindow, ema_grid: int) -> int:
+    """How many evaluations :func:`~lcsc_ops.pipeline.candidates.baselines` makes: last, uniform,
+    the EMA* grid (EMA* itself is the grid's best, not scored again) and the training EMA."""
+    k = len(window.indices("raw")) or len(window.entries)
+    return 2 + len(ema_decay_grid(k, ema_grid)) + (window.training_ema is not None)
 
 
 def open_search(job: Job) -> tuple[Search, list[Candidate]]:
@@ -135,10 +158,11 @@ def open_search(job: Job) -> tuple[Search, list[Candidate]]:
     job.log(f"baselines (search {job.evaluators.metric}): "
             + ", ".join(f"{c.name} {c.search_fid:.3f}" for c in base) + f"; search centred on {centre.name}")
     run = _parent_run(job, study, storage, setup["parent_run_id"])
-    return Search(study, centre, encoding, run, storage), base
+    return Search(study, centre, encoding, run, storage, base), base
 
 
 def _setup(job: Job, study: SearchStudy, storage: str) -> dict[str, Any]:
+    job.log("scoring the baselines (shared by every worker of the study)")
     base = score_baselines(job)
     centre = centre_in_basis(base, job.basis)
     coeffs = restrict(centre, job.basis)
@@ -156,7 +180,7 @@ def _encoding(job: Job, coeffs: Sequence[float]) -> AffineEncoding:
 
 
 def _parent_run(job: Job, study: SearchStudy, storage: str, existing: str | None) -> OptimizeRun:
-    params = {k: v for k, v in dataclasses.asdict(job.cfg).items() if k != "tracking_uri"}
+    params = {k: v for k, v in dataclasses.asdict(job.cfg).items() if k not in ("tracking_uri", "quiet")}
     return OptimizeRun.open(job.tracking_uri, existing, source=job.source, study=study.name, storage=storage,
                             params=params)
 
@@ -193,8 +217,9 @@ def run_search(job: Job, search: Search, stop_below: float | None = None) -> flo
         study.once(f"backfill-{len(finished)}", lambda: trial_logger.backfill(finished, study.name) or True)
         t0 = time.perf_counter()
         rungs = prune_rungs(job) if job.cfg.prune else None
+        ticker = SearchTicker(job, search)
         ran = study.run(search.encoding, lambda c: job.search_score(job.dense(c)), job.cfg.n_trials,
-                        lambda t: trial_logger(t, study.name), rungs=rungs, stop_below=stop_below)
+                        lambda t: (trial_logger(t, study.name), ticker(t)), rungs=rungs, stop_below=stop_below)
         seconds = time.perf_counter() - t0
     finally:
         trial_logger.close()  # every finished trial has its child run before we go on
@@ -203,6 +228,32 @@ def run_search(job: Job, search: Search, stop_below: float | None = None) -> flo
             + (f", {study.n_pruned} more pruned" if study.n_pruned else "") + f") in {seconds:.1f} s; "
             f"best search {metric} {best.value:.3f} (trial {best.number})")
     return seconds
+
+
+class SearchTicker:
+    """The search's progress: trials finished (this worker's, counted from what the study held
+    when it started), the best score so far against the strongest baseline's."""
+
+    def __init__(self, job: Job, search: Search) -> None:
+        self.progress, self.total = job.progress, job.cfg.n_trials
+        self.done = search.study.n_searched + search.study.n_pruned  # the budget counts pruned trials too
+        top = search.study.top(1)  # the start trial included: the search starts from the centre
+        self.best, self.best_trial = (top[0].value, top[0].number) if top else (math.inf, None)
+        self.ref = min(search.base or [search.centre], key=lambda c: c.search_fid)
+        self.progress.stage("search", self.total, unit="trials", done=min(self.done, self.total), per="min")
+
+    def __call__(self, trial: Any) -> None:
+        if trial.start is not None or (trial.value is None and not trial.pruned):
+            return  # the start trial, a failed or surplus one
+        self.done += 1
+        if trial.value is not None and trial.value < self.best:
+            self.best, self.best_trial = trial.value, trial.number
+        self.progress.advance(done=min(self.done, self.total), status=self.status())
+
+    def status(self) -> str:
+        ref = self.ref.search_fid
+        gain = f" ({(self.best - ref) / ref:+.1%})" if ref and math.isfinite(ref) and math.isfinite(self.best) else ""
+        return f"best {self.best:.3f} (trial {self.best_trial}) vs {self.ref.name} {ref:.3f}{gain}"
 
 
 def prune_rungs(job: Job) -> Any:
@@ -251,6 +302,7 @@ def final_evaluation(job: Job, cands: Sequence[Candidate]) -> None:
     at_default = None
     if cfg.nfe is not None and cfg.nfe != job.default_nfe:
         at_default = ev.with_sampler(dict(job.window.spec.sampler))
+    job.progress.stage("final evaluation", len(cands), unit="candidates")
     for c in cands:
         dense = c.dense(len(job.window.entries))
         if ev.second is not None:
@@ -259,6 +311,7 @@ def final_evaluation(job: Job, cands: Sequence[Candidate]) -> None:
             c.final = job.scorer.per_seed(dense, ev.main, n, seeds)
         if at_default is not None and c.kind == "baseline":
             c.final_default_nfe = job.scorer.per_seed(dense, at_default, n, seeds)
+        job.progress.advance(status=f"{c.name} {c.final_mean:.3f} ± {c.final_std:.3f}")
 
 
 def register(job: Job, search: Search, winner: Candidate, report: dict[str, Any]) -> dict[str, Any]:
@@ -271,7 +324,8 @@ def register(job: Job, search: Search, winner: Candidate, report: dict[str, Any]
     tags = lineage_tags(job.cfg, report, winner, entries)
     match = {k: tags[k] for k in ("lcsc.winner", "lcsc.checkpoint_sha256", "lcsc.coefficients")}
     same = find_version(name, search.run.run_id, match, tracking_uri=job.tracking_uri)
-    if same is not None:
+    if same is not None:  # registered before (a rerun after a crash): the parent run names it all the same
+        search.run.set_tag("lcsc.registered_model", f"{name}/{same}")
         job.log(f"{name} version {same} is already this merge ({winner.name}); nothing registered")
         return {"name": name, "version": same, "existing": True}
     # Checkpoints may hold only part of the model (adapters): the factory's base fills the rest.
@@ -352,23 +406,49 @@ def _conclude(job: Job, search: Search, base: Sequence[Candidate], seconds: floa
     if job.cfg.register:
         report["registered_model"] = register(job, search, winner, report)
     log_results(job, search, report, cands, base, winner)
+    write_report(job, search, report)
     return report
 
 
+def write_report(job: Job, search: Search, report: dict[str, Any]) -> None:
+    """The report (search curve, coefficients, samples, Markdown table) under ``report/`` of the
+    parent run, and the table as the registered version's description. The optimization has
+    succeeded by now: a failure here is named, with the command that retries it."""
+    trials = [(t.number, t.value) for t in search.study.records() if t.value is not None and not t.pruned]
+    try:
+        publish_report(report, trials, job.window, job.spec, device=job.scorer.device, tracking_uri=job.tracking_uri,
+                       log=job.log)
+    except Exception as exc:  # noqa: BLE001 - the registered model and results.json are already logged
+        job.log(f"report: failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                f"retry with: lcsc-ops report {search.run.run_id}")
+
+
 def run_optimize(cfg: OptimizeConfig, *, log: Log = print, cache_dir: Path | None = None,
-                 stop_below: float | None = None) -> dict[str, Any]:
+                 stop_below: float | None = None, progress: Progress | None = None,
+                 watchdog: bool = False) -> dict[str, Any]:
     """Run (or join, or resume) the whole optimization; returns the report (also logged as
     ``results.json``). The parent run ends FINISHED, or FAILED on an error. ``stop_below``
-    ends the search early. With ``cfg.workers > 1`` the other local workers run as processes."""
+    ends the search early. With ``cfg.workers > 1`` the other local workers run as processes.
+    ``progress`` shows the stages (default: plain lines through ``log``; every worker's are plain);
+    ``cfg.quiet`` silences both. ``watchdog`` (the CLI's choice) starts a process that cleans
+    up after this one if it is killed (:mod:`lcsc_ops.pipeline.watchdog`)."""
+    if cfg.quiet:
+        log, progress = _silent, SilentProgress()
     if cfg.workers > 1:
         from lcsc_ops.pipeline.workers import run_workers
 
         cfg.validate()
-        return run_workers(cfg, run_optimize, log=log, cache_dir=cache_dir, stop_below=stop_below)
-    job = prepare(cfg, log, cache_dir)
+        return run_workers(cfg, run_optimize, log=log, cache_dir=cache_dir, stop_below=stop_below,
+                           watchdog=watchdog)
+    job = prepare(cfg, log, cache_dir, progress)
     search, base = open_search(job)
+    if watchdog:
+        from lcsc_ops.pipeline import watchdog as dog
+
+        dog.start(search.study.name, search.storage, search.run.run_id, job.tracking_uri)
     try:
-        report = conclude(job, search, base, run_search(job, search, stop_below))
+        with search.study.worker_heartbeat():
+            report = conclude(job, search, base, run_search(job, search, stop_below))
     except BaseException:
         search.run.end("FAILED")
         raise
@@ -376,3 +456,7 @@ def run_optimize(cfg: OptimizeConfig, *, log: Log = print, cache_dir: Path | Non
     if job.score_cache is not None and job.score_cache.hits:
         log(f"score cache: {job.score_cache.hits} evaluations reused, {job.score_cache.misses} computed")
     return report
+
+
+def _silent(text: str) -> None:
+    pass

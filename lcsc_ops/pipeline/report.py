@@ -1,12 +1,21 @@
-"""The results of an optimization: one JSON-able report, the table printed from it, the plots."""
+"""The results of an optimization: one JSON-able report, the table printed from it, the plots, and
+the report ``lcsc-ops report`` (and ``optimize`` at its end) logs under ``report/`` of the parent
+run: the search curve, the coefficients beside the strongest baseline's, samples of the last
+checkpoint / strongest baseline / best merge from the same noise, and the table in Markdown."""
 from __future__ import annotations
 
 import math
+import shutil
 import statistics
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from lcsc_ops.pipeline.candidates import Candidate, paired
+from lcsc_ops.errors import LcscError
+from lcsc_ops.options import option
+from lcsc_ops.pipeline.candidates import FINAL_SEED_BASE, Candidate, merged_state, paired
+from lcsc_ops.spec import ModelSpec, parse_module_prefixes
 
 BASELINE_ORDER = ("last", "training_ema", "ema_star", "uniform")
 
@@ -93,29 +102,11 @@ def render_table(report: dict[str, Any]) -> Any:
 def save_plots(trials: Sequence[Any], base: Sequence[Candidate], cands: Sequence[Candidate], winner: Candidate,
                window: Any, out: Path, *, metric: str) -> list[Path]:
     """Search history (each trial, best so far, baselines) and the winner's coefficients, as PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    trials = sorted((t for t in trials if t.value is not None and not t.pruned), key=lambda t: t.number)
-    paths = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [t.number for t in trials]
-    ys = [t.value for t in trials]
-    best = [min(ys[: i + 1]) for i in range(len(ys))]
-    ax.scatter(xs, ys, s=8, alpha=0.5, label="trial")
-    ax.plot(xs, best, color="C3", label="best so far")
-    for i, c in enumerate(base):
-        ax.axhline(c.search_fid, ls="--", lw=0.8, color=f"C{i + 4}", label=c.name)
-    ax.set_xlabel("trial")
-    ax.set_ylabel(f"search {metric}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "search_history.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
+    plt = _pyplot()
+    scores = [(t.number, t.value) for t in trials if t.value is not None and not t.pruned]
+    start = next((t.start for t in trials if getattr(t, "start", None)), None)
+    paths = [plot_search_curve(scores, {c.name: c.search_fid for c in base}, out / "search_history.png",
+                               metric=metric, start=start)]
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = [window.entries[i].label for i in winner.indices]
     ax.bar(range(len(labels)), winner.coeffs)
@@ -127,3 +118,323 @@ def save_plots(trials: Sequence[Any], base: Sequence[Candidate], cands: Sequence
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
+
+
+# --- lcsc-ops report: the search curve, the coefficients, samples, the table in Markdown -------------
+
+# Baselines as horizontal lines: no two share a colour and a line style; the trials and the best so
+# far use neither of these colours.
+LINE_STYLES = [("tab:blue", "--"), ("tab:green", ":"), ("tab:purple", "-."), ("tab:orange", (0, (5, 1, 1, 1))),
+               ("tab:brown", (0, (1, 1))), ("tab:cyan", (0, (3, 1, 1, 1, 1, 1))), ("tab:olive", (0, (8, 2))),
+               ("tab:pink", (0, (2, 2)))]
+REPORT_FILES = ("search_curve.png", "coefficients.png", "samples.png", "results.md")
+SAMPLE_SEED = FINAL_SEED_BASE  # fresh noise, never used in the search
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """``lcsc-ops report``: what to read, where to sample, what to trust."""
+
+    run_id: str = option(help="MLflow run id of the optimize (parent) run.")
+    out: Path | None = option(None, "Also keep the report files in this folder (created if missing).")
+    samples: int = option(8, "Samples per model in the sample grid (the same noise for every model).")
+    device: str = option("auto", "Device to sample on: auto, cpu, cuda, cuda:1 …")
+    trust_factory: tuple[str, ...] = option((), "Module prefixes whose model factories the source run's spec may "
+                                                "name, comma-separated (as for optimize; also from "
+                                                "LCSC_OPS_TRUST_FACTORY).",
+                                            parse=lambda t: parse_module_prefixes(t, ""))
+    trust_remote_code: bool = option(False, "Build whatever model factory the source run's spec names.")
+    tracking_uri: str | None = option(None, cli=False)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_search_curve(trials: Sequence[tuple[int, float]], baselines: dict[str, float], path: Path, *,
+                      metric: str, start: str | None = None) -> Path:
+    """Every trial's score, the best so far, and each baseline as a labelled horizontal line."""
+    plt = _pyplot()
+    trials = sorted((n, v) for n, v in trials if math.isfinite(v))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    xs, ys = [n for n, _ in trials], [v for _, v in trials]
+    ax.scatter(xs, ys, s=10, color="0.55", alpha=0.7, label="trial", zorder=2)
+    if ys:
+        best = [min(ys[: i + 1]) for i in range(len(ys))]
+        ax.step(xs, best, where="post", color="tab:red", lw=3, alpha=0.6, label=f"best so far ({best[-1]:.4g})",
+                zorder=3)
+    finite = {n: v for n, v in baselines.items() if v is not None and math.isfinite(v)}
+    for i, (name, value) in enumerate(sorted(finite.items(), key=lambda kv: kv[1])):
+        colour, style = LINE_STYLES[i % len(LINE_STYLES)]
+        ax.axhline(value, color=colour, ls=style, lw=1.6, label=f"{name} ({value:.4g})", zorder=4)
+    # The axis shows every baseline and 90% of the trials: a few wild trials must not flatten the rest.
+    p90 = [sorted(ys)[int(0.9 * (len(ys) - 1))]] if ys else []
+    top = max([*finite.values(), *p90], default=None)
+    hidden = sum(v > top * 1.05 for v in ys) if top is not None and top > 0 else 0
+    if hidden:
+        ax.set_ylim(top=top * 1.05)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"search {metric}")
+    ax.set_title(f"search: {len(ys)} scored trials" + (f", trial 0 = the start ({start})" if start else "")
+                 + (f"; {hidden} above the top edge" if hidden else ""), fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="lower is better")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_coefficients(labels: Sequence[str], series: dict[str, Sequence[float]], path: Path, *, title: str) -> Path:
+    """Grouped bars: each series' coefficient at every checkpoint (``kind@step``)."""
+    plt = _pyplot()
+    n, k = len(labels), max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.32 * n * k), 4.5))
+    width = 0.8 / k
+    for j, ((name, values), colour) in enumerate(zip(series.items(), ("tab:blue", "tab:red", "tab:green"))):
+        ax.bar([i + (j - (k - 1) / 2) * width for i in range(n)], values, width, color=colour, label=name)
+    ax.axhline(0.0, color="0.3", lw=0.8)
+    ax.set_xticks(range(n), labels, rotation=90, fontsize=7 if n <= 40 else 5)
+    ax.set_ylabel("coefficient (each set sums to 1)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_samples(rows: Sequence[tuple[str, Any]], path: Path, *, title: str) -> Path:
+    """One row of images per model ((N, C, H, W) in [-1, 1]); column j is the same noise in every row."""
+    import torch
+
+    plt = _pyplot()
+    n = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(4.0, 0.9 * n + 2), 1.2 * len(rows) + 0.6), squeeze=False)
+    for ax, (name, images) in zip(axes[:, 0], rows):
+        x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)
+        x = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
+        pad = torch.full((x.shape[0], x.shape[1], x.shape[2], max(1, x.shape[3] // 4)), 0.5)  # grey gaps
+        strip = torch.cat([t for img, sep in zip(x, pad) for t in (img, sep)][:-1], dim=2)
+        ax.imshow(strip.permute(1, 2, 0).numpy().squeeze(), cmap="gray" if x.shape[1] == 1 else None,
+                  vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _cell(x: Any, digits: int = 3, sign: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """The results table in Markdown: one row per method, with what ± means underneath."""
+    m, methods, strongest = results["metric"], results["methods"], results["strongest_baseline"]
+    nfe = results.get("nfe") or {}
+    reduced = nfe.get("used") != nfe.get("default")
+    n_final = results["final_seeds"]
+    head = ["method", "kind", f"search {m}", f"final {m} (mean ± std)", f"Δ vs {strongest} (mean ± SE)",
+            "2nd metric", "note"]
+    if reduced:
+        head.insert(4, f"final {m} @ NFE {nfe.get('default')}")
+    lines = [f"## LCSC on run `{results['source_run_id']}`", "", _summary(results), "",
+             "| " + " | ".join(head) + " |", "|" + "|".join("---:" if 1 < i < len(head) - 1 else "---"
+                                                        for i in range(len(head))) + "|"]
+    order = [n for n in BASELINE_ORDER if n in methods] + [n for n in methods if n not in BASELINE_ORDER]
+    for name in order:
+        row = methods[name]
+        diff, se = paired(row["final"], methods[strongest]["final"])
+        label = f"**{name}** ★" if name == results["winner"] else name
+        cells = [label, row["kind"], _cell(row["search_mean"]),
+                 f"{_cell(row['final_mean'])} ± {_cell(row['final_std'])}",
+                 "(reference)" if name == strongest else f"{_cell(diff, sign=True)} ± {_cell(se)}",
+                 _cell(row.get("second_metric_mean")), str(row.get("note") or "").replace("|", "\\|")]
+        if reduced:
+            cells.insert(4, _cell(row.get("final_default_nfe_mean")))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"± after a final {m}: the standard deviation across the {n_final} final seeds "
+                  f"({results['final_samples']} samples each, fresh noise never used in the search). "
+                  f"Δ: the mean of the per-seed differences to the strongest baseline ({strongest}) on the same "
+                  f"seeds (paired), ± its standard error (std of the differences / √{n_final}); "
+                  "negative is better. ★: the winner (best final mean)."]
+    if results.get("second_metric_worse"):
+        lines += ["", "⚠ the best LCSC merge is worse than the strongest baseline on the second metric."]
+    return "\n".join(lines) + "\n"
+
+
+def _summary(results: dict[str, Any]) -> str:
+    steps = results["window_steps"]
+    reg = results.get("registered_model")
+    registered = f"registered as `{reg['name']}` version {reg['version']}" if reg else "not registered"
+    return (f"{results['trials']} trials ({results['strategy']}, basis {results['basis']}) over checkpoint steps "
+            f"{steps[0]}–{steps[-1]} ({len(steps)} steps); search: {results['search_seeds']} fixed seed(s) × "
+            f"{results['search_samples']} samples. Winner: **{results['winner']}**, {registered}; "
+            f"optimize run `{results['parent_run_id']}`.")
+
+
+def method_candidate(results: dict[str, Any], name: str, window: Any) -> Candidate:
+    """Method ``name`` of ``results`` as a candidate over ``window`` (its checkpoints found by label)."""
+    row = results["methods"][name]
+    index = {e.label: i for i, e in enumerate(window.entries)}
+    missing = [label for label in row["checkpoints"] if label not in index]
+    if missing:
+        raise LcscError(f"method {name}: checkpoint {missing[0]} is not in the window of run {window.run_id}")
+    return Candidate(name, tuple(index[label] for label in row["checkpoints"]),
+                     tuple(float(c) for c in row["coefficients"]), row["kind"])
+
+
+def sample_rows(results: dict[str, Any], window: Any, spec: ModelSpec, *, device: str,
+                samples: int) -> list[tuple[str, Any]]:
+    """Samples of the last checkpoint, the strongest baseline and the best LCSC merge, all from the
+    same fixed noise; each merge rebuilt from the verified checkpoint files and its coefficients."""
+    import torch
+
+    from lcsc_ops.evaluation.fid import make_noise
+    from lcsc_ops.math.merge import load_checkpoint_state
+    from lcsc_ops.models.diffusion import make_sampler
+
+    raw = window.indices("raw") or window.indices()
+    last = Candidate("last", (raw[-1],), (1.0,), "baseline")
+    strongest, best = results["strongest_baseline"], results["best_lcsc"]
+    picks = [(f"last checkpoint\n{window.entries[raw[-1]].label}", last),
+             (f"{strongest}\n(strongest baseline)", method_candidate(results, strongest, window)),
+             (f"{best}\n(LCSC)", method_candidate(results, best, window))]
+    noise, sampler, rows = make_noise(samples, spec.image_shape, SAMPLE_SEED), make_sampler(spec.sampler), []
+    for name, cand in picks:
+        model = load_checkpoint_state(spec.build(), merged_state(window, cand)).to(device).eval()
+        with torch.inference_mode():
+            rows.append((name, sampler.sample(model, noise.to(device)).cpu()))
+        del model
+    return rows
+
+
+def _coefficients_over(labels: Sequence[str], row: dict[str, Any]) -> list[float]:
+    own = dict(zip(row["checkpoints"], row["coefficients"]))
+    return [float(own.get(label, 0.0)) for label in labels]
+
+
+def write_report_files(results: dict[str, Any], trials: Sequence[tuple[int, float]], window: Any, spec: ModelSpec,
+                       folder: Path, *, device: str, samples: int = 8) -> list[Path]:
+    """``search_curve.png``, ``coefficients.png``, ``samples.png`` and ``results.md`` in ``folder``."""
+    metric, methods = results["metric"], results["methods"]
+    strongest, best = results["strongest_baseline"], results["best_lcsc"]
+    files = [plot_search_curve(trials, {n: r["search_mean"] for n, r in methods.items() if r["kind"] == "baseline"},
+                               folder / "search_curve.png", metric=metric, start=results.get("centre"))]
+    used = set(methods[strongest]["checkpoints"]) | set(methods[best]["checkpoints"])
+    labels = [e.label for e in window.entries if e.label in used]
+    series = {f"{strongest} (strongest baseline)": _coefficients_over(labels, methods[strongest]),
+              f"{best} (LCSC)": _coefficients_over(labels, methods[best])}
+    files.append(plot_coefficients(labels, series, folder / "coefficients.png",
+                                   title=f"{best} beside {strongest}, over the same checkpoints"))
+    steps = spec.sampler.get("steps")
+    files.append(plot_samples(sample_rows(results, window, spec, device=device, samples=samples),
+                              folder / "samples.png",
+                              title=f"the same noise (seed {SAMPLE_SEED}) through each model; sampler "
+                                    f"{spec.sampler.get('name', '?')}" + (f", {steps} steps" if steps else "")))
+    files.append(folder / "results.md")
+    files[-1].write_text(render_markdown(results))
+    return files
+
+
+def publish_report(results: dict[str, Any], trials: Sequence[tuple[int, float]], window: Any, spec: ModelSpec, *,
+                   device: str, tracking_uri: str | None, log: Callable[[str], None], run_id: str | None = None,
+                   out: Path | None = None, samples: int = 8) -> dict[str, Any]:
+    """Write the report, log it under ``report/`` of the optimize run, keep a copy in ``out`` (if
+    given; only once every file is written) and set the table as the registered version's description."""
+    from lcsc_ops.store import reports
+
+    run_id = run_id or results["parent_run_id"]
+    with tempfile.TemporaryDirectory(prefix="lcsc-report-") as tmp:
+        files = write_report_files(results, trials, window, spec, Path(tmp), device=device, samples=samples)
+        uri = reports.log_report(run_id, Path(tmp), tracking_uri)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copy2(f, out / f.name)
+        markdown = files[-1].read_text()
+    described, reg = None, results.get("registered_model")
+    if reg and reports.version_exists(reg["name"], reg["version"], tracking_uri):
+        reports.describe_version(reg["name"], reg["version"], markdown, tracking_uri)
+        described = f"{reg['name']}/{reg['version']}"
+    elif reg:
+        log(f"report: {reg['name']} version {reg['version']} no longer exists; no description set")
+    log(f"report: {', '.join(f.name for f in files)} logged to {uri}"
+        + (f", kept in {out}" if out is not None else "") + (f"; table set as {described}'s description"
+                                                              if described else ""))
+    return {"artifact_uri": uri, "files": [str(out / f.name) for f in files] if out is not None else [],
+            "version_description": described}
+
+
+_RESULT_KEYS = ("source_run_id", "metric", "window_steps", "methods", "strongest_baseline", "best_lcsc", "winner",
+                "trials", "strategy", "basis", "search_seeds", "search_samples", "final_seeds", "final_samples")
+_ROW_KEYS = ("kind", "search_mean", "final_mean", "final_std", "final", "checkpoints", "coefficients")
+
+
+def check_results(results: dict[str, Any], run_id: str) -> None:
+    """LcscError (one line) unless ``results`` has what the report reads: results.json is whatever
+    the tracking store holds."""
+    from lcsc_ops.checkpoints import validate_run_id
+
+    where = f"optimize run {run_id}: results.json"
+    missing = [k for k in _RESULT_KEYS if k not in results]
+    if missing:
+        raise LcscError(f"{where} lacks {', '.join(missing)}")
+    validate_run_id(results["source_run_id"])
+    steps, methods = results["window_steps"], results["methods"]
+    if not (isinstance(steps, list) and steps and all(isinstance(s, int) and s >= 0 for s in steps)):
+        raise LcscError(f"{where}: window_steps must be a non-empty list of steps")
+    if not isinstance(methods, dict) or not all(isinstance(r, dict) for r in methods.values()):
+        raise LcscError(f"{where}: methods must be an object of objects")
+    for key in ("strongest_baseline", "best_lcsc", "winner"):
+        if results[key] not in methods:
+            raise LcscError(f"{where}: {key} {results[key]!r} is not one of its methods")
+    for name, row in methods.items():
+        lacking = [k for k in _ROW_KEYS if k not in row]
+        if lacking:
+            raise LcscError(f"{where}: method {name} lacks {', '.join(lacking)}")
+        labels, coeffs = row["checkpoints"], row["coefficients"]
+        if not (isinstance(labels, list) and isinstance(coeffs, list) and len(labels) == len(coeffs)
+                and all(isinstance(c, (int, float)) for c in [*coeffs, *row["final"]])):
+            raise LcscError(f"{where}: method {name} needs as many numeric coefficients as checkpoints")
+
+
+def run_report(cfg: ReportConfig, log: Callable[[str], None]) -> dict[str, Any]:
+    """``lcsc-ops report``: rebuild the report of a finished optimization from its results.json, its
+    trials' child runs and the source run's checkpoints (fetched and verified under ``cfg``'s trust)."""
+    from lcsc_ops.evaluation.evaluators import resolve_device
+    from lcsc_ops.spec import Trust
+    from lcsc_ops.store import fetch, reports
+
+    if cfg.samples < 1:
+        raise LcscError(f"--samples must be >= 1, got {cfg.samples}")
+    if cfg.out is not None and cfg.out.exists() and not cfg.out.is_dir():
+        raise LcscError(f"--out {cfg.out} exists and is not a folder")
+    trust = Trust(factory=tuple(cfg.trust_factory), remote_code=cfg.trust_remote_code)
+    device = resolve_device(cfg.device)
+    uri = fetch.resolve_tracking_uri(cfg.tracking_uri)
+    results = reports.load_results(cfg.run_id, uri)
+    check_results(results, cfg.run_id)
+    steps = results["window_steps"]
+    window = fetch.fetch_window(results["source_run_id"], window=len(steps), end_step=steps[-1], tracking_uri=uri,
+                                trust=trust)
+    if list(window.steps) != steps:
+        raise LcscError(f"run {results['source_run_id']}'s checkpoints no longer match the optimization's window "
+                        f"(steps {steps[0]}..{steps[-1]})")
+    nfe = results.get("nfe") or {}
+    spec = window.spec
+    if nfe.get("used") and nfe.get("used") != nfe.get("default"):
+        spec = spec.with_sampler(steps=int(nfe["used"]))
+    trials = reports.trial_scores(cfg.run_id, results["metric"], uri)
+    return publish_report(results, trials, window, spec, device=device, tracking_uri=uri, log=log, run_id=cfg.run_id,
+                          out=cfg.out, samples=cfg.samples)

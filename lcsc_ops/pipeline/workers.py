@@ -27,7 +27,7 @@ def threads_per_worker(n: int) -> int:
     return max(1, (os.cpu_count() or 1) // n)
 
 
-def _worker(cfg: OptimizeConfig, worker: int, cache_dir: Path | None) -> None:
+def _worker(cfg: OptimizeConfig, worker: int, cache_dir: Path | None, watchdog: bool) -> None:
     import torch
 
     from lcsc_ops.pipeline.optimize import run_optimize
@@ -36,7 +36,7 @@ def _worker(cfg: OptimizeConfig, worker: int, cache_dir: Path | None) -> None:
     solo = dataclasses.replace(cfg, workers=1, devices=None, device=device_of(cfg, worker))
     try:
         run_optimize(solo, log=lambda msg: print(f"[worker {worker}] {msg}", file=sys.stderr, flush=True),
-                     cache_dir=cache_dir)
+                     cache_dir=cache_dir, watchdog=watchdog)
     except LcscError as exc:
         print(f"[worker {worker}] error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -48,7 +48,8 @@ def run_workers(cfg: OptimizeConfig, run: Callable[..., dict[str, Any]], *, log:
     import torch
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    others = [ctx.Process(target=_worker, args=(cfg, i, cache_dir), name=f"lcsc-worker-{i}")
+    others = [ctx.Process(target=_worker, args=(cfg, i, cache_dir, kwargs.get("watchdog", False)),
+                          name=f"lcsc-worker-{i}")
               for i in range(1, cfg.workers)]
     for p in others:
         p.start()

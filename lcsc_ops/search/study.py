@@ -1,23 +1,31 @@
 """The study an optimization searches in, behind a small interface of plain data.
 
-:class:`SearchStudy` is the only object the optimize pipeline holds of Optuna: it keeps
-the search centre and the MLflow parent run id as study attributes (so a resumed study
-keeps their meaning), runs trials, and reports them as :class:`~lcsc_ops.records.TrialRecord`.
+:class:`SearchStudy` is the only object the optimize pipeline holds of Optuna: it opens or
+joins the study, shares stages between workers (:meth:`SearchStudy.once`), runs trials, and
+reports them as :class:`~lcsc_ops.records.TrialRecord`.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import time
 from typing import Any, Callable, Sequence
 
 import optuna
+from optuna.trial import TrialState
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.encoding import AffineEncoding
 from lcsc_ops.records import TrialRecord
-from lcsc_ops.search.storage import make_storage, storage_error
-from lcsc_ops.search.workers import once
+from lcsc_ops.search.storage import check_storage, is_journal_path, make_storage, storage_error
 from lcsc_ops.search.strategies import make_strategy
 from lcsc_ops.search.trials import (START_ATTR, NonFiniteScore, RungPruner, Rungs, add_start_trial, completed, pruned,
                                     run_trials, searched)
+from lcsc_ops.search.workers import GRACE_PERIOD_S, Beat, fail_stale_trials, once
+
+WORKER_ATTR = "lcsc.worker."
+
 
 def record(trial: optuna.trial.FrozenTrial) -> TrialRecord:
     duration = trial.duration.total_seconds() if trial.duration else None
@@ -48,6 +56,20 @@ class SearchStudy:
         except Exception as exc:  # bad URL, unreachable server, locked file
             raise storage_error(storage, exc) from None
         return cls(study, backend)
+
+    @staticmethod
+    def check_storage(storage: str) -> None:
+        """Connect to a database ``storage`` once (creating Optuna's tables in an empty one); LcscError if
+        it refuses. A journal path is only checked (nothing is written before the study opens)."""
+        check_storage(storage)
+        if is_journal_path(storage):
+            return
+        try:
+            make_storage(storage)
+        except LcscError:
+            raise
+        except Exception as exc:
+            raise storage_error(storage, exc) from None
 
     def once(self, what: str, compute: Callable[[], Any], *, ready: Callable[[Any], bool] = lambda v: True,
              on_wait: Callable[[], None] | None = None) -> Any:
@@ -83,6 +105,26 @@ class SearchStudy:
                               should_stop=stop)
         except NonFiniteScore as exc:
             raise LcscError(f"search stopped: {exc}; check the checkpoints and the evaluator") from None
+
+    def worker_heartbeat(self) -> contextlib.AbstractContextManager:
+        """Keep study attribute ``lcsc.worker.<host>-<pid>`` fresh while this worker runs."""
+        key = f"{WORKER_ATTR}{socket.gethostname()}-{os.getpid()}"
+        return Beat(lambda: self._study.set_user_attr(key, time.time()))
+
+    def live_workers(self) -> list[str]:
+        """Workers whose heartbeat is younger than the grace period."""
+        now = time.time()
+        return [k[len(WORKER_ATTR):] for k, v in self._study.user_attrs.items()
+                if k.startswith(WORKER_ATTR) and isinstance(v, (int, float)) and now - v < GRACE_PERIOD_S]
+
+    def fail_stale(self) -> list[int]:
+        """FAIL trials left RUNNING by dead workers (Optuna's heartbeat on RDB storages, ours on a journal)."""
+        if isinstance(self._storage, optuna.storages.RDBStorage):
+            before = {t.number for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            optuna.storages.fail_stale_trials(self._study)
+            after = {t.number for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+            return sorted(before - after)
+        return fail_stale_trials(self._study, self._storage)
 
     def records(self) -> list[TrialRecord]:
         """Every trial, by number."""

@@ -17,6 +17,7 @@ import contextlib
 import os
 import threading
 import time
+import warnings
 from typing import Any, Callable, Iterator
 
 import optuna
@@ -123,18 +124,53 @@ def once(storage: optuna.storages.BaseStorage, study_name: str, what: str, compu
 def fail_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage,
                       grace: float = GRACE_PERIOD_S) -> list[int]:
     """FAIL the RUNNING trials whose heartbeat (or start, if they never beat) is older than
-    ``grace`` seconds; returns their numbers. For storages without Optuna's heartbeat."""
-    failed = []
+    ``grace`` seconds; returns their numbers. On an RDB storage with Optuna's heartbeat, Optuna's
+    record decides (its grace period): those trials carry no ``lcsc.heartbeat``, and a live trial
+    of another worker must not be failed for running longer than ``grace``."""
+    if isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None:
+        return _fail_stale_rdb_trials(study, storage, grace)
     now = time.time()
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+             if now - (t.user_attrs.get(HEARTBEAT_ATTR) or _started(t, now)) > grace]
+    return _fail(study, storage, stale)
+
+
+def _fail_stale_rdb_trials(study: optuna.Study, storage: optuna.storages.RDBStorage, grace: float) -> list[int]:
+    """Optuna's heartbeat FAILs the RUNNING trials whose beat stopped, but skips a trial that never
+    beat: its worker died after ``study.ask`` created it (and ran the sampler) and before the
+    heartbeat's first record, so before the objective suggested anything. Such a trial, without
+    params and started more than ``grace`` seconds ago, is FAILed here, or it would hold its place
+    in the budget forever."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    now = time.time()
+    never_beat = [t for t in running if not t.params and now - _started(t, now) > grace]
+    failed = set(_fail(study, storage, never_beat, unless=lambda t: bool(t.params)))
+    failed |= {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    return [t.number for t in running if t.number in failed]
+
+
+def _started(trial: optuna.trial.FrozenTrial, now: float) -> float:
+    return trial.datetime_start.timestamp() if trial.datetime_start else now
+
+
+def _fail(study: optuna.Study, storage: optuna.storages.BaseStorage, trials: list[optuna.trial.FrozenTrial],
+          unless: Callable[[optuna.trial.FrozenTrial], bool] = lambda t: False) -> list[int]:
+    """FAIL ``trials`` (marked ``lcsc.stale``) unless a fresh read of one says ``unless``."""
+    failed = []
     study_id = storage.get_study_id_from_name(study.study_name)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        beat = t.user_attrs.get(HEARTBEAT_ATTR) or (t.datetime_start.timestamp() if t.datetime_start else now)
-        if now - beat > grace:
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                storage.set_trial_user_attr(trial_id, "lcsc.stale", True)
-                if storage.set_trial_state_values(trial_id, TrialState.FAIL):
-                    failed.append(t.number)
+    for t in trials:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        if unless(storage.get_trial(trial_id)):
+            continue
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_user_attr(trial_id, "lcsc.stale", True)
+            if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                failed.append(t.number)
     return failed
 
 

@@ -7,8 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from lcsc_ops.checkpoints import (CHECKPOINT_DIR, MANIFEST_NAME, CheckpointEntry, CheckpointWindow,
-                                  default_cache_dir, select_window, sha256_file, validate_manifest, validate_run_id)
+from lcsc_ops.checkpoints import (CHECKPOINT_DIR, FRAGMENT_DIR, FRAGMENT_NAME, MANIFEST_FORMAT, MANIFEST_NAME,
+                                  SPEC_ARTIFACT, CheckpointEntry, CheckpointWindow, default_cache_dir, select_window,
+                                  sha256_file, validate_manifest, validate_run_id)
 from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec, Trust
 
@@ -60,20 +61,69 @@ def _download(run_id: str, name: str, dst: str, tracking_uri: str | None, missin
 
 
 def read_manifest(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """Download, parse and validate (:func:`~lcsc_ops.checkpoints.validate_manifest`)
-    ``checkpoints/manifest.json`` of a run (LcscError if absent or malformed)."""
+    """A run's manifest, validated (:func:`~lcsc_ops.checkpoints.validate_manifest`); key
+    ``complete`` says whether the run finished logging (LcscError if it has no checkpoints).
+
+    A finished run has ``checkpoints/manifest.json`` marked complete. A run without it (still
+    training, or killed) is read from its per-step fragments ``checkpoints/manifest.d/``: each
+    is logged after its files, so every entry listed there is whole."""
     validate_run_id(run_id)
-    get_run_or_fail(run_id, tracking_uri)
+    run = get_run_or_fail(run_id, tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        local = _download(run_id, MANIFEST_NAME, tmp, tracking_uri,
-                          f"run {run_id} has no checkpoints (no {CHECKPOINT_DIR}/{MANIFEST_NAME} artifact)")
-        try:
-            manifest = json.loads(Path(local).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise LcscError(f"run {run_id}: {CHECKPOINT_DIR}/{MANIFEST_NAME} is not valid JSON "
-                            f"({type(exc).__name__})") from None
+        local = _artifact(run_id, f"{CHECKPOINT_DIR}/{MANIFEST_NAME}", tmp, tracking_uri)
+        if local is not None:
+            manifest = _json(local, run_id, MANIFEST_NAME)
+        else:
+            manifest = _from_fragments(run_id, tracking_uri, Path(tmp))
     validate_manifest(manifest, run_id)
+    # Runs logged before the end marker existed are complete when MLflow says they finished.
+    manifest["complete"] = manifest.get("complete") is True or (
+        "complete" not in manifest and run.info.status == "FINISHED")
     return manifest
+
+
+def _json(path: str, run_id: str, name: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LcscError(f"run {run_id}: {CHECKPOINT_DIR}/{name} is not valid JSON ({type(exc).__name__})") from None
+
+
+def _from_fragments(run_id: str, tracking_uri: str | None, tmp: Path) -> dict[str, Any]:
+    """The manifest of a partial run, from its fragments (names checked before download)."""
+    missing = f"run {run_id} has no checkpoints (no {CHECKPOINT_DIR}/{MANIFEST_NAME} or {FRAGMENT_DIR}/ artifact)"
+    names = [Path(a.path).name for a in _client(tracking_uri).list_artifacts(run_id, f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}")]
+    if not names:
+        raise LcscError(missing)
+    bad = [n for n in names if not FRAGMENT_NAME.fullmatch(n)]
+    if bad:
+        raise LcscError(f"run {run_id}: unexpected manifest fragment {bad[0]!r}")
+    entries: list[Any] = []
+    for name in sorted(names):
+        local = _artifact(run_id, f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}/{name}", str(tmp), tracking_uri)
+        if local is None:
+            raise LcscError(missing)
+        fragment = _json(local, run_id, name)
+        if not isinstance(fragment, dict) or not isinstance(fragment.get("entries"), list):
+            raise LcscError(f"run {run_id}: manifest fragment {name} holds no entry list")
+        entries += fragment["entries"]
+    local = _artifact(run_id, SPEC_ARTIFACT, str(tmp), tracking_uri)
+    if local is None:
+        raise LcscError(f"run {run_id}: partial run without its model spec ({SPEC_ARTIFACT})")
+    return {"format": MANIFEST_FORMAT, "spec": _json(local, run_id, SPEC_ARTIFACT), "complete": False,
+            "entries": entries}
+
+
+def _artifact(run_id: str, path: str, dst: str, tracking_uri: str | None) -> str | None:
+    """Download one artifact of a run into ``dst``; None if the run does not have it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst,
+                                                   tracking_uri=tracking_uri)
+    except (MlflowException, OSError):
+        return None
 
 
 def _inside(path: Path, root: Path, run_id: str, what: str) -> Path:
@@ -83,7 +133,7 @@ def _inside(path: Path, root: Path, run_id: str, what: str) -> Path:
     return path
 
 
-def fetch_window(run_id: str, *, window: int = 16, end_step: int | None = None, tracking_uri: str | None = None,
+def fetch_window(run_id: str, *, window: int | None = None, end_step: int | None = None, tracking_uri: str | None = None,
                  cache_dir: Path | None = None, trust: Trust | None = None) -> CheckpointWindow:
     """Download (once, into a local cache) and sha256-verify the last ``window`` checkpoint steps of a run
     (at or before ``end_step`` when given: merging an earlier part of training).
@@ -129,4 +179,4 @@ def fetch_window(run_id: str, *, window: int = 16, end_step: int | None = None, 
     if ema_entry is not None:
         training_ema = by_file.get(ema_entry["file"]) or fetch(ema_entry)
     return CheckpointWindow(run_id=run_id, spec=spec, entries=fetched, training_ema=training_ema,
-                            steps=tuple(steps))
+                            steps=tuple(steps), complete=manifest["complete"])

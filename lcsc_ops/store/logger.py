@@ -88,7 +88,8 @@ class CheckpointLogger:
     snapshot is still being written (at most one snapshot pair in memory) or while more than
     ``max_spool_bytes`` wait for a slow server. Under ``accelerate`` pass the ``accelerator``:
     only the main process keeps an EMA and logs. :meth:`close` waits for the uploads and
-    writes the complete manifest; the run itself belongs to the caller.
+    writes the complete manifest (as a context manager: only if the block did not raise);
+    the run itself belongs to the caller.
     """
 
     def __init__(self, spec: ModelSpec, *, every: int = 50, ema_decay: float = 0.999, ema_warmup: bool = True,
@@ -178,8 +179,10 @@ class CheckpointLogger:
         while self._uploads:
             self._uploads.pop(0)[0].result()
 
-    def close(self) -> None:
-        """Wait for the uploads, then write the complete manifest (not on an error)."""
+    def close(self, complete: bool = True) -> None:
+        """Wait for the uploads, then write the complete manifest: not if an upload failed, nor
+        with ``complete=False`` (the training stopped before its end: the run stays partial, its
+        checkpoints readable from the fragments)."""
         if not self.is_main:
             return
         try:
@@ -188,13 +191,14 @@ class CheckpointLogger:
             self._writer.shutdown(wait=True)
             self._sender.shutdown(wait=True)
             self._spool.cleanup()
-        self._uploader.finish()
+        if complete:
+            self._uploader.finish()
 
     def __enter__(self) -> "CheckpointLogger":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(complete=exc_type is None)  # a loop that raised (Ctrl-C too) leaves a partial run
 
     @property
     def entries(self) -> list[dict[str, Any]]:

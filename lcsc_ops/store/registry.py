@@ -70,19 +70,28 @@ def promote(name: str, version: str, alias: str, *, tracking_uri: str | None = N
 
     from lcsc_ops.store.fetch import resolve_tracking_uri
 
+    text = str(version)
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):  # checked before the store is asked
+        raise LcscError(f"model version must be a positive integer like 3, got {text!r}")
+    version = str(int(text))
+
+    def first_line(exc: BaseException) -> str:
+        return (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
     client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    for read, missing in ((lambda: client.get_registered_model(name), f"unknown registered model {name!r}"),
+                          (lambda: client.get_model_version(name, version),
+                           f"registered model {name!r} has no version {version!r}")):
+        try:
+            read()
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise LcscError(missing) from None
+            raise LcscError(f"cannot read {name!r} version {version} from the registry: {first_line(exc)}") from None
     try:
-        client.get_registered_model(name)
-    except MlflowException:
-        raise LcscError(f"unknown registered model {name!r}") from None
-    try:
-        client.get_model_version(name, str(version))
-    except MlflowException:
-        raise LcscError(f"registered model {name!r} has no version {version!r}") from None
-    try:
-        client.set_registered_model_alias(name, alias, str(version))
+        client.set_registered_model_alias(name, alias, version)
     except MlflowException as exc:
-        raise LcscError(f"cannot set alias {alias!r}: {str(exc).splitlines()[0]}") from None
+        raise LcscError(f"cannot set alias {alias!r}: {first_line(exc)}") from None
 
 
 def to_json_tag(value: Any) -> str:

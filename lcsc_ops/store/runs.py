@@ -58,6 +58,13 @@ class OptimizeRun:
                                                   for k, v in params.items()])
         return cls(client, run.info.run_id)
 
+    @classmethod
+    def attach(cls, tracking_uri: str, run_id: str) -> "OptimizeRun":
+        return cls(MlflowClient(tracking_uri=tracking_uri), run_id)
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
@@ -94,15 +101,28 @@ class TrialRunLogger:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.parent = self.client.get_run(parent_run_id)
         self.metric = metric
+        self._unfinished: dict[int, Any] = {}  # trial number -> its child run left RUNNING
         self.logged = self._existing()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcsc-trial-log")
         self._pending: list[Future] = []
 
     def _existing(self) -> set[int]:
+        """The trials that have their child run. A child run left RUNNING (its writer was killed
+        between creating and ending it) is kept in ``_unfinished`` and completed in place when its
+        trial is logged again (:meth:`backfill`): never a second run for one trial, none left RUNNING."""
         runs = self.client.search_runs([self.parent.info.experiment_id],
                                        filter_string=f"tags.`{PARENT_TAG}` = '{self.parent.info.run_id}'",
                                        max_results=50_000)
-        return {int(r.data.tags["lcsc.trial"]) for r in runs if "lcsc.trial" in r.data.tags}
+        done: set[int] = set()
+        for run in runs:
+            if "lcsc.trial" not in run.data.tags:
+                continue
+            number = int(run.data.tags["lcsc.trial"])
+            if run.info.status == "RUNNING":
+                self._unfinished.setdefault(number, run)
+            else:
+                done.add(number)
+        return done
 
     def __call__(self, trial: TrialRecord, study_name: str = "") -> None:
         if (trial.value is None and not trial.pruned) or trial.number in self.logged:
@@ -111,15 +131,21 @@ class TrialRunLogger:
         self._pending.append(self._executor.submit(self._log, trial, study_name))
 
     def _log(self, trial: TrialRecord, study_name: str) -> None:
+        run = self._unfinished.pop(trial.number, None)
         try:
-            run = self.client.create_run(self.parent.info.experiment_id, run_name=f"trial-{trial.number:04d}",
-                                         tags={PARENT_TAG: self.parent.info.run_id, "lcsc.trial": str(trial.number),
-                                               "lcsc.kind": "trial", "optuna.study": study_name})
             metrics, params, tags = self._contents(trial)
+            if run is None:
+                run = self.client.create_run(self.parent.info.experiment_id, run_name=f"trial-{trial.number:04d}",
+                                             tags={PARENT_TAG: self.parent.info.run_id, "lcsc.trial": str(trial.number),
+                                                   "lcsc.kind": "trial", "optuna.study": study_name})
+            else:  # completed in place: metrics its killed writer logged are not logged twice (params may be)
+                metrics = [m for m in metrics if m.key not in run.data.metrics]
             self.client.log_batch(run.info.run_id, metrics=metrics, params=params, tags=tags)
             self.client.set_terminated(run.info.run_id, "KILLED" if trial.pruned else "FINISHED")
         except BaseException:
             self.logged.discard(trial.number)  # so a later backfill retries it
+            if run is not None and run.info.status == "RUNNING":
+                self._unfinished.setdefault(trial.number, run)  # ...in the same run
             raise
 
     def _contents(self, trial: TrialRecord) -> tuple[list[Metric], list[Param], list[RunTag]]:

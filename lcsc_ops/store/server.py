@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import urllib.error
 import urllib.request
 from urllib.parse import urlparse
@@ -28,4 +29,6 @@ def check_reachable(tracking_uri: str | None, timeout: float = CONNECT_TIMEOUT_S
         return  # it answered: reachable (auth or routing is MLflow's to report)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(exc, ssl.SSLError) or isinstance(reason, ssl.SSLError):
+            return  # it answered TLS; trusting its certificate is MLflow's setting (MLFLOW_TRACKING_INSECURE_TLS)
         raise LcscError(f"MLflow tracking server {mask_credentials(tracking_uri)} is unreachable ({reason})") from None

@@ -1,0 +1,336 @@
+"""`make bench-scale`: many workers on one study, a kill -9 and its resume, checkpoint-logging overhead.
+
+Everything runs through the `lcsc-ops` command line in real processes, as a user runs it:
+- workers: trials/min of the demo's search configuration with 1 worker × 1 thread and with
+  `--workers 2` (1 thread each) on the 2 cores, measured over the search phase (first trial
+  start to last trial end), and the best search FID each reached at the same budget;
+- two_workers: two `lcsc-ops optimize` processes started together on one study, on the
+  journal file and on a real PostgreSQL (binaries permitting): trials, parent runs,
+  registered versions, baseline scorings;
+- kill_resume: `kill -9` of an optimize mid-search, then the same command again;
+- logging: training steps/s with and without `CheckpointLogger` (a fast 2-D model and the
+  digits U-Net), against a local sqlite store and an `mlflow server` on loopback.
+Figures go to benchmarks/results/scale.json and a section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+FULL = dict(train_steps=2100, window=40, blocks=8, search_seeds=2, search_samples=1000, worker_trials=24,
+            small_trials=8, kill_trials=12, fast_steps=4000, digits_steps=600, reps=3)
+QUICK = dict(train_steps=300, window=8, blocks=2, search_seeds=1, search_samples=200, worker_trials=6,
+             small_trials=4, kill_trials=6, fast_steps=1000, digits_steps=60, reps=1)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cli(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "lcsc_ops.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise RuntimeError(f"lcsc-ops {' '.join(args[:2])} failed: {result.stderr[-2000:]}")
+    return result
+
+
+class Bench:
+    def __init__(self, r: dict[str, Any], work: Path) -> None:
+        self.r, self.work = r, work
+        self.uri = f"sqlite:///{work / 'mlflow.db'}"
+        os.environ["LCSC_OPS_CACHE"] = str(work / "cache")
+        os.chdir(work)
+
+    def train(self) -> str:
+        out = cli("train", "--steps", str(self.r["train_steps"]), "--experiment", "scale", "--model-name",
+                  "scale-ddpm", "--tracking-uri", self.uri)
+        return out.stdout.strip().splitlines()[-1]
+
+    def search_args(self, run: str, storage: str, trials: int, seed: int, model: str, samples: int | None = None
+                    ) -> list[str]:
+        r = self.r
+        return ["optimize", run, "--window", str(r["window"]), "--blocks", str(r["blocks"]), "--search-seeds",
+                str(r["search_seeds"]), "--search-samples", str(samples or r["search_samples"]), "--final-seeds", "2",
+                "--final-samples", "500", "--n-trials", str(trials), "--seed", str(seed), "--storage", storage,
+                "--model-name", model, "--tracking-uri", self.uri, "--json"]
+
+
+def study_of(report: dict[str, Any]):
+    import optuna
+
+    from lcsc_ops.search.storage import make_storage
+
+    return optuna.load_study(study_name=report["study"], storage=make_storage(report["storage"]))
+
+
+def searched(study) -> list:
+    from lcsc_ops.search.trials import searched as done
+
+    return done(study)
+
+
+def trials_per_min(study) -> float:
+    trials = searched(study)
+    span = max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)
+    return 60.0 * len(trials) / span.total_seconds()
+
+
+def workers_section(b: Bench, run: str) -> dict[str, Any]:
+    """1 worker × 1 thread against --workers 2 (1 thread each), same search config and budget."""
+    out = {}
+    for n in (1, 2):
+        storage = str(b.work / f"workers-{n}.journal")
+        t0 = time.perf_counter()
+        res = cli(*b.search_args(run, storage, b.r["worker_trials"], 0, f"scale-w{n}"), "--workers", str(n),
+                  env={"OMP_NUM_THREADS": "1"} if n == 1 else {})
+        report = json.loads(res.stdout)
+        study = study_of(report)
+        out[str(n)] = {"trials_per_min": trials_per_min(study), "trials": len(searched(study)),
+                       "best_search": min(t.value for t in searched(study)), "wall_seconds": time.perf_counter() - t0,
+                       "winner_final_mean": report["methods"][report["winner"]]["final_mean"],
+                       "best_lcsc_final_mean": report["methods"][report["best_lcsc"]]["final_mean"]}
+        log(f"workers {n}: {out[str(n)]['trials_per_min']:.1f} trials/min, best search {out[str(n)]['best_search']:.3f}")
+    out["ratio"] = out["2"]["trials_per_min"] / out["1"]["trials_per_min"]
+    return out
+
+
+def two_workers(b: Bench, run: str, storage: str, model: str) -> dict[str, Any]:
+    """Two optimize processes started together on one study (as two hosts would)."""
+    import mlflow
+
+    args = b.search_args(run, storage, b.r["small_trials"], 5, model, samples=200)
+    procs = [subprocess.Popen([sys.executable, "-m", "lcsc_ops.cli", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate() for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"a worker failed: {[o[1][-1500:] for o in outs]}")
+    report = json.loads(outs[0][0])
+    study = study_of(report)
+    client = mlflow.tracking.MlflowClient(b.uri)
+    exp = client.get_run(report["parent_run_id"]).info.experiment_id
+    parents = client.search_runs([exp], f"tags.`optuna.study` = '{report['study']}' and tags.`lcsc.kind` = 'optimize'")
+    versions = client.search_model_versions(f"name = '{model}'")
+    return {"trials_requested": b.r["small_trials"], "trials_total": len(searched(study)),
+            "duplicate_versions": len(versions) - 1, "parent_runs": len(parents),
+            "baseline_scorings": sum(o[1].count("scoring the baselines") for o in outs),
+            "running_left": sum(t.state.name == "RUNNING" for t in study.trials)}
+
+
+def kill_resume(b: Bench, run: str) -> dict[str, Any]:
+    import optuna
+
+    from lcsc_ops.search.storage import make_storage
+
+    storage = str(b.work / "kill.journal")
+    env = {**os.environ, "LCSC_OPS_GRACE_S": "3", "LCSC_OPS_HEARTBEAT_S": "1"}
+    args = b.search_args(run, storage, b.r["kill_trials"], 9, "scale-killed", samples=200)
+    proc = subprocess.Popen([sys.executable, "-m", "lcsc_ops.cli", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    study, before = None, {}
+    while proc.poll() is None:
+        names = [s.study_name for s in optuna.get_all_study_summaries(make_storage(storage)) if ":lock:" not in s.study_name]
+        study = optuna.load_study(study_name=names[0], storage=make_storage(storage)) if names else None
+        if study is not None and len(searched(study)) >= 3 and any(t.state.name == "RUNNING" for t in study.trials):
+            before = {t.number: t.params for t in searched(study)}
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rerun = subprocess.run([sys.executable, "-m", "lcsc_ops.cli", *args], env=env, capture_output=True, text=True)
+    if rerun.returncode:
+        raise RuntimeError(rerun.stderr[-2000:])
+    study = study_of(json.loads(rerun.stdout))
+    after = {t.number: t.params for t in searched(study)}
+    return {"killed_after_trials": len(before), "trials_requested": b.r["kill_trials"],
+            "running_left": sum(t.state.name == "RUNNING" for t in study.trials),
+            "trials_lost": sum(after.get(n) != p for n, p in before.items()),
+            "trials_repeated": max(0, len(after) - b.r["kill_trials"]),
+            "failed_replaced": sum(t.state.name == "FAIL" for t in study.trials)}
+
+
+def fast_model():
+    """A user's small 2-D model (a factory the logger's spec names)."""
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.SiLU(), torch.nn.Linear(64, 64), torch.nn.SiLU(),
+                               torch.nn.Linear(64, 2))
+
+
+def _fast_loop(steps: int, logger: Any) -> float:
+    import torch
+
+    torch.manual_seed(0)
+    model = fast_model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        x = torch.randn(256, 2)
+        loss = ((model(x) - x.flip(1)) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if logger is not None:
+            logger.step(model, step)
+    if logger is not None:
+        logger.close()
+    return steps / (time.perf_counter() - t0)
+
+
+def _digits_loop(steps: int, logger: Any) -> float:
+    import torch
+
+    from lcsc_ops.evaluation.data import load_dataset
+    from lcsc_ops.models.diffusion import make_sampler
+    from lcsc_ops.models.unet import digits_unet
+
+    torch.manual_seed(0)
+    images, model = load_dataset("digits"), digits_unet(channels=32)
+    sampler = make_sampler({"name": "ddim", "steps": 10, "timesteps": 1000})
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = images[torch.randint(len(images), (128,), generator=gen)]
+        loss = sampler.training_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if logger is not None:
+            logger.step(model, step)
+    if logger is not None:
+        logger.close()
+    return steps / (time.perf_counter() - t0)
+
+
+def logging_overhead(b: Bench, uri: str, name: str) -> dict[str, Any]:
+    """Steps/s without and with CheckpointLogger (a checkpoint pair every 50 steps), interleaved."""
+    import mlflow
+
+    from lcsc_ops import CheckpointLogger, ModelSpec
+
+    specs = {"fast": (ModelSpec(factory="bench_scale:fast_model"), _fast_loop, b.r["fast_steps"]),
+             "digits": (ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": 32}), _digits_loop,
+                        b.r["digits_steps"])}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(f"logging-{name}")
+    out = {}
+    for model, (spec, loop, steps) in specs.items():
+        plain, logged = [], []
+        for rep in range(b.r["reps"]):
+            for with_logger in ((False, True) if rep % 2 == 0 else (True, False)):
+                if not with_logger:
+                    plain.append(loop(steps, None))
+                    continue
+                with mlflow.start_run():
+                    logged.append(loop(steps, CheckpointLogger(spec, every=50, tracking_uri=uri)))
+        overhead = statistics.median(plain) / statistics.median(logged) - 1.0
+        out[model] = {"steps_per_s_plain": statistics.median(plain), "steps_per_s_logged": statistics.median(logged),
+                      "overhead": overhead, "steps": steps, "checkpoint_pairs": steps // 50}
+        log(f"logging {name} {model}: {out[model]['steps_per_s_plain']:.0f} -> "
+            f"{out[model]['steps_per_s_logged']:.0f} steps/s ({overhead:+.1%})")
+    return out
+
+
+@contextlib.contextmanager
+def services(work: Path) -> Iterator[tuple[Any, Any]]:
+    """A PostgreSQL server (None where unavailable) and an mlflow server on loopback."""
+    from tests.services import Unavailable, mlflow_server, postgres_server
+
+    with contextlib.ExitStack() as stack:
+        try:
+            pg = stack.enter_context(postgres_server(work))
+        except Unavailable as exc:
+            log(f"PostgreSQL rows skipped: {exc}")
+            pg = None
+        server = stack.enter_context(mlflow_server(work / "server", f"sqlite:///{work / 'server' / 'mlflow.db'}"))
+        yield pg, server
+
+
+def run(r: dict[str, Any], work: Path) -> dict[str, Any]:
+    b = Bench(r, work)
+    t0 = time.perf_counter()
+    run_id = b.train()
+    log(f"trained {run_id}")
+    res: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                           "load_before": os.getloadavg()[0], "recipe": r}
+    res["workers"] = workers_section(b, run_id)
+    res["two_workers"] = {"journal": two_workers(b, run_id, str(work / "two.journal"), "scale-two-journal")}
+    (work / "server").mkdir(exist_ok=True)
+    with services(work) as (pg, server):
+        if pg is not None:
+            res["two_workers"]["postgresql"] = two_workers(b, run_id, pg.url, "scale-two-pg")
+        log(f"two workers: {res['two_workers']}")
+        res["kill_resume"] = kill_resume(b, run_id)
+        log(f"kill/resume: {res['kill_resume']}")
+        local = logging_overhead(b, b.uri, "local")
+        remote = logging_overhead(b, server, "server")
+    res["logging"] = {"local": local, "server": remote,
+                      "fast_model_overhead": local["fast"]["overhead"], "digits_overhead": local["digits"]["overhead"],
+                      "server_overhead": max(remote["fast"]["overhead"], remote["digits"]["overhead"])}
+    res["wall_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def markdown(res: dict[str, Any]) -> str:
+    w, lg, kr = res["workers"], res["logging"], res["kill_resume"]
+    rows = ["## Scale-out (make bench-scale)", "",
+            f"Machine: {res['machine']}; load average {res['load_before']:.2f} at the start; "
+            f"{res['wall_seconds'] / 60:.1f} min in all.", "",
+            "| measure | figure |", "|---|---|",
+            f"| search trials/min, 1 worker × 1 thread | {w['1']['trials_per_min']:.1f} |",
+            f"| search trials/min, `--workers 2` × 1 thread | {w['2']['trials_per_min']:.1f} (ratio {w['ratio']:.2f}) |",
+            f"| best search FID at {w['1']['trials']} trials, 1 / 2 workers (CMA-ES) | {w['1']['best_search']:.3f} / "
+            f"{w['2']['best_search']:.3f} |",
+            f"| final FID of the best LCSC candidate, 1 / 2 workers | {w['1']['best_lcsc_final_mean']:.3f} / "
+            f"{w['2']['best_lcsc_final_mean']:.3f} |"]
+    for name, tw in res["two_workers"].items():
+        rows.append(f"| two processes on one study, {name} | {tw['trials_total']} of {tw['trials_requested']} trials, "
+                    f"{tw['parent_runs']} parent run, {tw['duplicate_versions']} duplicate versions, "
+                    f"{tw['baseline_scorings']} baseline scoring |")
+    rows += [f"| kill -9 after {kr['killed_after_trials']} trials, rerun | {kr['running_left']} RUNNING left, "
+             f"{kr['trials_lost']} lost, {kr['trials_repeated']} repeated |"]
+    for where in ("local", "server"):
+        for model in ("fast", "digits"):
+            x = lg[where][model]
+            rows.append(f"| training with CheckpointLogger, {model} model, {where} store | "
+                        f"{x['steps_per_s_plain']:.0f} → {x['steps_per_s_logged']:.0f} steps/s "
+                        f"({x['overhead']:+.1%}, a checkpoint pair every 50 steps) |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a plumbing check, writes no results")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lcsc-scale-", dir=HERE / "work" if (HERE / "work").is_dir() else None))
+    res = run(QUICK if args.quick else FULL, work)
+    section = markdown(res)
+    print(section)
+    if not args.quick:
+        from _results_md import replace_section
+
+        (HERE / "results").mkdir(exist_ok=True)
+        (HERE / "results" / "scale.json").write_text(json.dumps(res, indent=1))
+        replace_section(HERE / "RESULTS.md", "## Scale-out (make bench-scale)", section)
+
+
+if __name__ == "__main__":
+    main()

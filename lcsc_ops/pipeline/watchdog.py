@@ -1,0 +1,77 @@
+"""A worker's watchdog: when the worker dies without ending its work (``kill -9``, OOM), clean up.
+
+Started as a small detached process next to each ``optimize`` worker. It waits for the
+worker's process to end; if the worker did not finish, it waits one grace period, fails
+the study's trials left RUNNING without a heartbeat, and, when no other worker of the
+study is alive (each keeps ``lcsc.worker.<id>`` fresh in the study), ends the MLflow
+parent run KILLED. A rerun of the same command reopens it and finishes the study.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+
+def start(study: str, storage: str, run_id: str, tracking_uri: str) -> subprocess.Popen | None:
+    """Watch this process; None where a watchdog cannot be started (it is a safety net only) or
+    ``LCSC_OPS_WATCHDOG=0`` turns it off (the test suite does, for in-process calls)."""
+    if os.environ.get("LCSC_OPS_WATCHDOG") == "0":
+        return None
+    cmd = [sys.executable, "-m", "lcsc_ops.pipeline.watchdog", "--pid", str(os.getpid()), "--study", study,
+           "--storage", storage, "--run-id", run_id, "--tracking-uri", tracking_uri]
+    try:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (dead, not yet reaped by its parent) is dead
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def watch(pid: int, study_name: str, storage: str, run_id: str, tracking_uri: str) -> str:
+    """Wait for ``pid`` to end, then clean up after it; returns what was done."""
+    while _alive(pid):
+        time.sleep(1.0)
+    from lcsc_ops.search.study import SearchStudy
+    from lcsc_ops.search.workers import GRACE_PERIOD_S
+    from lcsc_ops.store.runs import OptimizeRun
+
+    run = OptimizeRun.attach(tracking_uri, run_id)
+    if run.status() != "RUNNING":
+        return "finished"
+    time.sleep(GRACE_PERIOD_S)
+    study = SearchStudy.open(study_name, storage)
+    failed = study.fail_stale()
+    if study.live_workers():
+        return f"failed {failed}; other workers alive"
+    if run.status() == "RUNNING":
+        run.end("KILLED")
+    return f"failed {failed}; parent run KILLED"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    for name in ("--study", "--storage", "--run-id", "--tracking-uri"):
+        ap.add_argument(name, required=True)
+    ap.add_argument("--pid", type=int, required=True)
+    a = ap.parse_args()
+    watch(a.pid, a.study, a.storage, a.run_id, a.tracking_uri)
+
+
+if __name__ == "__main__":
+    main()
