@@ -174,16 +174,14 @@ def fast_model():
                                torch.nn.Linear(64, 2))
 
 
-def _fast_loop(steps: int, logger: Any) -> float:
+def _timed_loop(model: Any, batch: Any, loss_fn: Any, steps: int, logger: Any) -> float:
+    """Steps/s of a plain Adam loop; with ``logger``, ``logger.step`` after every step (and its close)."""
     import torch
 
-    torch.manual_seed(0)
-    model = fast_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
-        x = torch.randn(256, 2)
-        loss = ((model(x) - x.flip(1)) ** 2).mean()
+        loss = loss_fn(model, batch())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -192,6 +190,14 @@ def _fast_loop(steps: int, logger: Any) -> float:
     if logger is not None:
         logger.close()
     return steps / (time.perf_counter() - t0)
+
+
+def _fast_loop(steps: int, logger: Any) -> float:
+    import torch
+
+    torch.manual_seed(0)
+    return _timed_loop(fast_model(), lambda: torch.randn(256, 2),
+                       lambda m, x: ((m(x) - x.flip(1)) ** 2).mean(), steps, logger)
 
 
 def _digits_loop(steps: int, logger: Any) -> float:
@@ -202,22 +208,10 @@ def _digits_loop(steps: int, logger: Any) -> float:
     from lcsc_ops.models.unet import digits_unet
 
     torch.manual_seed(0)
-    images, model = load_dataset("digits"), digits_unet(channels=32)
+    images, gen = load_dataset("digits"), torch.Generator().manual_seed(0)
     sampler = make_sampler({"name": "ddim", "steps": 10, "timesteps": 1000})
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    gen = torch.Generator().manual_seed(0)
-    t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        batch = images[torch.randint(len(images), (128,), generator=gen)]
-        loss = sampler.training_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if logger is not None:
-            logger.step(model, step)
-    if logger is not None:
-        logger.close()
-    return steps / (time.perf_counter() - t0)
+    return _timed_loop(digits_unet(channels=32), lambda: images[torch.randint(len(images), (128,), generator=gen)],
+                       sampler.training_loss, steps, logger)
 
 
 def logging_overhead(b: Bench, uri: str, name: str) -> dict[str, Any]:

@@ -21,13 +21,14 @@ from lcsc_ops.evaluation.evaluators import Evaluators, build_evaluators, resolve
 from lcsc_ops.evaluation.score_cache import ScoreCache
 from lcsc_ops.math.encoding import AffineEncoding, partition_by_kind
 from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, embed
-from lcsc_ops.pipeline.candidates import (FINAL_SEED_BASE, Candidate, average_coefficients, baselines,
+from lcsc_ops.pipeline.candidates import (Candidate, average_coefficients, baselines,
                                           centre_in_basis, finite_baselines, merged_state, restrict)
 from lcsc_ops.pipeline.checks import drop_nonfinite
 from lcsc_ops.pipeline.config import BASIS_KINDS, OptimizeConfig
 from lcsc_ops.pipeline.progress import PlainProgress, Progress, SilentProgress
-from lcsc_ops.pipeline.report import build_report, publish_report, save_plots
+from lcsc_ops.pipeline.report import build_report, publish_report, save_plots, seeds_used
 from lcsc_ops.pipeline.scoring import Scorer
+from lcsc_ops.redact import mask_credentials
 from lcsc_ops.search.evolution import seed_points_from_profiles
 from lcsc_ops.search.storage import default_storage, study_name
 from lcsc_ops.search.study import SearchStudy
@@ -62,7 +63,7 @@ class Job:
 
     def search_score(self, dense: Sequence[float]) -> float:
         """The search objective: mean score over the fixed search seeds (common random numbers)."""
-        seeds = list(range(self.cfg.search_seeds))
+        seeds = seeds_used(self.cfg)["search"]
         return statistics.fmean(self.scorer.per_seed(dense, self.evaluators.main, self.cfg.search_samples, seeds))
 
     def dense(self, coeffs: Sequence[float]) -> list[float]:
@@ -101,7 +102,8 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None, progre
     device = resolve_device(cfg.device)
     evaluators = build_evaluators(spec, evaluator=cfg.evaluator, feature_extractor=cfg.feature_extractor,
                                   inception_weights=cfg.inception_weights, batch_size=cfg.batch_size, device=device,
-                                  cache_dir=cache_dir)
+                                  cache_dir=cache_dir, metric_name=cfg.metric_name,
+                                  second_evaluator=cfg.second_evaluator, evaluator_version=cfg.evaluator_version)
     basis = window.indices(*BASIS_KINDS[cfg.basis])
     if not basis:
         raise LcscError(f"run {cfg.run_id} has no {cfg.basis} checkpoints in the window")
@@ -263,7 +265,7 @@ def prune_rungs(job: Job) -> Any:
     from lcsc_ops.search.trials import Rungs
 
     counts = rung_counts(job.cfg.search_samples, job.cfg.prune_rungs)
-    seeds = list(range(job.cfg.search_seeds))
+    seeds = seeds_used(job.cfg)["search"]
 
     def scores(coeffs: Sequence[float]) -> Any:
         job.scorer.merger.merge(job.dense(coeffs))
@@ -297,7 +299,7 @@ def final_evaluation(job: Job, cands: Sequence[Candidate]) -> None:
     With ``--nfe`` the baselines are also scored at the spec's default NFE, the figure a
     merged model at fewer steps must match."""
     cfg, ev = job.cfg, job.evaluators
-    seeds, n = [FINAL_SEED_BASE + i for i in range(cfg.final_seeds)], cfg.final_samples
+    seeds, n = seeds_used(cfg)["final"], cfg.final_samples
     job.scorer.full_precision()
     at_default = None
     if cfg.nfe is not None and cfg.nfe != job.default_nfe:
@@ -338,7 +340,10 @@ def register(job: Job, search: Search, winner: Candidate, report: dict[str, Any]
 
 
 def lineage_tags(cfg: OptimizeConfig, report: dict[str, Any], winner: Candidate, entries: Sequence[Any]) -> dict[str, str]:
-    methods = report["methods"]
+    """The registered version's tags; the scores' are named after the metric (``lcsc.search_fid``,
+    ``lcsc.final_fid``, ``lcsc.baseline_fids`` for the built-in FID; ``lcsc.final_score`` … for
+    ``--evaluator``; ``lcsc.final_<--metric-name>`` …)."""
+    methods, m = report["methods"], report["metric"]
     return {
         "lcsc.source_run": cfg.run_id,
         "lcsc.optimize_run": report["parent_run_id"],
@@ -347,9 +352,9 @@ def lineage_tags(cfg: OptimizeConfig, report: dict[str, Any], winner: Candidate,
         "lcsc.checkpoints": to_json_tag([e.file for e in entries]),
         "lcsc.coefficients": to_json_tag([float(c) for c in winner.coeffs]),
         "lcsc.checkpoint_sha256": to_json_tag([e.sha256 for e in entries]),
-        "lcsc.search_fid": repr(winner.search_fid),
-        "lcsc.final_fid": repr(methods[winner.name]["final_mean"]),
-        "lcsc.baseline_fids": to_json_tag({n: r["final_mean"] for n, r in methods.items() if r["kind"] == "baseline"}),
+        f"lcsc.search_{m}": repr(winner.search_fid),
+        f"lcsc.final_{m}": repr(methods[winner.name]["final_mean"]),
+        f"lcsc.baseline_{m}s": to_json_tag({n: r["final_mean"] for n, r in methods.items() if r["kind"] == "baseline"}),
         "lcsc.strongest_baseline": report["strongest_baseline"],
         "lcsc.second_metric_flag": str(report["second_metric_worse"]).lower(),
         "lcsc.study": report["study"],
@@ -358,9 +363,11 @@ def lineage_tags(cfg: OptimizeConfig, report: dict[str, Any], winner: Candidate,
 
 def make_report(job: Job, search: Search, base: Sequence[Candidate], cands: Sequence[Candidate],
                 seconds: float) -> dict[str, Any]:
-    report = build_report(job.cfg, job.window, base, cands, search.centre, metric=job.evaluators.metric,
+    ev = job.evaluators
+    report = build_report(job.cfg, job.window, base, cands, search.centre, metric=ev.metric,
                           search_seconds=seconds, trials=search.study.n_searched, study=search.study.name,
-                          storage=search.storage, parent_run_id=search.run.run_id, default_nfe=job.default_nfe)
+                          storage=mask_credentials(search.storage), parent_run_id=search.run.run_id, default_nfe=job.default_nfe,
+                          second_metric=ev.second_name, no_second=ev.no_second)
     if job.cfg.prune:
         report["pruned_trials"] = search.study.n_pruned
     if job.score_cache is not None:

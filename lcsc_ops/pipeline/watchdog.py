@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+STORAGE_ENV, URI_ENV = "LCSC_OPS_WATCHDOG_STORAGE", "LCSC_OPS_WATCHDOG_TRACKING_URI"
+
 
 def start(study: str, storage: str, run_id: str, tracking_uri: str) -> subprocess.Popen | None:
     """Watch this process; None where a watchdog cannot be started (it is a safety net only) or
@@ -21,10 +23,11 @@ def start(study: str, storage: str, run_id: str, tracking_uri: str) -> subproces
     if os.environ.get("LCSC_OPS_WATCHDOG") == "0":
         return None
     cmd = [sys.executable, "-m", "lcsc_ops.pipeline.watchdog", "--pid", str(os.getpid()), "--study", study,
-           "--storage", storage, "--run-id", run_id, "--tracking-uri", tracking_uri]
+           "--run-id", run_id]
+    env = {**os.environ, STORAGE_ENV: storage, URI_ENV: tracking_uri}  # not on the command line: `ps` shows it
     try:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
     except OSError:
         return None
 
@@ -66,11 +69,11 @@ def watch(pid: int, study_name: str, storage: str, run_id: str, tracking_uri: st
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    for name in ("--study", "--storage", "--run-id", "--tracking-uri"):
+    for name in ("--study", "--run-id"):
         ap.add_argument(name, required=True)
     ap.add_argument("--pid", type=int, required=True)
     a = ap.parse_args()
-    watch(a.pid, a.study, a.storage, a.run_id, a.tracking_uri)
+    watch(a.pid, a.study, os.environ[STORAGE_ENV], a.run_id, os.environ[URI_ENV])
 
 
 if __name__ == "__main__":

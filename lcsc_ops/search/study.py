@@ -118,12 +118,7 @@ class SearchStudy:
                 if k.startswith(WORKER_ATTR) and isinstance(v, (int, float)) and now - v < GRACE_PERIOD_S]
 
     def fail_stale(self) -> list[int]:
-        """FAIL trials left RUNNING by dead workers (Optuna's heartbeat on RDB storages, ours on a journal)."""
-        if isinstance(self._storage, optuna.storages.RDBStorage):
-            before = {t.number for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-            optuna.storages.fail_stale_trials(self._study)
-            after = {t.number for t in self._study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-            return sorted(before - after)
+        """FAIL trials left RUNNING by dead workers (see :func:`~lcsc_ops.search.workers.fail_stale_trials`)."""
         return fail_stale_trials(self._study, self._storage)
 
     def records(self) -> list[TrialRecord]:

@@ -155,7 +155,8 @@ class TrialRunner:
         while not self.stopped:
             if self.storage is not None:
                 fail_stale_trials(self.study, self.storage)
-            remaining = self.n_trials - len(budgeted(self.study))
+            # Other workers' running trials hold their places: claim only what is left, else wait.
+            remaining = self.n_trials - len(budgeted(self.study)) - len(running(self.study))
             if remaining <= 0:
                 if not running(self.study):
                     break
