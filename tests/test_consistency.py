@@ -92,7 +92,7 @@ def test_every_sampler_refuses_unknown_settings_and_takes_those_the_project_writ
     from lcsc_ops.training import MODEL_KINDS
 
     known = {"ddim": "steps, timesteps, clip", "consistency": "steps, sigma_min, sigma_max",
-             "diffusers": "steps, scheduler, scheduler_config"}
+             "diffusers": "steps, scheduler, scheduler_config", "dpmpp-2m": "steps, timesteps, spacing, clip"}
     assert set(known) == set(SAMPLERS)  # a new sampler: add it here
     for name, listed in known.items():  # refused before the sampler is made (diffusers need not be installed)
         with pytest.raises(LcscError, match=rf"unknown setting 'schedule' for sampler '{name}' \(known: {listed}"):
