@@ -22,26 +22,45 @@ def model_requirements(model: torch.nn.Module) -> list[str]:
     return requirements
 
 
+def serving_requirements(model: torch.nn.Module) -> list[str]:
+    """:func:`model_requirements` plus ``lcsc-ops`` itself, whose module loads the model's
+    ``python_function`` flavor (already there when the model class is lcsc-ops's own)."""
+    from importlib import metadata
+
+    requirements = model_requirements(model)
+    if not any(r.split("==")[0].lower().replace("_", "-") == "lcsc-ops" for r in requirements):
+        requirements.append(f"lcsc-ops=={metadata.version('lcsc-ops')}")
+    return requirements
+
+
 def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any], tags: Mapping[str, str],
                    run_id: str, tracking_uri: str | None = None) -> str:
-    """Log ``model`` as an MLflow PyTorch model of ``run_id`` and register it as a new version of
+    """Log ``model`` as an MLflow model of ``run_id`` and register it as a new version of
     ``name`` carrying ``tags``; returns the version number.
 
     Pickled (``serialization_format="pickle"``) so ``mlflow.pytorch.load_model`` returns the
-    user's own ``nn.Module`` class; the spec travels in the model's metadata.
+    user's own ``nn.Module`` class; the spec travels in the model's metadata. Its
+    ``python_function`` flavor (:mod:`lcsc_ops.store.pyfunc`) samples it with the spec's sampler,
+    so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` generate images.
     """
     import mlflow
+    from mlflow.models import Model
     from mlflow.tracking import MlflowClient
+
+    from lcsc_ops.store import pyfunc
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    requirements = model_requirements(model)
+    requirements = serving_requirements(model)
     client = MlflowClient(tracking_uri=tracking_uri)
     # start_run(run_id=...) refuses a run outside the active experiment, so select the run's own.
     mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-        info = mlflow.pytorch.log_model(model.cpu().eval(), name="model", serialization_format="pickle",
-                                        pip_requirements=requirements, metadata={"lcsc_spec": dict(spec)})
+        # Model.log with our flavor module, as mlflow.pytorch.log_model does with mlflow.pytorch; the
+        # input example is checked by tests/test_serving.py, not by sampling at every registration.
+        info = Model.log(artifact_path=None, name="model", flavor=pyfunc, pytorch_model=model.cpu().eval(),
+                         spec=dict(spec), pip_requirements=requirements, metadata={"lcsc_spec": dict(spec)},
+                         serialization_format="pickle", validate_serving_input=False)
     # The version is created with its lineage tags in one call: a crash cannot leave an untagged version.
     version = mlflow.register_model(info.model_uri, name, tags=dict(tags)).version
     return str(version)
