@@ -11,7 +11,7 @@ DEMO_STEPS  ?= 3000
 DEMO_TRIALS ?= 100
 DEMO_MODEL  ?= digits-ddpm
 
-.PHONY: install demo test bench bench-quality bench-prune clean
+.PHONY: install demo test test-ui bench bench-quality bench-prune clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The MLflow UI in headless Chromium (Debian's, apt-get installed if missing: run as root): the optimize run,
+# its trial runs and the registered model with its alias; screenshots -> docs/mlflow-ui-runs.png, docs/mlflow-ui-model.png.
+test-ui: $(STAMP)
+	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+	LCSC_UI_SCREENSHOTS=docs $(PY) -m pytest -q -rs tests/test_ui.py
 
 # Per-trial cost benchmarks (~5-10 min on 2 cores): benchmarks/results/perf.json + benchmarks/RESULTS.md.
 bench: $(STAMP)
