@@ -136,10 +136,18 @@ def optimize(*, as_json: bool = False, report: Optional[Path] = None, **values: 
     from lcsc_ops.pipeline.progress import make_progress
     from lcsc_ops.pipeline.report import render_table
 
+    from lcsc_ops.pipeline.distributed import launched_rank, launched_world_size, run_distributed
+
     cfg = config_from(OptimizeConfig, values)
+    launched = launched_world_size() > 1  # under accelerate launch / torchrun: every FID sharded over them
     # Several workers write to stderr from several processes: plain lines, each with its [worker i].
-    with make_progress(quiet=cfg.quiet, plain=cfg.workers > 1) as progress:
-        result = run_optimize(cfg, log=progress.note, progress=progress, watchdog=True)
+    with make_progress(quiet=cfg.quiet or (launched and launched_rank() != 0), plain=cfg.workers > 1) as progress:
+        if launched:
+            result = run_distributed(cfg, log=progress.note, progress=progress, watchdog=True)
+        else:
+            result = run_optimize(cfg, log=progress.note, progress=progress, watchdog=True)
+    if result is None:
+        return  # another process of the launch: rank 0 prints the results
     if report is not None:
         report.write_text(json.dumps(result, indent=2))
     if as_json:

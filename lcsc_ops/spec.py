@@ -31,6 +31,9 @@ TRUST_ENV = "LCSC_OPS_TRUST_FACTORY"
 # e.g. ``diffusers:DiffusionPipeline.from_pretrained``, which can fetch and run remote code).
 TRUSTED_FACTORY_MODULES = ("lcsc_ops.models",)
 TRUSTED_MODEL_CLASS_MODULES = ("diffusers",)
+# Data-set loaders named by import path (``dataset="my_pkg.data:load_images"``) are code too: the
+# same trust rule applies. Registered names (``"digits"``) import nothing and are always fine.
+TRUSTED_DATASET_MODULES = ("lcsc_ops.evaluation.data",)
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = re.compile(rf"{_NAME}(?:\.{_NAME})*")
 
@@ -69,23 +72,49 @@ def import_object(path: str) -> Any:
     return obj
 
 
+def source_sha256(obj: Any) -> str:
+    """SHA-256 of the source of the module defining ``obj`` ("" when it has none, e.g. a builtin):
+    part of the cache key of a user's evaluator or data-set loader, so editing it is a new key."""
+    import hashlib
+    import inspect
+
+    try:
+        return hashlib.sha256(inspect.getsource(inspect.getmodule(obj)).encode()).hexdigest()  # type: ignore[arg-type]
+    except (TypeError, OSError):
+        return ""
+
+
+def is_import_path(name: str) -> bool:
+    """Whether a spec's ``dataset`` is an import path ``"module:callable"`` (code) rather than a
+    registered name (``"digits"``)."""
+    return ":" in name
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """How to rebuild a model from weights and how to sample it.
 
     ``factory`` is an import path (``"my_pkg.nets:build_unet"``) to a callable that takes
-    ``**kwargs`` and returns the ``nn.Module`` whose state dict the checkpoints hold. The
-    module is called as ``model(x_t, t)`` with integer timesteps and returns the noise
-    estimate (epsilon prediction). ``sampler`` names a sampler in
-    :data:`lcsc_ops.models.diffusion.SAMPLERS` plus its settings; ``dataset`` names the
-    reference data set used for FID; ``image_shape`` is (C, H, W) of one sample.
+    ``**kwargs`` and returns the ``nn.Module`` whose state dict the checkpoints hold; the
+    module must be importable wherever the run is optimized (install your package there).
+    ``sampler`` names a sampler in :data:`lcsc_ops.models.diffusion.SAMPLERS` plus its
+    settings. For the built-in FID the module is called as ``model(x_t, t)`` with integer
+    timesteps and returns the noise estimate (epsilon prediction), ``dataset`` names the
+    reference images (a registered name such as ``"digits"``, or an import path
+    ``"my_pkg.data:load_images"`` to a callable returning a float tensor (N, C, H, W) in
+    [-1, 1]) and ``image_shape`` is (C, H, W) of one sample.
+
+    A model that is not an image model, or one scored only by a custom evaluator
+    (``lcsc-ops optimize --evaluator my_pkg.eval:score``), passes ``dataset=None`` and
+    ``image_shape=None`` (or its sample shape, e.g. ``(D,)``); the defaults are the digits
+    test bed's. :class:`~lcsc_ops.store.logger.CheckpointLogger` checks the spec when it starts.
     """
 
     factory: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     sampler: Mapping[str, Any] = field(default_factory=lambda: {"name": "ddim", "steps": 10})
-    dataset: str = "digits"
-    image_shape: tuple[int, ...] = (1, 8, 8)
+    dataset: str | None = "digits"
+    image_shape: tuple[int, ...] | None = (1, 8, 8)
     # Where the spec was read from (``"run <id>"``) when it is untrusted input; None for a spec
     # the user gave (or one :meth:`Trust.vouch` allowed). Not part of the spec's value.
     origin: str | None = field(default=None, compare=False, repr=False)
@@ -93,7 +122,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "kwargs", dict(self.kwargs))
         object.__setattr__(self, "sampler", dict(self.sampler))
-        object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
+        if self.image_shape is not None:
+            object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
         if "name" not in self.sampler:
             raise LcscError("model spec: sampler settings need a 'name'")
 
@@ -118,22 +148,22 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         return {"version": SPEC_VERSION, "factory": self.factory, "kwargs": dict(self.kwargs),
                 "sampler": dict(self.sampler), "dataset": self.dataset,
-                "image_shape": list(self.image_shape)}
+                "image_shape": None if self.image_shape is None else list(self.image_shape)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], origin: str | None = None) -> "ModelSpec":
-        """The spec in ``data`` (as :meth:`to_dict` writes it), every field's type checked, since
-        ``data`` may come from a run; ``origin`` (e.g. ``"run <id>"``) marks it untrusted."""
+        """The spec in ``data`` (as :meth:`to_dict` writes it, now or in earlier versions), every
+        field's type checked, since ``data`` may come from a run; ``origin`` (e.g. ``"run <id>"``)
+        marks it untrusted. ``dataset`` and ``image_shape`` may be null (no data set / no shape)."""
         if not isinstance(data, Mapping):
             raise LcscError(f"model spec must be a JSON object, got {type(data).__name__}")
         if "factory" not in data:
             raise LcscError("model spec lacks 'factory'")
         factory = data["factory"]
-        if not (isinstance(factory, str) and re.fullmatch(rf"{_DOTTED.pattern}(?::{_DOTTED.pattern})?", factory)
-                and (":" in factory or "." in factory)):
+        if not _is_import_path_text(factory):
             raise LcscError(f"model spec: factory must be an import path 'module:callable', got {brief_repr(factory)}")
         kwargs = data.get("kwargs", {})
         if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
@@ -142,14 +172,16 @@ class ModelSpec:
         if not isinstance(sampler, Mapping) or not isinstance(sampler.get("name"), str):
             raise LcscError(f"model spec: sampler must be a JSON object with a 'name', got {brief_repr(sampler)}")
         dataset = data.get("dataset", "digits")
-        if not isinstance(dataset, str):
-            raise LcscError(f"model spec: dataset must be a string, got {brief_repr(dataset)}")
+        if dataset is not None and not (isinstance(dataset, str) and dataset
+                                        and (not is_import_path(dataset) or _is_import_path_text(dataset))):
+            raise LcscError(f"model spec: dataset must be null, a registered name or an import path "
+                            f"'module:callable', got {brief_repr(dataset)}")
         shape = data.get("image_shape", (1, 8, 8))
-        if not (isinstance(shape, (list, tuple)) and shape
-                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
-            raise LcscError(f"model spec: image_shape must be positive integers, got {brief_repr(shape)}")
-        return cls(factory=factory, kwargs=kwargs, sampler=sampler, dataset=dataset, image_shape=tuple(shape),
-                   origin=origin)
+        if shape is not None and not (isinstance(shape, (list, tuple)) and shape and all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            raise LcscError(f"model spec: image_shape must be positive integers (or null), got {brief_repr(shape)}")
+        return cls(factory=factory, kwargs=kwargs, sampler=sampler, dataset=dataset,
+                   image_shape=None if shape is None else tuple(shape), origin=origin)
 
     @classmethod
     def from_json(cls, text: str, origin: str | None = None) -> "ModelSpec":
@@ -158,6 +190,12 @@ class ModelSpec:
         except json.JSONDecodeError as exc:
             raise LcscError(f"model spec is not valid JSON: {exc}") from None
         return cls.from_dict(data, origin=origin)
+
+
+def _is_import_path_text(text: Any) -> bool:
+    """``text`` looks like ``"pkg.module:callable"`` (or ``"pkg.module.callable"``): nothing imported."""
+    return (isinstance(text, str) and re.fullmatch(rf"{_DOTTED.pattern}(?::{_DOTTED.pattern})?", text) is not None
+            and (":" in text or "." in text))
 
 
 def _matches(module: str, prefixes: tuple[str, ...]) -> bool:
@@ -185,29 +223,33 @@ def env_trusted_prefixes() -> tuple[str, ...]:
 
 
 def check_factory_trusted(factory: str, trust_factory: tuple[str, ...] = (), trust_remote_code: bool = False, *,
-                          origin: str = "the run", options: bool = True) -> None:
+                          origin: str = "the run", options: bool = True, what: str = "model factory") -> None:
     """LcscError unless a spec from ``origin`` may call ``factory``: with ``trust_remote_code``,
     or when the factory's module lies under a prefix of ``trust_factory`` or
     ``LCSC_OPS_TRUST_FACTORY``, or under the built-in ones (the package's model modules; for
     diffusers, only nn.Module classes). Untrusted modules are never imported; ``options`` says
-    whether the refusal may point at --trust-factory / --trust-remote-code."""
+    whether the refusal may point at --trust-factory / --trust-remote-code. ``what="data set
+    loader"`` checks a spec's ``dataset`` import path by the same rule (built-in: the package's
+    data module only)."""
     if trust_remote_code:
         return
     module, attr = split_import_path(factory)
     if not _DOTTED.fullmatch(module) or not _DOTTED.fullmatch(attr):
-        raise LcscError(f"{origin} names model factory {brief_repr(factory)}, which is not an import path "
+        raise LcscError(f"{origin} names {what} {brief_repr(factory)}, which is not an import path "
                         "'module:callable'")
-    if _matches(module, tuple(trust_factory) + env_trusted_prefixes() + TRUSTED_FACTORY_MODULES):
+    model = what == "model factory"
+    if _matches(module, tuple(trust_factory) + env_trusted_prefixes()
+                + (TRUSTED_FACTORY_MODULES if model else TRUSTED_DATASET_MODULES)):
         return
-    if _matches(module, TRUSTED_MODEL_CLASS_MODULES) and "." not in attr:
+    if model and _matches(module, TRUSTED_MODEL_CLASS_MODULES) and "." not in attr:
         obj = import_object(f"{module}:{attr}")  # a trusted library: importing it is safe
         if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
             return
     how = (f"pass --trust-factory {module} (or --trust-remote-code), or set {TRUST_ENV}={module}," if options
            else f"set {TRUST_ENV}={module}")
-    why = ("which is not a diffusers model class" if _matches(module, TRUSTED_MODEL_CLASS_MODULES)
+    why = ("which is not a diffusers model class" if model and _matches(module, TRUSTED_MODEL_CLASS_MODULES)
            else f"from an untrusted module {brief_repr(module)}")
-    raise LcscError(f"{origin} names model factory {brief_repr(factory)} {why}; {how} if you trust the run's authors")
+    raise LcscError(f"{origin} names {what} {brief_repr(factory)} {why}; {how} if you trust the run's authors")
 
 
 @dataclass(frozen=True)
@@ -229,9 +271,18 @@ class Trust:
         """LcscError (one line, naming ``origin`` and the factory) unless ``factory`` is trusted."""
         check_factory_trusted(factory, self.factory, self.remote_code, origin=origin, options=self.options)
 
+    def check_dataset(self, dataset: str | None, *, origin: str = "the run") -> None:
+        """LcscError unless a spec from ``origin`` may load ``dataset``: a registered name (or none)
+        always may; an import path ``"module:callable"`` is code, trusted like a factory."""
+        if dataset is not None and is_import_path(dataset):
+            check_factory_trusted(dataset, self.factory, self.remote_code, origin=origin, options=self.options,
+                                  what="data set loader")
+
     def vouch(self, spec: ModelSpec) -> ModelSpec:
-        """``spec`` checked and marked trusted (no origin), so it builds without a check later."""
+        """``spec`` checked (its factory and its data-set loader) and marked trusted (no origin), so
+        it builds and loads its data set without a check later."""
         if spec.origin is None:
             return spec
         self.check(spec.factory, origin=spec.origin)
+        self.check_dataset(spec.dataset, origin=spec.origin)
         return dataclasses.replace(spec, origin=None)

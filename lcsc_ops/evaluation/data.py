@@ -1,9 +1,12 @@
-"""Reference image data sets, looked up by name, as float32 tensors in [-1, 1].
+"""Reference image data sets, looked up by name or import path, as float32 tensors in [-1, 1].
 
 The only built-in set is scikit-learn's bundled 8x8 digits (no download), the test bed
 of the design notes. Real-image sets for natural-image models (CIFAR-10, ImageNet-64)
-are registered in :data:`DATASETS` by whoever has them on disk; every loader returns
-all images as one (N, C, H, W) float32 tensor in [-1, 1].
+are either registered in :data:`DATASETS` by whoever has them on disk, or named in the
+model spec by import path, like factories: ``dataset="my_pkg.data:load_images"``. Every
+loader returns all images as one (N, C, H, W) float tensor in [-1, 1]. A loader may carry
+``__lcsc_version__`` (bump it when its images change): the reference-statistics cache key
+holds it, with a hash of the loader module's source.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from typing import Callable
 import torch
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.spec import brief_repr, import_object, is_import_path, source_sha256
 
 
 def _digits_arrays():
@@ -37,13 +41,67 @@ def load_digits_images() -> torch.Tensor:
 DATASETS: dict[str, Callable[[], torch.Tensor]] = {"digits": load_digits_images}
 
 
-def load_dataset(name: str) -> torch.Tensor:
-    """Load the reference images of the data set registered as ``name`` (see :data:`DATASETS`)."""
+_PATH_FORM = ("an import path 'module:callable' (e.g. 'my_pkg.data:load_images') returning a float tensor (N, C, H, W) "
+              "in [-1, 1]")
+
+
+def _accepted() -> str:
+    return f"(a data set is a registered name: {', '.join(sorted(DATASETS))}; or {_PATH_FORM})"
+
+
+def resolve_dataset(name: str, what: str = "dataset") -> Callable[[], torch.Tensor]:
+    """The loader of ``name``: a registered name (:data:`DATASETS`) or an import path
+    ``"module:callable"`` (imported, not called). LcscError (one line naming ``what``, the
+    option or field, and the accepted forms) otherwise."""
+    if not isinstance(name, str) or not name:
+        raise LcscError(f"{what}: not a data set name {brief_repr(name)} {_accepted()}")
+    if name in DATASETS:
+        return DATASETS[name]
+    if not is_import_path(name):
+        raise LcscError(f"{what}: unknown data set {name!r} (known: {', '.join(sorted(DATASETS))}); or {_PATH_FORM}")
     try:
-        loader = DATASETS[name]
-    except KeyError:
-        raise LcscError(f"unknown data set {name!r} (known: {', '.join(sorted(DATASETS))})") from None
-    return loader()
+        loader = import_object(name)
+    except LcscError as exc:
+        raise LcscError(f"{what}: {exc} {_accepted()}") from None
+    if not callable(loader):
+        raise LcscError(f"{what}: {name!r} is not callable (got {type(loader).__name__}) {_accepted()}")
+    return loader
+
+
+def dataset_identity(name: str) -> dict[str, str]:
+    """What, besides ``name``, decides a data set's images (a reference-statistics cache key part):
+    the loader's ``__lcsc_version__`` if it has one, and for an import path the SHA-256 of the
+    loader module's source. Empty for the built-in digits, so their cache files stay valid."""
+    loader = resolve_dataset(name)
+    ident = {}
+    if getattr(loader, "__lcsc_version__", None) is not None:
+        ident["dataset_version"] = str(loader.__lcsc_version__)
+    if is_import_path(name):
+        ident["dataset_source"] = source_sha256(loader)
+    return ident
+
+
+def check_images(images: object, name: str, what: str = "dataset") -> torch.Tensor:
+    """``images`` as float32 if it is a float tensor (N >= 2, C, H, W), finite, in [-1, 1]."""
+    if not (isinstance(images, torch.Tensor) and images.is_floating_point() and images.dim() == 4):
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise LcscError(f"{what}: loader {name!r} must return a float tensor (N, C, H, W), got {got}"
+                        + (f" {images.dtype}" if isinstance(images, torch.Tensor) else ""))
+    if len(images) < 2 or not torch.isfinite(images).all():
+        raise LcscError(f"{what}: loader {name!r} must return at least 2 finite images, got {len(images)}"
+                        + ("" if torch.isfinite(images).all() else " with non-finite values"))
+    lo, hi = images.min().item(), images.max().item()
+    if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
+        raise LcscError(f"{what}: loader {name!r} returned values in [{lo:.3g}, {hi:.3g}], expected [-1, 1]")
+    return images.float()
+
+
+def load_dataset(name: str, what: str = "dataset") -> torch.Tensor:
+    """Load the reference images of ``name``: a data set registered in :data:`DATASETS` or an
+    import path ``"module:callable"`` (whose result is checked: a float (N, C, H, W) tensor in [-1, 1])."""
+    loader = resolve_dataset(name, what)
+    images = loader()
+    return images if name in DATASETS else check_images(images, name, what)
 
 
 def digits_split(seed: int = 0, test_fraction: float = 0.25

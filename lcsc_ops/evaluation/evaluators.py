@@ -1,4 +1,10 @@
-"""Building the evaluators an optimization scores with, from the model spec."""
+"""Building the evaluators an optimization scores with, from the model spec; checking a spec.
+
+A user's evaluator (``--evaluator module:callable``, called as ``(model, num_samples, seed)
+-> float``, lower is better) is wrapped in :class:`UserEvaluator`, which gives the score cache
+its identity: the import path, a version the user bumps (``__lcsc_version__`` on the callable,
+or ``--evaluator-version``) and a hash of the module's source.
+"""
 from __future__ import annotations
 
 import copy
@@ -9,7 +15,10 @@ from typing import Any, Callable
 import torch
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.spec import ModelSpec
+from lcsc_ops.spec import ModelSpec, Trust, brief_repr, source_sha256
+
+NO_SECOND_CUSTOM = ("no second metric: the custom evaluator has none (add one with --second-evaluator "
+                    "module:callable)")
 
 
 def resolve_device(name: str) -> str:
@@ -20,15 +29,40 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def default_metric_name(evaluator: str | None) -> str:
+    """The metric's name when ``--metric-name`` is not given: ``fid`` for the built-in FID, ``score`` otherwise."""
+    return "score" if evaluator else "fid"
+
+
+class UserEvaluator:
+    """A user's ``module:callable(model, num_samples, seed) -> float`` and its score-cache identity:
+    the import path, the version (``version`` if given, else the callable's ``__lcsc_version__``)
+    and the SHA-256 of the defining module's source."""
+
+    def __init__(self, path: str, version: str | None = None) -> None:
+        from lcsc_ops.evaluation.fid import load_evaluator
+
+        self.path, self.fn = path, load_evaluator(path)
+        own = getattr(self.fn, "__lcsc_version__", None)
+        self.version = str(version) if version is not None else (None if own is None else str(own))
+        self.identity = {"evaluator": path, "version": self.version, "source": source_sha256(self.fn)}
+
+    def __call__(self, model: torch.nn.Module, num_samples: int, seed: int) -> float:
+        return self.fn(model, num_samples, seed)
+
+
 @dataclass
 class Evaluators:
-    """The search/final evaluator, an independent second one (None for a user evaluator),
-    the reference-statistics file (None for a user evaluator) and the metric's name."""
+    """The search/final evaluator, a second one scored on the final seeds (None if there is none:
+    ``no_second`` says why), the reference-statistics file (None for a user evaluator) and the
+    metric's name (``fid``, ``score`` or ``--metric-name``)."""
 
     main: Callable
     second: Callable | None
     reference_path: Path | None
     metric: str
+    second_name: str | None = None
+    no_second: str | None = None
 
     def with_sampler(self, settings: dict[str, Any]) -> Callable:
         """The main evaluator with another sampler (same extractor and reference): the
@@ -42,21 +76,42 @@ class Evaluators:
 
 
 def build_evaluators(spec: ModelSpec, *, evaluator: str | None, feature_extractor: str | None,
-                     inception_weights: str | None, batch_size: int, device: str, cache_dir: Path) -> Evaluators:
+                     inception_weights: str | None, batch_size: int, device: str, cache_dir: Path,
+                     metric_name: str | None = None, second_evaluator: str | None = None,
+                     evaluator_version: str | None = None) -> Evaluators:
     """A user's evaluator (``module:callable``), or FID under the data set's default extractor
-    plus FID under a second, independently trained one."""
-    from lcsc_ops.evaluation.fid import load_evaluator
-
+    plus FID under a second, independently trained one. ``second_evaluator`` (a user's
+    ``module:callable``) replaces the second metric."""
+    if spec.origin is not None:  # a run's data-set loader is code: the built-in trust at least
+        Trust(options=False).check_dataset(spec.dataset, origin=spec.origin)
+    metric = metric_name or default_metric_name(evaluator)
+    second = UserEvaluator(second_evaluator, evaluator_version) if second_evaluator else None
     if evaluator:
-        return Evaluators(load_evaluator(evaluator), None, None, "score")
+        return Evaluators(UserEvaluator(evaluator, evaluator_version), second, None, metric,
+                          second_name=second_evaluator, no_second=None if second else NO_SECOND_CUSTOM)
+    scorers, names, path = _fid_scorers(spec, feature_extractor, inception_weights, batch_size, device, cache_dir,
+                                        both=second is None)
+    if second is not None:
+        return Evaluators(scorers[0], second, path, metric, second_name=second_evaluator)
+    if len(scorers) > 1:
+        return Evaluators(scorers[0], scorers[1], path, metric, second_name=f"fid ({names[1]} features)")
+    return Evaluators(scorers[0], None, path, metric, no_second=(
+        f"no second metric: data set {spec.dataset!r} has one feature extractor ({names[0]}); add one with "
+        "--second-evaluator module:callable"))
+
+
+def _fid_scorers(spec: ModelSpec, feature_extractor: str | None, inception_weights: str | None, batch_size: int,
+                 device: str, cache_dir: Path, *, both: bool) -> tuple[list[Any], list[str], Path]:
+    """FID scorers under the default (or given) extractor and, with ``both``, the second one."""
     from lcsc_ops.evaluation.features import build_extractor, default_extractor_for, second_extractor_for
     from lcsc_ops.evaluation.fid import FIDScorer, ReferenceCache
     from lcsc_ops.models.diffusion import make_sampler
 
+    _check_fid_spec(spec)
     sampler = make_sampler(spec.sampler)
     cache = ReferenceCache(cache_dir / "fid", device=device)
     names = [feature_extractor or default_extractor_for(spec.dataset)]
-    if second_extractor_for(spec.dataset) != names[0]:
+    if both and second_extractor_for(spec.dataset) != names[0]:
         names.append(second_extractor_for(spec.dataset))
     scorers, first_path = [], None
     for name in names:
@@ -69,4 +124,53 @@ def build_evaluators(spec: ModelSpec, *, evaluator: str | None, feature_extracto
         scorer.identity = {"fid": name, "reference": stats.metadata, "sampler": dict(spec.sampler),
                            "image_shape": list(spec.image_shape), "batch_size": batch_size}
         scorers.append(scorer)
-    return Evaluators(scorers[0], scorers[1] if len(scorers) > 1 else None, first_path, "fid")
+    return scorers, names, first_path
+
+
+def _check_fid_spec(spec: ModelSpec) -> None:
+    if spec.dataset is None or spec.image_shape is None:
+        missing = "dataset" if spec.dataset is None else "image_shape"
+        raise LcscError(f"model spec has no {missing}: the built-in FID needs a data set and an image shape "
+                        "(C, H, W); score this model with --evaluator module:callable")
+    if len(spec.image_shape) != 3:
+        raise LcscError(f"model spec: image_shape {list(spec.image_shape)} is not (C, H, W): the built-in FID "
+                        "scores images; score this model with --evaluator module:callable")
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """LcscError (one line naming the field) unless ``spec`` can be optimized: its factory imports
+    and builds an ``nn.Module``; its sampler is known, with settings it takes; its ``dataset``,
+    when given, is registered or an importable ``module:callable``, and comes with an
+    ``image_shape`` (C, H, W). A spec the user gives is trusted: its factory is called (on the
+    meta device when it allows, so no weights are allocated). Nothing is loaded or sampled."""
+    from lcsc_ops.evaluation.data import resolve_dataset
+    from lcsc_ops.models.diffusion import make_sampler
+
+    _check_builds(spec)
+    try:
+        make_sampler(spec.sampler)
+    except LcscError as exc:
+        raise LcscError(f"model spec: sampler: {exc}") from None
+    if spec.dataset is not None:
+        resolve_dataset(spec.dataset, "model spec: dataset")
+        if spec.image_shape is None or len(spec.image_shape) != 3:
+            raise LcscError(f"model spec: image_shape must be (C, H, W) with a dataset (the built-in FID scores "
+                            f"images), got {spec.image_shape}; a model scored only by a custom evaluator passes "
+                            "dataset=None")
+
+
+def _check_builds(spec: ModelSpec) -> None:
+    try:
+        try:
+            with torch.device("meta"):
+                spec.build()
+        except LcscError:
+            raise
+        except Exception:  # noqa: BLE001 - a factory that needs real tensors (e.g. it loads weights)
+            spec.build()
+    except LcscError as exc:
+        raise LcscError(f"model spec: factory: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's factory may raise anything
+        first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise LcscError(f"model spec: factory {spec.factory!r} failed with kwargs {brief_repr(spec.kwargs)}: "
+                        f"{type(exc).__name__}: {first}") from None

@@ -2,8 +2,9 @@
 
 1. :func:`compute_reference_stats` runs the real images through a feature extractor once
    and keeps torchmetrics' real-side sums (:class:`ReferenceStats`).
-2. :class:`ReferenceCache` stores them on disk, keyed by data set, extractor name,
-   extractor fingerprint and sample count, so every later search reuses them.
+2. :class:`ReferenceCache` stores them on disk, keyed by data set (its name and, for a
+   loader named by import path, its version and source hash), extractor name, extractor
+   fingerprint and sample count, so every later search reuses them.
 3. :class:`FIDScorer` loads them into a torchmetrics ``FrechetInceptionDistance`` once
    and, per candidate, samples from a fixed noise, extracts features of the fake side
    only and returns the Fréchet distance.
@@ -13,6 +14,8 @@ that is also the contract of a user's own evaluator, loaded with :func:`load_eva
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -26,7 +29,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.evaluation.data import load_dataset
+from lcsc_ops.evaluation.data import dataset_identity, load_dataset
 from lcsc_ops.evaluation.features import extractor_fingerprint
 from lcsc_ops.spec import import_object
 
@@ -156,16 +159,21 @@ def compute_reference_stats(images: torch.Tensor, extractor: nn.Module, *, batch
 class ReferenceCache:
     """Reference statistics on disk under ``root``, computed on a miss and reused after.
 
-    The key is (data set, extractor name, extractor fingerprint, sample count); it names
-    the file and is also written into the file's metadata, which is checked on a hit.
+    The key is (data set and its identity, extractor name, extractor fingerprint, sample
+    count); it names the file and is also written into the file's metadata, which is checked
+    on a hit. The identity (:func:`~lcsc_ops.evaluation.data.dataset_identity`) is empty for
+    the built-in digits; a data-set loader's ``__lcsc_version__`` or source change is a new key.
     """
 
     def __init__(self, root: str | Path, *, batch_size: int = 500, device: str | torch.device = "cpu") -> None:
         self.root, self.batch_size, self.device = Path(root), batch_size, device
 
-    def path_for(self, dataset: str, extractor_name: str, fingerprint: str, num_samples: int | None) -> Path:
+    def path_for(self, dataset: str, extractor_name: str, fingerprint: str, num_samples: int | None,
+                 identity: dict[str, str] | None = None) -> Path:
         safe = lambda s: re.sub(r"[^A-Za-z0-9._-]+", "_", s)  # noqa: E731
         count = "all" if num_samples is None else str(int(num_samples))
+        if identity:  # a data set with a version or a loader's source: one file per identity
+            dataset += "@" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
         return self.root / f"{safe(dataset)}__{safe(extractor_name)}__{fingerprint}__{count}.safetensors"
 
     def get(self, dataset: str, extractor_name: str, extractor: nn.Module, *,
@@ -176,9 +184,10 @@ class ReferenceCache:
         of that size (the same subset every time).
         """
         fingerprint = extractor_fingerprint(extractor_name, extractor)
-        path = self.path_for(dataset, extractor_name, fingerprint, num_samples)
+        identity = dataset_identity(dataset)
+        path = self.path_for(dataset, extractor_name, fingerprint, num_samples, identity)
         key = {"dataset": dataset, "extractor": extractor_name, "fingerprint": fingerprint,
-               "num_samples": "all" if num_samples is None else str(int(num_samples))}
+               "num_samples": "all" if num_samples is None else str(int(num_samples)), **identity}
         if path.is_file():
             try:
                 stats = ReferenceStats.load(path)

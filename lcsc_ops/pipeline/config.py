@@ -6,6 +6,7 @@ logged as the parent run's params.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,8 @@ from lcsc_ops.evaluation.precision import PRECISIONS
 from lcsc_ops.options import check_positive, option, parse_fractions
 from lcsc_ops.spec import check_module_prefixes, parse_module_prefixes
 
+# A metric name becomes part of MLflow metric keys (search_<name>.<method>) and tags: no dots.
+METRIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 BASIS_KINDS = {"raw": ("raw",), "ema": ("ema",), "both": ("raw", "ema")}
 BASIS, SEARCH, EVAL, MLFLOW, TRUST, WORKERS = "Basis", "Search", "Evaluation", "MLflow", "Trust", "Workers"
 
@@ -51,7 +54,19 @@ class OptimizeConfig:
     ema_grid: int = option(12, "Post-hoc EMA rates tried for the EMA* baseline.", panel=EVAL)
     nfe: int | None = option(None, "Sample with N function evaluations instead of the spec's.", panel=EVAL)
     evaluator: str | None = option(None, "Own score 'module:callable(model, num_samples, seed) -> float', "
-                                         "lower is better.", panel=EVAL)
+                                         "lower is better (its package must be importable here).", panel=EVAL)
+    second_evaluator: str | None = option(None, "A second metric 'module:callable(model, num_samples, seed) -> "
+                                                "float', scored on the final seeds only (the table's 2nd metric "
+                                                "column; default: FID under a second feature extractor for the "
+                                                "built-in FID, none for --evaluator).", panel=EVAL)
+    evaluator_version: str | None = option(None, "Version of your --evaluator / --second-evaluator in the score "
+                                                 "cache key: bump it when its scores change for reasons outside "
+                                                 "its module's source (default: the callable's __lcsc_version__).",
+                                           panel=EVAL)
+    metric_name: str | None = option(None, "Name of the score in MLflow metrics (search_<name>.<method>, "
+                                           "final_<name>.<method>, the trials' <name>) and version tags "
+                                           "(lcsc.final_<name> …) (default: fid for the built-in FID, score for "
+                                           "--evaluator).", panel=EVAL)
     feature_extractor: str | None = option(None, "FID feature extractor (default by data set).", panel=EVAL)
     inception_weights: str | None = option(None, "Local Inception weights for machines without network.",
                                            panel=EVAL)
@@ -65,9 +80,11 @@ class OptimizeConfig:
     max_stack_memory: float | None = option(None, "GiB the stacked window may take on the device; above it, "
                                                   "merges stream from the checkpoint files.")
     model_name: str | None = option(None, "Registered model name (default: the training run's tag "
-                                          "lcsc.model_name, else lcsc-model).", panel=MLFLOW)
+                                          "lcsc.model_name, set by train --model-name or "
+                                          "CheckpointLogger(model_name=...); else lcsc-model).", panel=MLFLOW)
     register: bool = option(True, "Register the winning merge.", panel=MLFLOW)
-    trust_factory: tuple[str, ...] = option((), "Module prefixes whose model factories a run's spec may name, "
+    trust_factory: tuple[str, ...] = option((), "Module prefixes whose model factories (and data-set loaders) a "
+                                                "run's spec may name, "
                                                 "comma-separated (e.g. my_pkg,other.nets; also from "
                                                 "LCSC_OPS_TRUST_FACTORY). The package's model factories and "
                                                 "diffusers model classes need none. Building a model runs its "
@@ -86,6 +103,9 @@ class OptimizeConfig:
         key = {k: getattr(self, k) for k in keep}
         if self.search_precision != "fp32":  # absent for fp32, so earlier studies still resume
             key["search_precision"] = self.search_precision
+        for name in ("metric_name", "evaluator_version"):  # absent when unset, for the same reason
+            if getattr(self, name) is not None:
+                key[name] = getattr(self, name)
         return key
 
     def validate(self) -> None:
@@ -109,6 +129,7 @@ class OptimizeConfig:
         check_module_prefixes(tuple(self.trust_factory), "--trust-factory")
         if self.storage:
             check_storage(self.storage)
+        self._validate_evaluators()
         if self.nfe is not None and self.evaluator:
             raise LcscError("--nfe applies to the built-in FID only; a custom evaluator samples by itself")
         if self.prune:
@@ -116,3 +137,11 @@ class OptimizeConfig:
                 raise LcscError("--prune needs the built-in FID: a custom evaluator scores all its samples at once")
             if not self.prune_rungs or not all(0 < f < 1 for f in self.prune_rungs):
                 raise LcscError(f"--prune-rungs must be fractions strictly between 0 and 1, got {list(self.prune_rungs)}")
+
+    def _validate_evaluators(self) -> None:
+        if self.metric_name is not None and not (isinstance(self.metric_name, str)
+                                                 and METRIC_NAME.fullmatch(self.metric_name)):
+            raise LcscError(f"--metric-name must be a letter then letters, digits, '_' or '-' (at most 64), "
+                            f"got {self.metric_name!r}")
+        if self.evaluator_version is not None and not (self.evaluator or self.second_evaluator):
+            raise LcscError("--evaluator-version versions a custom evaluator: give --evaluator or --second-evaluator")

@@ -20,14 +20,22 @@ from lcsc_ops.spec import ModelSpec, parse_module_prefixes
 BASELINE_ORDER = ("last", "training_ema", "ema_star", "uniform")
 
 
+def seeds_used(cfg: Any) -> dict[str, list[int]]:
+    """The noise seeds of an optimization: the fixed search seeds ``0..S-1`` (every candidate of the
+    search sees the same noise) and the fresh final seeds ``10000 + i``, never used in the search."""
+    return {"search": list(range(cfg.search_seeds)), "final": [FINAL_SEED_BASE + i for i in range(cfg.final_seeds)]}
+
+
 def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequence[Candidate], centre: Candidate,
                  *, metric: str, search_seconds: float, trials: int, study: str, storage: str,
-                 parent_run_id: str, default_nfe: int | None = None) -> dict[str, Any]:
+                 parent_run_id: str, default_nfe: int | None = None, second_metric: str | None = None,
+                 no_second: str | None = None) -> dict[str, Any]:
     """Everything the table, the JSON output and the lineage tags are made from.
 
     The strongest baseline is the one with the best mean on the fresh final seeds (the bar
     the merge must clear); the winner is the best of all candidates on those seeds, so a
     search that fails to beat the baselines registers the best baseline instead and says so.
+    ``second_metric`` names the second metric; without one, ``no_second`` says why.
     """
     strongest = min(base, key=lambda c: c.final_mean)
     best_lcsc = min(cands, key=lambda c: c.final_mean)
@@ -36,29 +44,43 @@ def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequen
     search_gain = best_lcsc.search_fid - strongest.search_fid
     second_worse = (best_lcsc.second_mean is not None and strongest.second_mean is not None
                     and best_lcsc.second_mean > strongest.second_mean)
-    methods = {}
-    for c in [*base, *cands]:
-        methods[c.name] = {"kind": c.kind, "search_mean": c.search_fid, "final_mean": c.final_mean,
-                           "final_std": c.final_std, "final": c.final, "second_metric_mean": c.second_mean,
-                           "note": c.note, "checkpoints": [window.entries[i].label for i in c.indices],
-                           "final_default_nfe_mean": (statistics.fmean(c.final_default_nfe)
-                                                      if c.final_default_nfe else None),
-                           "coefficients": list(c.coeffs)}
     return {
         "source_run_id": cfg.run_id, "parent_run_id": parent_run_id, "metric": metric,
         "window_steps": list(window.steps), "basis": cfg.basis, "strategy": cfg.strategy,
         "trials": trials, "search_seconds": search_seconds, "study": study, "storage": storage,
         "search_samples": cfg.search_samples, "search_seeds": cfg.search_seeds,
-        "final_samples": cfg.final_samples, "final_seeds": cfg.final_seeds,
+        "final_samples": cfg.final_samples, "final_seeds": cfg.final_seeds, "seeds": seeds_used(cfg),
         "centre": centre.name, "strongest_baseline": strongest.name, "best_lcsc": best_lcsc.name,
         "winner": winner.name,
         "paired": {"diff_mean": diff, "diff_se": se,
                    "t": diff / se if se and not math.isnan(se) and se > 0 else None},
         "winners_curse": {"search_gain": search_gain, "final_gain": diff},
+        "second_metric": second_metric, "second_metric_note": None if second_metric else no_second,
         "second_metric_worse": bool(second_worse),
         "nfe": {"default": default_nfe, "used": cfg.nfe or default_nfe},
-        "methods": methods,
+        "methods": {c.name: _method_row(c, window) for c in [*base, *cands]},
     }
+
+
+def _method_row(c: Candidate, window: Any) -> dict[str, Any]:
+    return {"kind": c.kind, "search_mean": c.search_fid, "final_mean": c.final_mean, "final_std": c.final_std,
+            "final": c.final, "second_metric_mean": c.second_mean, "note": c.note,
+            "checkpoints": [window.entries[i].label for i in c.indices],
+            "final_default_nfe_mean": statistics.fmean(c.final_default_nfe) if c.final_default_nfe else None,
+            "coefficients": list(c.coeffs)}
+
+
+def no_second_note(results: dict[str, Any]) -> str | None:
+    """Why the second-metric column is empty (None when some method has a second score). Reports
+    written before the reason was recorded get a generic line."""
+    if any(r.get("second_metric_mean") is not None for r in results["methods"].values()):
+        return None
+    return results.get("second_metric_note") or "no second metric was scored"
+
+
+def second_header(results: dict[str, Any]) -> str:
+    name = results.get("second_metric")
+    return f"2nd metric: {name}" if name else "2nd metric"
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -66,7 +88,8 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 
 def render_table(report: dict[str, Any]) -> Any:
-    """A rich Table: one row per method, baselines first, the winner marked."""
+    """A rich Table: one row per method, baselines first, the winner marked; the caption says what
+    ± and the paired difference's ± are, and why the second-metric column is empty if it is."""
     from rich.table import Table
 
     m = report["metric"]
@@ -78,7 +101,7 @@ def render_table(report: dict[str, Any]) -> Any:
     if reduced:
         cols[2] = f"final {m} @ NFE {nfe['used']} (mean ± std)"
         cols.append(f"final {m} @ NFE {nfe['default']}")
-    for col in (*cols, "2nd metric", "note"):
+    for col in (*cols, second_header(report), "note"):
         table.add_column(col, justify="left" if col in ("method", "note") else "right")
     methods = report["methods"]
     order = [n for n in BASELINE_ORDER if n in methods] + [n for n in methods if n not in BASELINE_ORDER]
@@ -90,13 +113,19 @@ def render_table(report: dict[str, Any]) -> Any:
         if reduced:
             cells.append(_fmt(row.get("final_default_nfe_mean")))
         table.add_row(*cells, _fmt(row["second_metric_mean"]), row["note"])
-    p = report["paired"]
-    table.caption = (f"final: {report['final_seeds']} fresh paired seeds × {report['final_samples']} samples; "
-                     f"{report['best_lcsc']} − {report['strongest_baseline']} = {_fmt(p['diff_mean'])} "
-                     f"± {_fmt(p['diff_se'])} (se); search gain {_fmt(report['winners_curse']['search_gain'])}"
-                     + ("; ⚠ worse than the strongest baseline on the second metric"
-                        if report["second_metric_worse"] else ""))
+    table.caption = _caption(report)
     return table
+
+
+def _caption(report: dict[str, Any]) -> str:
+    p, n = report["paired"], report["final_seeds"]
+    note, seeds = no_second_note(report), _seed_text(report)
+    return (f"final: {n} fresh paired seeds{f' ({seeds[2:]})' if seeds else ''} × {report['final_samples']} "
+            f"samples; ± = standard deviation across the {n} seeds. {report['best_lcsc']} − "
+            f"{report['strongest_baseline']} = {_fmt(p['diff_mean'])} ± {_fmt(p['diff_se'])} (paired standard "
+            f"error over the same seeds); search gain {_fmt(report['winners_curse']['search_gain'])}"
+            + ("; ⚠ worse than the strongest baseline on the second metric" if report["second_metric_worse"] else "")
+            + (f". {note[0].upper() + note[1:]}." if note else ""))
 
 
 def save_plots(trials: Sequence[Any], base: Sequence[Candidate], cands: Sequence[Candidate], winner: Candidate,
@@ -245,7 +274,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     reduced = nfe.get("used") != nfe.get("default")
     n_final = results["final_seeds"]
     head = ["method", "kind", f"search {m}", f"final {m} (mean ± std)", f"Δ vs {strongest} (mean ± SE)",
-            "2nd metric", "note"]
+            second_header(results), "note"]
     if reduced:
         head.insert(4, f"final {m} @ NFE {nfe.get('default')}")
     lines = [f"## LCSC on run `{results['source_run_id']}`", "", _summary(results), "",
@@ -264,13 +293,23 @@ def render_markdown(results: dict[str, Any]) -> str:
             cells.insert(4, _cell(row.get("final_default_nfe_mean")))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"± after a final {m}: the standard deviation across the {n_final} final seeds "
-                  f"({results['final_samples']} samples each, fresh noise never used in the search). "
+                  f"({results['final_samples']} samples each, fresh noise never used in the search"
+                  f"{_seed_text(results)}). "
                   f"Δ: the mean of the per-seed differences to the strongest baseline ({strongest}) on the same "
                   f"seeds (paired), ± its standard error (std of the differences / √{n_final}); "
                   "negative is better. ★: the winner (best final mean)."]
     if results.get("second_metric_worse"):
         lines += ["", "⚠ the best LCSC merge is worse than the strongest baseline on the second metric."]
+    note = no_second_note(results)
+    if note:
+        lines += ["", note[0].upper() + note[1:] + "."]
     return "\n".join(lines) + "\n"
+
+
+def _seed_text(results: dict[str, Any]) -> str:
+    """``: seeds 10000–10004`` (the final seeds, from results.json's ``seeds``; "" for older reports)."""
+    final = (results.get("seeds") or {}).get("final") or []
+    return f": seeds {final[0]}–{final[-1]}" if len(final) > 1 else (f": seed {final[0]}" if final else "")
 
 
 def _summary(results: dict[str, Any]) -> str:
@@ -326,7 +365,8 @@ def _coefficients_over(labels: Sequence[str], row: dict[str, Any]) -> list[float
 
 def write_report_files(results: dict[str, Any], trials: Sequence[tuple[int, float]], window: Any, spec: ModelSpec,
                        folder: Path, *, device: str, samples: int = 8) -> list[Path]:
-    """``search_curve.png``, ``coefficients.png``, ``samples.png`` and ``results.md`` in ``folder``."""
+    """``search_curve.png``, ``coefficients.png``, ``samples.png`` (only for a spec with an image
+    shape (C, H, W)) and ``results.md`` in ``folder``."""
     metric, methods = results["metric"], results["methods"]
     strongest, best = results["strongest_baseline"], results["best_lcsc"]
     files = [plot_search_curve(trials, {n: r["search_mean"] for n, r in methods.items() if r["kind"] == "baseline"},
@@ -338,12 +378,15 @@ def write_report_files(results: dict[str, Any], trials: Sequence[tuple[int, floa
     files.append(plot_coefficients(labels, series, folder / "coefficients.png",
                                    title=f"{best} beside {strongest}, over the same checkpoints"))
     steps = spec.sampler.get("steps")
-    files.append(plot_samples(sample_rows(results, window, spec, device=device, samples=samples),
-                              folder / "samples.png",
-                              title=f"the same noise (seed {SAMPLE_SEED}) through each model; sampler "
-                                    f"{spec.sampler.get('name', '?')}" + (f", {steps} steps" if steps else "")))
+    images = spec.image_shape is not None and len(spec.image_shape) == 3
+    if images:
+        files.append(plot_samples(sample_rows(results, window, spec, device=device, samples=samples),
+                                  folder / "samples.png",
+                                  title=f"the same noise (seed {SAMPLE_SEED}) through each model; sampler "
+                                        f"{spec.sampler.get('name', '?')}" + (f", {steps} steps" if steps else "")))
     files.append(folder / "results.md")
-    files[-1].write_text(render_markdown(results))
+    files[-1].write_text(render_markdown(results) + ("" if images else
+                         "\nNo samples.png: the model spec has no image shape (C, H, W).\n"))
     return files
 
 

@@ -34,7 +34,8 @@ class Scorer:
         self._entries, self._factory, self.device = window.entries, model_factory, device
         self._limit = None if max_stack_memory is None else int(max_stack_memory * 2**30)
         self.precision = precision
-        # Scores of evaluators that carry an ``identity`` (the built-in FID) are looked up in
+        # Scores of evaluators that carry an ``identity`` (the built-in FID; a user's evaluator:
+        # its import path, version and source hash, see UserEvaluator) are looked up in
         # ``cache`` first: the key names the files, the coefficients, the merge, the model spec
         # (``model_identity``), the evaluator, the sample count, the seed, the runtime and the
         # scoring code (``code_identity``). ``cache=None`` computes every score.
@@ -112,19 +113,26 @@ class Scorer:
 
     def per_seed_pair(self, coeffs: Sequence[float], first: Any, second: Any, num_samples: int,
                       seeds: Sequence[int]) -> tuple[list[float], list[float]]:
-        """Scores under two FID scorers from ONE set of samples per seed (the final evaluation)."""
+        """Scores under two evaluators per seed from ONE merge (the final evaluation): two FID
+        scorers share one set of samples per seed; otherwise (a user's second evaluator) each is
+        called on the merged model."""
         keys_a = [self._key(coeffs, first, num_samples, s) for s in seeds]
         keys_b = [self._key(coeffs, second, num_samples, s) for s in seeds]
-        known_a, known_b = self._cached(keys_a), self._cached(keys_b)
-        a, b = list(known_a), list(known_b)
+        a, b = self._cached(keys_a), self._cached(keys_b)
         missing = [i for i in range(len(seeds)) if a[i] is None or b[i] is None]
         if missing:
+            shared = all(hasattr(e, "sample") and hasattr(e, "score_images") for e in (first, second))
             self.merger.merge(coeffs)
             with self.evaluating():
                 for i in missing:
-                    images = first.sample(self.model, num_samples, seeds[i])
-                    a[i] = first.score_images(images)
-                    b[i] = second.score_images(images)
+                    if shared:
+                        images = first.sample(self.model, num_samples, seeds[i])
+                        a[i], b[i] = first.score_images(images), second.score_images(images)
+                        continue
+                    if a[i] is None:
+                        a[i] = float(first(self.model, num_samples, seeds[i]))
+                    if b[i] is None:
+                        b[i] = float(second(self.model, num_samples, seeds[i]))
             self._store([keys_a[i] for i in missing], [a[i] for i in missing])
             self._store([keys_b[i] for i in missing], [b[i] for i in missing])
         return [float(v) for v in a], [float(v) for v in b]

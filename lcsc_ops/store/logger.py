@@ -94,11 +94,17 @@ class CheckpointLogger:
 
     def __init__(self, spec: ModelSpec, *, every: int = 50, ema_decay: float = 0.999, ema_warmup: bool = True,
                  accelerator: Any = None, run_id: str | None = None, tracking_uri: str | None = None,
-                 start_step: int = 0, max_spool_bytes: int = 8 << 30) -> None:
+                 start_step: int = 0, max_spool_bytes: int = 8 << 30, model_name: str | None = None) -> None:
+        """``model_name`` sets the run tag ``lcsc.model_name``: the name ``lcsc-ops optimize``
+        registers the merge under by default. On the main process the spec is checked first
+        (:func:`~lcsc_ops.evaluation.evaluators.check_spec`: its factory builds, its sampler and
+        data set are known), before anything is logged: a bad spec is one LcscError naming the field."""
         if every < 1:
             raise LcscError(f"checkpoint interval must be >= 1, got {every}")
         if not 0.0 <= ema_decay < 1.0:
             raise LcscError(f"EMA decay must be in [0, 1), got {ema_decay}")
+        if model_name is not None and not (isinstance(model_name, str) and model_name.strip()):
+            raise LcscError(f"model_name must be a non-empty string, got {model_name!r}")
         self.spec, self.every, self.ema_decay = spec, int(every), float(ema_decay)
         self.ema_warmup, self._ema_updates = bool(ema_warmup), 0
         self.start_step, self.max_spool_bytes = int(start_step), int(max_spool_bytes)
@@ -109,7 +115,12 @@ class CheckpointLogger:
         self._uploads: list[tuple[Future, int]] = []
         self.run_id = None
         if self.is_main:
+            from lcsc_ops.evaluation.evaluators import check_spec
+
+            check_spec(spec)
             self._open(run_id, tracking_uri)
+            if model_name is not None:
+                self._uploader.client.set_tag(self.run_id, "lcsc.model_name", model_name)
 
     def _open(self, run_id: str | None, tracking_uri: str | None) -> None:
         import mlflow
