@@ -24,6 +24,7 @@ from lcsc_ops.training import TrainConfig
 
 # Progress bars on every artifact download would drown the one-line output a CLI owes its user.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO lines (table creation, registration) around ours
 
 class Commands(typer.core.TyperGroup):
     """The one place an LcscError becomes a one-line message (``LCSC_OPS_DEBUG=1``: the traceback)."""
