@@ -27,7 +27,8 @@ def test_the_readme_own_loop_example_runs_and_logs_a_run_optimize_accepts(tmp_pa
     script = tmp_path / "own_loop.py"
     script.write_text(_own_loop_block())
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "LCSC_OPS_CACHE": str(tmp_path / "cache")}
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_EXPERIMENT_ID"}  # a fresh user's shell
+    env.update(MLFLOW_TRACKING_URI=uri, LCSC_OPS_CACHE=str(tmp_path / "cache"))
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -133,7 +133,7 @@ def signature(spec: Mapping[str, Any]):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema, TensorSpec
 
-    shape = tuple(int(d) for d in spec.get("image_shape", (1, 8, 8)))
+    shape = tuple(int(d) for d in (spec.get("image_shape", (1, 8, 8)) or ()))  # None: a model without a sample shape
     return ModelSignature(inputs=Schema([ColSpec("long", "num_samples"), ColSpec("long", "seed", required=False)]),
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -53,14 +54,22 @@ def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any]
         mlflow.set_tracking_uri(tracking_uri)
     requirements = serving_requirements(model)
     client = MlflowClient(tracking_uri=tracking_uri)
-    # start_run(run_id=...) refuses a run outside the active experiment, so select the run's own.
+    # start_run(run_id=...) refuses a run outside the active experiment, so select the run's own
+    # (set_experiment also sets MLFLOW_EXPERIMENT_ID in the environment: put it back after).
+    saved = os.environ.get("MLFLOW_EXPERIMENT_ID")
     mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-        # Model.log with our flavor module, as mlflow.pytorch.log_model does with mlflow.pytorch; the
-        # input example is checked by tests/test_serving.py, not by sampling at every registration.
-        info = Model.log(artifact_path=None, name="model", flavor=pyfunc, pytorch_model=model.cpu().eval(),
-                         spec=dict(spec), pip_requirements=requirements, metadata={"lcsc_spec": dict(spec)},
-                         serialization_format="pickle", validate_serving_input=False)
+    try:
+        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+            # Model.log with our flavor module, as mlflow.pytorch.log_model does with mlflow.pytorch; the
+            # input example is checked by tests/test_serving.py, not by sampling at every registration.
+            info = Model.log(artifact_path=None, name="model", flavor=pyfunc, pytorch_model=model.cpu().eval(),
+                             spec=dict(spec), pip_requirements=requirements, metadata={"lcsc_spec": dict(spec)},
+                             serialization_format="pickle", validate_serving_input=False)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+        else:
+            os.environ["MLFLOW_EXPERIMENT_ID"] = saved
     # The version is created with its lineage tags in one call: a crash cannot leave an untagged version.
     version = mlflow.register_model(info.model_uri, name, tags=dict(tags)).version
     return str(version)
