@@ -99,8 +99,9 @@ def workers_section(b: Bench, run: str) -> dict[str, Any]:
     for n in (1, 2):
         storage = str(b.work / f"workers-{n}.journal")
         t0 = time.perf_counter()
+        # --no-score-cache: the second study would otherwise get the first's scores for free
         res = cli(*b.search_args(run, storage, b.r["worker_trials"], 0, f"scale-w{n}"), "--workers", str(n),
-                  env={"OMP_NUM_THREADS": "1"} if n == 1 else {})
+                  "--no-score-cache", env={"OMP_NUM_THREADS": "1"} if n == 1 else {})
         report = json.loads(res.stdout)
         study = study_of(report)
         out[str(n)] = {"trials_per_min": trials_per_min(study), "trials": len(searched(study)),
@@ -258,36 +259,49 @@ def services(work: Path) -> Iterator[tuple[Any, Any]]:
         yield pg, server
 
 
-def run(r: dict[str, Any], work: Path) -> dict[str, Any]:
+SECTIONS = ("workers", "two_workers", "kill_resume", "logging")
+
+
+def run(r: dict[str, Any], work: Path, only: tuple[str, ...] = SECTIONS, run_id: str | None = None,
+        res: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The benchmark's sections (``only``), into ``res`` (a previous result to update, or a new one)."""
     b = Bench(r, work)
     t0 = time.perf_counter()
-    run_id = b.train()
-    log(f"trained {run_id}")
-    res: dict[str, Any] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                           "load_before": os.getloadavg()[0], "recipe": r}
-    res["workers"] = workers_section(b, run_id)
-    res["two_workers"] = {"journal": two_workers(b, run_id, str(work / "two.journal"), "scale-two-journal")}
+    run_id = run_id or b.train()
+    log(f"training run {run_id}")
+    res = res or {"recipe": r}
+    if "sections_seconds" not in res and "wall_seconds" in res:  # a result written before passes were kept
+        res["sections_seconds"] = {"first pass, every section": res["wall_seconds"]}
+    res.update(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               load_before=os.getloadavg()[0], run_id=run_id, work=str(work))
+    if "workers" in only:
+        res["workers"] = workers_section(b, run_id)
+    if "two_workers" in only:
+        res["two_workers"] = {"journal": two_workers(b, run_id, str(work / "two.journal"), "scale-two-journal")}
     (work / "server").mkdir(exist_ok=True)
     with services(work) as (pg, server):
-        if pg is not None:
+        if "two_workers" in only and pg is not None:
             res["two_workers"]["postgresql"] = two_workers(b, run_id, pg.url, "scale-two-pg")
-        log(f"two workers: {res['two_workers']}")
-        res["kill_resume"] = kill_resume(b, run_id)
-        log(f"kill/resume: {res['kill_resume']}")
-        local = logging_overhead(b, b.uri, "local")
-        remote = logging_overhead(b, server, "server")
-    res["logging"] = {"local": local, "server": remote,
-                      "fast_model_overhead": local["fast"]["overhead"], "digits_overhead": local["digits"]["overhead"],
-                      "server_overhead": max(remote["fast"]["overhead"], remote["digits"]["overhead"])}
-    res["wall_seconds"] = time.perf_counter() - t0
+            log(f"two workers: {res['two_workers']}")
+        if "kill_resume" in only:
+            res["kill_resume"] = kill_resume(b, run_id)
+            log(f"kill/resume: {res['kill_resume']}")
+        if "logging" in only:
+            local, remote = logging_overhead(b, b.uri, "local"), logging_overhead(b, server, "server")
+            res["logging"] = {"local": local, "server": remote, "fast_model_overhead": local["fast"]["overhead"],
+                              "digits_overhead": local["digits"]["overhead"],
+                              "server_overhead": max(remote["fast"]["overhead"], remote["digits"]["overhead"])}
+    res.setdefault("sections_seconds", {})[",".join(only)] = time.perf_counter() - t0
+    res["wall_seconds"] = sum(res["sections_seconds"].values())
     return res
 
 
 def markdown(res: dict[str, Any]) -> str:
     w, lg, kr = res["workers"], res["logging"], res["kill_resume"]
     rows = ["## Scale-out (make bench-scale)", "",
-            f"Machine: {res['machine']}; load average {res['load_before']:.2f} at the start; "
-            f"{res['wall_seconds'] / 60:.1f} min in all.", "",
+            f"Machine: {res['machine']}; load average {res['load_before']:.2f} at the start of the last pass; "
+            f"{res['wall_seconds'] / 60:.1f} min in all (passes: "
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["sections_seconds"].items()) + ").", "",
             "| measure | figure |", "|---|---|",
             f"| search trials/min, 1 worker × 1 thread | {w['1']['trials_per_min']:.1f} |",
             f"| search trials/min, `--workers 2` × 1 thread | {w['2']['trials_per_min']:.1f} (ratio {w['ratio']:.2f}) |",
@@ -313,16 +327,23 @@ def markdown(res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a plumbing check, writes no results")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}; the "
+                    "others are kept from benchmarks/results/scale.json")
+    ap.add_argument("--work", type=Path, help="reuse this work folder (its mlflow.db and trained run)")
+    ap.add_argument("--run-id", help="with --work: the trained run to reuse")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="lcsc-scale-", dir=HERE / "work" if (HERE / "work").is_dir() else None))
-    res = run(QUICK if args.quick else FULL, work)
+    out = HERE / "results" / "scale.json"
+    previous = json.loads(out.read_text()) if out.is_file() and not args.quick else None
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="lcsc-scale-", dir=HERE / "work" if (HERE / "work").is_dir() else None))
+    only = tuple(x for x in args.only.split(",") if x)
+    res = run(QUICK if args.quick else FULL, work, only, args.run_id, previous)
     section = markdown(res)
     print(section)
     if not args.quick:
         from _results_md import replace_section
 
-        (HERE / "results").mkdir(exist_ok=True)
-        (HERE / "results" / "scale.json").write_text(json.dumps(res, indent=1))
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
         replace_section(HERE / "RESULTS.md", "## Scale-out (make bench-scale)", section)
 
 

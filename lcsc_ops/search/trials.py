@@ -197,8 +197,11 @@ class TrialRunner:
         return value
 
     def _claimed(self, number: int) -> bool:
-        """Whether trial ``number`` is among the first ``n_trials`` trials that count (finished or running)."""
-        ahead = [t for t in budgeted(self.study) + running(self.study) if t.number < number]
+        """Whether trial ``number`` is among the first ``n_trials`` trials that count (finished or running).
+        One snapshot of the trials: a trial finishing between two reads would be counted in neither."""
+        counting = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        ahead = [t for t in self.study.get_trials(deepcopy=False, states=counting)
+                 if t.number < number and not is_start(t)]
         return len(ahead) < self.n_trials
 
     def _heartbeat(self, number: int) -> contextlib.AbstractContextManager:

@@ -48,7 +48,9 @@ class OptimizeRun:
                 client.get_run(existing)
                 client.update_run(existing, status="RUNNING")
                 return cls(client, existing)
-            except MlflowException:
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise  # a busy or unreachable store: never a second parent run
                 pass  # the store was reset: start a new parent run
         name = f"optimize-{source.info.run_name or source.info.run_id[:8]}"
         run = client.create_run(source.info.experiment_id, run_name=name,
