@@ -56,5 +56,10 @@ bench-quality: $(STAMP)
 bench-prune: $(STAMP)
 	$(PY) benchmarks/bench_prune.py
 
+# Scale-out (~25 min on 2 cores): --workers 2 vs 1, two processes on one study (journal and PostgreSQL), kill -9 and
+# resume, checkpoint-logging overhead (local store and mlflow server); benchmarks/results/scale.json + RESULTS.md.
+bench-scale: $(STAMP)
+	$(PY) benchmarks/bench_scale.py
+
 clean:
 	rm -rf $(VENV) mlflow.db optuna.db optuna.journal .lcsc-demo.json

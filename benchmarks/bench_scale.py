@@ -127,7 +127,10 @@ def two_workers(b: Bench, run: str, storage: str, model: str) -> dict[str, Any]:
     study = study_of(report)
     client = mlflow.tracking.MlflowClient(b.uri)
     exp = client.get_run(report["parent_run_id"]).info.experiment_id
-    parents = client.search_runs([exp], f"tags.`optuna.study` = '{report['study']}' and tags.`lcsc.kind` = 'optimize'")
+    # The journal and the PostgreSQL rows share a study name (same run and settings): count this storage's.
+    parents = [r for r in client.search_runs([exp], f"tags.`optuna.study` = '{report['study']}' and "
+                                                    "tags.`lcsc.kind` = 'optimize'")
+               if r.data.tags.get("optuna.storage") == report["storage"]]
     versions = client.search_model_versions(f"name = '{model}'")
     return {"trials_requested": b.r["small_trials"], "trials_total": len(searched(study)),
             "duplicate_versions": len(versions) - 1, "parent_runs": len(parents),
