@@ -16,6 +16,7 @@ class TrialRecord:
     duration_s: float | None = None
     rungs: dict[int, float] = field(default_factory=dict)  # score by sample count (--prune)
     start: str | None = None  # the baseline name, for the start trial
+    worker: str | None = None  # "<host>-<pid>" of the worker that ran it
 
     @property
     def pruned(self) -> bool:

@@ -40,6 +40,7 @@ import os, signal, sys
 from pathlib import Path
 
 MARK = Path(sys.argv[1])
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a background job may have inherited SIGINT ignored
 
 
 def die(note):

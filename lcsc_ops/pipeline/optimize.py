@@ -7,6 +7,7 @@ result. MLflow is reached only through :mod:`lcsc_ops.store`, Optuna only throug
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import statistics
 import tempfile
@@ -214,15 +215,15 @@ def run_search(job: Job, search: Search, stop_below: float | None = None) -> flo
     study, metric = search.study, job.evaluators.metric
     trial_logger = TrialRunLogger(search.run.run_id, tracking_uri=job.tracking_uri, metric=metric)
     try:
-        finished = [t for t in study.records() if t.value is not None or t.pruned]
-        # The start trial, and trials a crash left without a child run: one worker logs them.
-        study.once(f"backfill-{len(finished)}", lambda: trial_logger.backfill(finished, study.name) or True)
+        _backfill(study, trial_logger)  # the start trial, and trials a crashed worker left without a child run
         t0 = time.perf_counter()
         rungs = prune_rungs(job) if job.cfg.prune else None
         ticker = SearchTicker(job, search)
         ran = study.run(search.encoding, lambda c: job.search_score(job.dense(c)), job.cfg.n_trials,
                         lambda t: (trial_logger(t, study.name), ticker(t)), rungs=rungs, stop_below=stop_below)
         seconds = time.perf_counter() - t0
+        trial_logger.flush()
+        _backfill(study, trial_logger)  # a worker that died during the search
     finally:
         trial_logger.close()  # every finished trial has its child run before we go on
     best = study.top(1)[0]
@@ -256,6 +257,15 @@ class SearchTicker:
         ref = self.ref.search_fid
         gain = f" ({(self.best - ref) / ref:+.1%})" if ref and math.isfinite(ref) and math.isfinite(self.best) else ""
         return f"best {self.best:.3f} (trial {self.best_trial}) vs {self.ref.name} {ref:.3f}{gain}"
+
+
+def _backfill(study: SearchStudy, trial_logger: TrialRunLogger) -> None:
+    """Child runs for finished trials no live worker will log (their worker died; the start trial):
+    one worker does it for each such set."""
+    orphans = study.orphans()
+    if orphans:
+        key = "backfill-" + hashlib.sha256(",".join(str(t.number) for t in orphans).encode()).hexdigest()[:12]
+        study.once(key, lambda: trial_logger.backfill(orphans, study.name) or True)
 
 
 def prune_rungs(job: Job) -> Any:

@@ -22,7 +22,7 @@ from lcsc_ops.search.storage import check_storage, is_journal_path, make_storage
 from lcsc_ops.search.strategies import make_strategy
 from lcsc_ops.search.trials import (START_ATTR, NonFiniteScore, RungPruner, Rungs, add_start_trial, completed, pruned,
                                     run_trials, searched)
-from lcsc_ops.search.workers import GRACE_PERIOD_S, Beat, fail_stale_trials, once
+from lcsc_ops.search.workers import GRACE_PERIOD_S, WORKER_TRIAL_ATTR, Beat, fail_stale_trials, once, worker_id
 
 WORKER_ATTR = "lcsc.worker."
 
@@ -32,7 +32,7 @@ def record(trial: optuna.trial.FrozenTrial) -> TrialRecord:
     return TrialRecord(number=trial.number, state=trial.state.name, value=trial.value,
                        coefficients=tuple(trial.user_attrs.get("coefficients", ())), params=dict(trial.params),
                        duration_s=duration, rungs=dict(trial.intermediate_values),
-                       start=trial.user_attrs.get(START_ATTR))
+                       start=trial.user_attrs.get(START_ATTR), worker=trial.user_attrs.get(WORKER_TRIAL_ATTR))
 
 
 class SearchStudy:
@@ -108,8 +108,13 @@ class SearchStudy:
 
     def worker_heartbeat(self) -> contextlib.AbstractContextManager:
         """Keep study attribute ``lcsc.worker.<host>-<pid>`` fresh while this worker runs."""
-        key = f"{WORKER_ATTR}{socket.gethostname()}-{os.getpid()}"
+        key = f"{WORKER_ATTR}{worker_id()}"
         return Beat(lambda: self._study.set_user_attr(key, time.time()))
+
+    def other_live_workers(self) -> list[str]:
+        """Live workers other than this process."""
+        me = worker_id()
+        return [w for w in self.live_workers() if w != me]
 
     def live_workers(self) -> list[str]:
         """Workers whose heartbeat is younger than the grace period."""
@@ -120,6 +125,12 @@ class SearchStudy:
     def fail_stale(self) -> list[int]:
         """FAIL trials left RUNNING by dead workers (see :func:`~lcsc_ops.search.workers.fail_stale_trials`)."""
         return fail_stale_trials(self._study, self._storage)
+
+    def orphans(self) -> list[TrialRecord]:
+        """Finished trials whose worker is gone (or unknown: the start trial), so no live worker will
+        log their child runs."""
+        alive = set(self.other_live_workers())
+        return [t for t in self.records() if (t.value is not None or t.pruned) and t.worker not in alive]
 
     def records(self) -> list[TrialRecord]:
         """Every trial, by number."""

@@ -15,6 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lcsc_ops.math.encoding import AffineEncoding
+from lcsc_ops.search.workers import WORKER_TRIAL_ATTR, worker_id
 
 
 class RungPruner(optuna.pruners.BasePruner):
@@ -182,6 +183,7 @@ class TrialRunner:
 
     def _objective(self, trial: optuna.Trial) -> float:
         self.mine.append(trial.number)
+        trial.set_user_attr(WORKER_TRIAL_ATTR, worker_id())
         lo, hi = self.encoding.bounds
         z = [trial.suggest_float(n, lo, hi) for n in self.encoding.names]
         coeffs = self.encoding.decode(z)

@@ -24,6 +24,14 @@ import optuna
 from optuna.trial import TrialState
 
 HEARTBEAT_ATTR = "lcsc.heartbeat"
+WORKER_TRIAL_ATTR = "lcsc.worker"  # on a trial: the worker that runs it
+
+
+def worker_id() -> str:
+    """This process as a worker: ``<host>-<pid>``."""
+    import socket
+
+    return f"{socket.gethostname()}-{os.getpid()}"
 # A killed worker's trial is FAILed after GRACE_PERIOD_S without a heartbeat (env overrides for tests).
 HEARTBEAT_INTERVAL_S = float(os.environ.get("LCSC_OPS_HEARTBEAT_S", "5"))
 GRACE_PERIOD_S = float(os.environ.get("LCSC_OPS_GRACE_S", "20"))

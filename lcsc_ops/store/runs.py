@@ -172,8 +172,10 @@ class TrialRunLogger:
                 raise error
 
     def backfill(self, trials: Iterable[TrialRecord], study_name: str = "") -> int:
-        """Log finished trials without a child run yet (e.g. after a crash); returns how many."""
+        """Log finished trials without a child run yet (e.g. after a crash); returns how many.
+        The store is asked again first: another worker may have logged some since this logger began."""
         self.flush()
+        self.logged |= self._existing()
         before = len(self.logged)
         for trial in trials:
             self(trial, study_name)
