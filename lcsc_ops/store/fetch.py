@@ -50,14 +50,10 @@ def _store(tracking_uri: str | None) -> str:
 
 def _download(run_id: str, name: str, dst: str, tracking_uri: str | None, missing: str) -> str:
     """Download ``checkpoints/<name>`` of a run into ``dst``; LcscError(``missing``) if it is not there."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"{CHECKPOINT_DIR}/{name}",
-                                                   dst_path=dst, tracking_uri=tracking_uri)
-    except (MlflowException, OSError):
-        raise LcscError(missing) from None
+    local = _artifact(run_id, f"{CHECKPOINT_DIR}/{name}", dst, tracking_uri)
+    if local is None:
+        raise LcscError(missing)
+    return local
 
 
 def read_manifest(run_id: str, tracking_uri: str | None = None) -> dict[str, Any]:
