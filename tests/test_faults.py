@@ -7,7 +7,7 @@ the kill, so a test knows the process died where it meant it to (return code -9 
 The kill mid-search at a random moment is ``tests/test_workers.py``'s; here the search is
 killed while one trial is being scored, with three complete before it.
 
-Points: (1) ``train`` during a checkpoint upload (files logged, fragment not); (2) ``optimize``
+Points: (1) ``train`` and its uploader process during a checkpoint upload (files logged, fragment not); (2) ``optimize``
 mid-trial; (3) in the final evaluation; (4) right after the model version is created; (5) while
 a trial's MLflow child run is being written; (6) Ctrl-C in training. After each, the plain
 command again: nothing lost, nothing twice, nothing left RUNNING or looking complete.
@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -56,7 +57,32 @@ from lcsc_ops.cli import main
 main()
 '''
 
-# The Nth manifest fragment: step N's checkpoint files are uploaded, its fragment is not.
+# Patches of the checkpoint uploader process (lcsc_ops/store/upload_worker.py, a separate Python process):
+# a sitecustomize on PYTHONPATH imports them there only; `die` kills the trainer and the uploader together.
+UPLOADER_SITE = '''\
+import sys
+import time
+
+if sys.argv and sys.argv[0].endswith("upload_worker.py"):
+    import uploader_patch  # noqa: F401
+'''
+UPLOADER_PATCH = '''\
+import os, signal
+from pathlib import Path
+
+MARK = Path(os.environ["LCSC_TEST_MARK"])
+
+
+def die(note):
+    MARK.write_text(note)
+    os.kill(os.getppid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+{patch}
+'''
+
+# In the uploader, at the Nth manifest fragment: step N's checkpoint files are uploaded, its fragment is not.
 DIE_BEFORE_FRAGMENT = '''
 from mlflow.tracking import MlflowClient
 
@@ -163,12 +189,23 @@ def _env() -> dict[str, str]:
     return {**os.environ, **FAST_TAKEOVER}
 
 
-def _kill_at(tmp_path: Path, patch: str, args: list[str]) -> str:
-    """Run ``lcsc-ops ARGS`` with ``patch`` applied; assert it died of SIGKILL at the patched point.
-    Returns the note the wrapper left just before the kill."""
+def _uploader_env(tmp_path: Path, patch: str, mark: Path) -> dict[str, str]:
+    """The environment that applies ``patch`` in the checkpoint uploader process only."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(UPLOADER_SITE)
+    (site / "uploader_patch.py").write_text(UPLOADER_PATCH.format(patch=patch))
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    return {**_env(), "PYTHONPATH": path, "LCSC_TEST_MARK": str(mark)}
+
+
+def _kill_at(tmp_path: Path, patch: str, args: list[str], uploader: bool = False) -> str:
+    """Run ``lcsc-ops ARGS`` with ``patch`` applied (in the checkpoint uploader with ``uploader``);
+    assert it died of SIGKILL at the patched point. Returns the note left just before the kill."""
     script, mark = tmp_path / "die.py", tmp_path / "died-here.txt"
-    script.write_text(WRAPPER.format(patch=patch))
-    proc = subprocess.run([sys.executable, str(script), str(mark), *args], env=_env(), capture_output=True, text=True,
+    script.write_text(WRAPPER.format(patch="" if uploader else patch))
+    env = _uploader_env(tmp_path, patch, mark) if uploader else _env()
+    proc = subprocess.run([sys.executable, str(script), str(mark), *args], env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)  # run() kills the child if it outlives the timeout
     assert proc.returncode == -signal.SIGKILL, f"rc {proc.returncode}\n{proc.stderr[-3000:]}"
     assert mark.is_file(), "SIGKILLed, but not at the patched point"
@@ -247,7 +284,7 @@ STEPS = (5, 10, 15, 20)  # the steps whose fragments were logged before the kill
 
 
 def test_kill_9_during_a_checkpoint_upload_keeps_the_logged_checkpoints_and_a_partial_run(store, tmp_path):
-    note = _kill_at(tmp_path, DIE_BEFORE_FRAGMENT.format(n=5), _train_args(store, "faults-train"))
+    note = _kill_at(tmp_path, DIE_BEFORE_FRAGMENT.format(n=5), _train_args(store, "faults-train"), uploader=True)
     assert "step00000025" in note  # step 25's files were uploaded, its fragment was not
     client = mlflow.tracking.MlflowClient(store["uri"])
     [run] = client.search_runs([client.get_experiment_by_name("faults-train").experiment_id])
@@ -425,7 +462,7 @@ def test_a_logger_block_that_raises_leaves_a_partial_run(store):
     assert "manifest.json" not in {Path(a.path).name for a in client.list_artifacts(run_id, "checkpoints")}
 
 
-# At the Nth manifest fragment, a Ctrl-C (SIGINT) to the training process; the upload goes on.
+# In the uploader, at the Nth manifest fragment, a Ctrl-C (SIGINT) to the training process; the upload goes on.
 CTRL_C_AT_FRAGMENT = '''
 from mlflow.tracking import MlflowClient
 
@@ -437,7 +474,7 @@ def log_artifact(self, run_id, local_path, artifact_path=None):
         _fragments.append(local_path)
         if len(_fragments) == {n}:
             MARK.write_text("interrupted")
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getppid(), signal.SIGINT)
     return _log_artifact(self, run_id, local_path, artifact_path)
 
 
@@ -447,10 +484,10 @@ MlflowClient.log_artifact = log_artifact
 
 def test_ctrl_c_during_training_leaves_a_partial_run(store, tmp_path):
     script, mark = tmp_path / "interrupt.py", tmp_path / "died-here.txt"
-    script.write_text(WRAPPER.format(patch=CTRL_C_AT_FRAGMENT.format(n=3)))
+    script.write_text(WRAPPER.format(patch=""))
     args = _train_args(store, "faults-ctrl-c")
-    proc = subprocess.run([sys.executable, str(script), str(mark), *args], env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    proc = subprocess.run([sys.executable, str(script), str(mark), *args], capture_output=True, text=True,
+                          env=_uploader_env(tmp_path, CTRL_C_AT_FRAGMENT.format(n=3), mark), timeout=TIMEOUT_S)
     assert proc.returncode != 0 and mark.read_text() == "interrupted", proc.stderr[-3000:]
     client = mlflow.tracking.MlflowClient(store["uri"])
     [run] = client.search_runs([client.get_experiment_by_name("faults-ctrl-c").experiment_id])
@@ -458,3 +495,83 @@ def test_ctrl_c_during_training_leaves_a_partial_run(store, tmp_path):
     manifest = read_manifest(run.info.run_id, store["uri"])
     assert len(manifest["entries"]) >= 6  # the interrupted upload and those before it
     assert manifest["complete"] is False  # a FAILED run is not marked complete
+
+
+# -- the checkpoint uploader process ------------------------------------------------------------------
+
+FAIL_SECOND_UPLOAD = '''
+from mlflow.tracking import MlflowClient
+
+_log_artifacts, _calls = MlflowClient.log_artifacts, []
+
+
+def log_artifacts(self, run_id, local_dir, artifact_path=None):
+    _calls.append(local_dir)
+    if len(_calls) == 2:
+        raise OSError("disk full (test)")
+    return _log_artifacts(self, run_id, local_dir, artifact_path)
+
+
+MlflowClient.log_artifacts = log_artifacts
+'''
+
+
+def test_a_failed_upload_is_one_error_in_the_training_process(store, tmp_path, monkeypatch):
+    from lcsc_ops.errors import LcscError
+    from lcsc_ops.spec import ModelSpec
+    from lcsc_ops.store.logger import CheckpointLogger
+
+    for key, value in _uploader_env(tmp_path, FAIL_SECOND_UPLOAD, tmp_path / "mark").items():
+        monkeypatch.setenv(key, value)
+    client = mlflow.tracking.MlflowClient(store["uri"])
+    run_id = client.create_run(client.create_experiment("faults-upload-error")).info.run_id
+    spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
+    logger = CheckpointLogger(spec, every=1, run_id=run_id, tracking_uri=store["uri"])
+    logger.step(spec.build(), 1)
+    logger.step(spec.build(), 2)
+    with pytest.raises(LcscError, match=r"upload of step 2 failed: OSError: disk full \(test\)"):
+        logger.close()
+    manifest = read_manifest(run_id, store["uri"])
+    assert manifest["complete"] is False and [e["step"] for e in manifest["entries"]] == [1, 1]
+
+
+TRAINER = '''
+import sys, time
+import torch
+from lcsc_ops.spec import ModelSpec
+from lcsc_ops.store.logger import CheckpointLogger
+
+spec = ModelSpec(factory="torch.nn:Linear", kwargs={{"in_features": 3, "out_features": 2}})
+logger = CheckpointLogger(spec, every=1, run_id="{run_id}", tracking_uri="{uri}")
+for step in range(1, 9):
+    logger.step(spec.build(), step)
+logger._wait_written()  # every step handed to the uploader, none waited for
+print(logger._sender.proc.pid, flush=True)
+time.sleep(600)
+'''
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_uploader_finishes_what_it_was_handed_when_the_trainer_is_killed(store, tmp_path):
+    client = mlflow.tracking.MlflowClient(store["uri"])
+    run_id = client.create_run(client.create_experiment("faults-orphan")).info.run_id
+    script = tmp_path / "trainer.py"
+    script.write_text(TRAINER.format(run_id=run_id, uri=store["uri"]))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        uploader = int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 60
+    while _alive(uploader) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(uploader), "the uploader outlived its trainer"
+    manifest = read_manifest(run_id, store["uri"])  # every step handed over was uploaded, none half
+    assert manifest["complete"] is False and [e["step"] for e in manifest["entries"]] == sorted([*range(1, 9)] * 2)

@@ -4,13 +4,18 @@ Per checkpoint step, two artifact calls: the files, then a manifest fragment
 ``checkpoints/manifest.d/step<N>.json`` listing them, so a reader never sees an entry whose
 file is missing, and no call grows with the number of checkpoints. At the end of the run
 the whole manifest is written once, marked complete: a run without it is partial
-(still training, or killed).
+(still training, or killed). While training, the calls run in a separate process
+(:mod:`lcsc_ops.store.upload_worker`), not in the training process.
 """
 from __future__ import annotations
 
 import json
+import os
+import queue
+import subprocess
+import sys
 import tempfile
-import shutil
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,7 @@ from lcsc_ops.checkpoints import (CHECKPOINT_DIR, FRAGMENT_DIR, MANIFEST_FORMAT,
                                   checkpoint_filename, fragment_filename, sha256_file, write_checkpoint)
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.ema import ema_decay_at, ema_update_
+from lcsc_ops.redact import mask_credentials
 from lcsc_ops.spec import ModelSpec
 
 
@@ -30,6 +36,16 @@ def _unwrap(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module  # DataParallel / DistributedDataParallel
     return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+FRAGMENT_PATH = f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}"
+
+
+def write_fragment(folder: Path, entries: list[dict[str, Any]]) -> Path:
+    """The manifest fragment listing one step's ``entries``, written into ``folder``."""
+    path = folder / fragment_filename(entries[0]["step"], "+".join(e["kind"] for e in entries))
+    path.write_text(json.dumps({"format": MANIFEST_FORMAT, "entries": entries}))
+    return path
 
 
 class CheckpointUploader:
@@ -59,9 +75,7 @@ class CheckpointUploader:
         """Log the checkpoint files in ``folder`` (one step's), then the fragment listing ``entries``."""
         self.client.log_artifacts(self.run_id, str(folder), CHECKPOINT_DIR)
         with tempfile.TemporaryDirectory(prefix="lcsc-fragment-") as tmp:
-            path = Path(tmp) / fragment_filename(entries[0]["step"], "+".join(e["kind"] for e in entries))
-            path.write_text(json.dumps({"format": MANIFEST_FORMAT, "entries": entries}))
-            self.client.log_artifact(self.run_id, str(path), f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}")
+            self.client.log_artifact(self.run_id, str(write_fragment(Path(tmp), entries)), FRAGMENT_PATH)
         self.entries.extend(entries)
 
     def finish(self) -> None:
@@ -79,6 +93,74 @@ class CheckpointUploader:
         self.client.set_terminated(self.run_id, status)
 
 
+class _UploadProcess:
+    """The uploader process of one run and the steps handed to it, not yet confirmed."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        worker = Path(__file__).with_name("upload_worker.py")  # the URI in its environment: no password in `ps`
+        self.proc = subprocess.Popen([sys.executable, "-u", str(worker), run_id], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1,
+                                     env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+        self.pending: dict[int, tuple[list[dict[str, Any]], int]] = {}  # step -> (entries, bytes), in order
+        self._lock, self._answers = threading.Lock(), queue.Queue()
+        threading.Thread(target=self._read, name="lcsc-ckpt-answers", daemon=True).start()
+        answer = self._answers.get()  # started (mlflow imported, the run found) before training goes on
+        if answer is None or "error" in answer:
+            self.stop()
+            why = (answer or {}).get("error", "it exited")
+            raise LcscError(mask_credentials(f"the checkpoint uploader could not start: {why}"))
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._answers.put(json.loads(line))
+        self._answers.put(None)
+
+    def send(self, job: dict[str, Any], entries: list[dict[str, Any]], size: int) -> None:
+        with self._lock:
+            self.pending[job["step"]] = (entries, size)
+        try:
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            raise LcscError(self._exited()) from None
+
+    def pending_bytes(self) -> int:
+        with self._lock:
+            return sum(size for _, size in self.pending.values())
+
+    def take(self, block: bool) -> list[dict[str, Any]] | None:
+        """The entries of the next confirmed step; None if none is confirmed yet (``block=False``)."""
+        try:
+            answer = self._answers.get(block=block)
+        except queue.Empty:
+            return None
+        if answer is None:
+            self._answers.put(None)
+            raise LcscError(self._exited())
+        if "error" in answer:
+            why = f"the checkpoint upload of step {answer['step']} failed: {answer['error']}"
+            raise LcscError(mask_credentials(why))
+        with self._lock:
+            return self.pending.pop(answer["done"])[0]
+
+    def _exited(self) -> str:
+        code = self.proc.wait()
+        return f"the checkpoint uploader exited (code {code}) with {len(self.pending)} step(s) not uploaded"
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End of input: the worker uploads what it received, then exits; killed after ``timeout`` s."""
+        if not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
 class CheckpointLogger:
     """Log raw and EMA checkpoints of a model as artifacts of an MLflow run, from any training loop.
 
@@ -86,7 +168,8 @@ class CheckpointLogger:
     ``every`` steps, snapshots the raw weights and the EMA. A writer thread spools them to
     local disk and an uploader thread logs them, so the loop waits only while the previous
     snapshot is still being written (at most one snapshot pair in memory) or while more than
-    ``max_spool_bytes`` wait for a slow server. Under ``accelerate`` pass the ``accelerator``:
+    ``max_spool_bytes`` wait for a slow server. The uploader is a separate process, so its
+    MLflow calls do not compete with the loop for the interpreter lock. Under ``accelerate`` pass the ``accelerator``:
     only the main process keeps an EMA and logs. :meth:`close` waits for the uploads and
     writes the complete manifest (as a context manager: only if the block did not raise);
     the run itself belongs to the caller.
@@ -112,7 +195,6 @@ class CheckpointLogger:
         self.is_main = accelerator is None or accelerator.is_main_process
         self._ema: dict[str, torch.Tensor] | None = None
         self._written: Future | None = None
-        self._uploads: list[tuple[Future, int]] = []
         self.run_id = None
         if self.is_main:
             from lcsc_ops.evaluation.evaluators import check_spec
@@ -132,10 +214,11 @@ class CheckpointLogger:
                 raise LcscError("no active MLflow run: call mlflow.start_run() first or pass run_id")
             run_id = active.info.run_id
         self.run_id = run_id
-        self._uploader = CheckpointUploader(MlflowClient(tracking_uri=tracking_uri), run_id, self.spec)
+        client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+        self._uploader = CheckpointUploader(client, run_id, self.spec)
         self._spool = tempfile.TemporaryDirectory(prefix="lcsc-spool-")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcsc-ckpt-write")
-        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcsc-ckpt-upload")
+        self._sender = _UploadProcess(client.tracking_uri, run_id)
 
     # -- training-loop side -------------------------------------------------------------
     def step(self, model: torch.nn.Module, step: int) -> None:
@@ -175,20 +258,26 @@ class CheckpointLogger:
             pending, self._written = self._written, None
             pending.result()
 
+    def _confirm(self, block: bool) -> bool:
+        entries = self._sender.take(block)
+        if entries is not None:
+            self._uploader.entries.extend(entries)
+        return entries is not None
+
     def _wait_spool(self) -> None:
         """Raise a failed upload; wait while the spool holds more than ``max_spool_bytes``."""
-        while self._uploads and (self._uploads[0][0].done() or
-                                 sum(n for _, n in self._uploads) > self.max_spool_bytes):
-            future, _ = self._uploads.pop(0)
-            future.result()
+        while self._confirm(block=False):
+            pass
+        while self._sender.pending and self._sender.pending_bytes() > self.max_spool_bytes:
+            self._confirm(block=True)
 
     def wait(self) -> None:
         """Block until every snapshot so far is written and uploaded; re-raise an error."""
         if not self.is_main:
             return
         self._wait_written()
-        while self._uploads:
-            self._uploads.pop(0)[0].result()
+        while self._sender.pending:
+            self._confirm(block=True)
 
     def close(self, complete: bool = True) -> None:
         """Wait for the uploads, then write the complete manifest: not if an upload failed, nor
@@ -200,7 +289,7 @@ class CheckpointLogger:
             self.wait()
         finally:
             self._writer.shutdown(wait=True)
-            self._sender.shutdown(wait=True)
+            self._sender.stop(timeout=60.0)
             self._spool.cleanup()
         if complete:
             self._uploader.finish()
@@ -217,23 +306,20 @@ class CheckpointLogger:
 
     # -- background side ----------------------------------------------------------------
     def _write(self, step: int, raw: dict, ema: dict) -> None:
+        """Write one step's files and fragment to the spool; hand them to the uploader."""
         folder = Path(self._spool.name) / f"step{step:08d}"
-        folder.mkdir()
+        (folder / "files").mkdir(parents=True)
+        (folder / "fragment").mkdir()
         entries = []
         for kind, state, extra in (("raw", raw, {}), ("ema", ema, {"lcsc.ema_decay": repr(self.ema_decay),
                                                                   "lcsc.ema_warmup": str(self.ema_warmup).lower()})):
-            path = folder / checkpoint_filename(step, kind)
+            path = folder / "files" / checkpoint_filename(step, kind)
             write_checkpoint(path, state, step=step, kind=kind, spec=self.spec, extra=extra)
             entry = {"step": step, "kind": kind, "file": path.name, "sha256": sha256_file(path),
                      "bytes": path.stat().st_size}
             if kind == "ema":
                 entry["ema_decay"], entry["ema_warmup"] = self.ema_decay, self.ema_warmup
             entries.append(entry)
-        size = sum(e["bytes"] for e in entries)
-        self._uploads.append((self._sender.submit(self._upload, folder, entries), size))
-
-    def _upload(self, folder: Path, entries: list[dict[str, Any]]) -> None:
-        try:
-            self._uploader.add_step(folder, entries)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+        job = {"step": step, "folder": str(folder), "files": str(folder / "files"), "files_path": CHECKPOINT_DIR,
+               "fragment": str(write_fragment(folder / "fragment", entries)), "fragment_path": FRAGMENT_PATH}
+        self._sender.send(job, entries, sum(e["bytes"] for e in entries))
