@@ -290,6 +290,10 @@ def import_(
     image_shape: Annotated[Optional[str], typer.Option(help="C,H,W of one sample (default 1,8,8; for diffusers "
                                                             "folders: in_channels and sample_size of config.json).",
                                                        rich_help_panel="Model spec")] = None,
+    conditioning: Annotated[Optional[str], typer.Option(help="Class-conditional model: JSON of num_classes, "
+                                                             "null_label, guidance, label_keyword (diffusers folders "
+                                                             "with num_class_embeds: fields over the inferred ones).",
+                                                        rich_help_panel="Model spec")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="Diffusers folders: the diffusers scheduler class that "
                                                           "samples (default DDIMScheduler), configured from the "
                                                           "folder's scheduler_config.json if it has one.",
@@ -322,6 +326,7 @@ def import_(
     from lcsc_ops.importers.files import import_checkpoints
 
     log = functools.partial(typer.echo, err=True)
+    cond = parse_json_object(conditioning, "--conditioning")
     common = dict(step_pattern=step_pattern, kind=kind, ema_folder=ema_folder, allow_pickle=allow_pickle,
                   experiment=experiment, run_name=run_name, model_name=model_name, tracking_uri=tracking_uri, log=log)
     if find_diffusers_layout(folder) is not None:
@@ -332,7 +337,7 @@ def import_(
                             f"drop {', '.join(given)}")
         run_id = import_diffusers(folder, steps=sampler_steps, scheduler=scheduler or "DDIMScheduler",
                                   dataset=dataset, image_shape=_image_shape(image_shape) if image_shape else None,
-                                  **common)
+                                  conditioning=cond or None, **common)
     else:
         if factory is None:
             raise LcscError("--factory is required (the 'module:callable' that rebuilds the network), "
@@ -341,7 +346,7 @@ def import_(
             raise LcscError("--scheduler applies to diffusers folders only (use --sampler-steps for DDIM)")
         spec = ModelSpec(factory=factory, kwargs=parse_json_object(factory_kwargs),
                          sampler={"name": "ddim", "steps": sampler_steps}, dataset=dataset,
-                         image_shape=_image_shape(image_shape or "1,8,8"))
+                         image_shape=_image_shape(image_shape or "1,8,8"), conditioning=cond or None)
         run_id = import_checkpoints(folder, spec=spec, partial=partial, **common)
     typer.echo(run_id)
 

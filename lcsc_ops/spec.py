@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -84,6 +85,75 @@ def source_sha256(obj: Any) -> str:
         return ""
 
 
+# How evaluation draws class labels for a conditional model (see ``lcsc_ops.evaluation.conditional``).
+LABEL_DRAWS = ("balanced",)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A class-conditional model: its labels and how it is sampled with classifier-free guidance.
+
+    ``num_classes``: labels 0..K-1. ``null_label``: the label meaning "no class" (the model
+    was trained with labels dropped to it); None when it has none, and then ``guidance`` must
+    be 1. ``guidance``: the default scale w of ``eps = eps(x, null) + w (eps(x, y) - eps(x, null))``
+    (Ho & Salimans 2022; 0: unconditional, 1: conditional); ``optimize --guidance`` overrides it.
+    ``labels``: how evaluation draws labels: ``"balanced"``, every class equally often, in an
+    order derived from the seed, so every candidate sees the same labels. ``label_keyword``: how
+    the model takes them: None for ``model(x_t, t, y)`` (the package's U-Net, users' models), a
+    name for ``model(x_t, t, <name>=y)`` (``"class_labels"`` for diffusers' ``UNet2DModel``).
+    Bad values raise LcscError naming the field.
+    """
+
+    num_classes: int
+    null_label: int | None = None
+    guidance: float = 1.0
+    labels: str = "balanced"
+    label_keyword: str | None = None
+
+    def __post_init__(self) -> None:
+        def bad(name: str, what: str) -> LcscError:
+            return LcscError(f"model spec: conditioning.{name} must be {what}, got {brief_repr(getattr(self, name))}")
+
+        if not (_is_int(self.num_classes) and self.num_classes >= 1):
+            raise bad("num_classes", "an integer >= 1")
+        if self.null_label is not None and not (_is_int(self.null_label) and self.null_label >= self.num_classes):
+            raise bad("null_label", f"null or an integer >= num_classes ({self.num_classes}): not one of the classes")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)) \
+                or not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise bad("guidance", "a finite number >= 0")
+        object.__setattr__(self, "guidance", float(self.guidance))
+        if self.guidance != 1.0 and self.null_label is None:
+            raise LcscError(f"model spec: conditioning.guidance {self.guidance:g} needs a null_label (the label the "
+                            "model was trained to read as 'no class'); without one only guidance 1 samples")
+        if self.labels not in LABEL_DRAWS:
+            raise bad("labels", " or ".join(repr(d) for d in LABEL_DRAWS))
+        if self.label_keyword is not None and not (isinstance(self.label_keyword, str)
+                                                   and re.fullmatch(_NAME, self.label_keyword)):
+            raise bad("label_keyword", "null (model(x_t, t, y)) or an argument name such as 'class_labels'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_classes": self.num_classes, "null_label": self.null_label, "guidance": self.guidance,
+                "labels": self.labels, "label_keyword": self.label_keyword}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Conditioning":
+        """The conditioning in ``data`` (as :meth:`to_dict` writes it; untrusted), every field checked."""
+        if not isinstance(data, Mapping):
+            raise LcscError(f"model spec: conditioning must be a JSON object or null, got {brief_repr(data)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in fields)
+        if unknown:
+            raise LcscError(f"model spec: conditioning has unknown field {unknown[0]!r} "
+                            f"(known: {', '.join(sorted(fields))})")
+        if "num_classes" not in data:
+            raise LcscError("model spec: conditioning lacks 'num_classes'")
+        return cls(**data)
+
+
 def is_import_path(name: str) -> bool:
     """Whether a spec's ``dataset`` is an import path ``"module:callable"`` (code) rather than a
     registered name (``"digits"``)."""
@@ -108,6 +178,10 @@ class ModelSpec:
     (``lcsc-ops optimize --evaluator my_pkg.eval:score``), passes ``dataset=None`` and
     ``image_shape=None`` (or its sample shape, e.g. ``(D,)``); the defaults are the digits
     test bed's. :class:`~lcsc_ops.store.logger.CheckpointLogger` checks the spec when it starts.
+
+    ``conditioning`` (a :class:`Conditioning`, or a dict of its fields) makes the model
+    class-conditional: it is then called with labels and sampled with classifier-free
+    guidance. None (the default) is an unconditional model, and its spec is written as before.
     """
 
     factory: str
@@ -115,6 +189,7 @@ class ModelSpec:
     sampler: Mapping[str, Any] = field(default_factory=lambda: {"name": "ddim", "steps": 10})
     dataset: str | None = "digits"
     image_shape: tuple[int, ...] | None = (1, 8, 8)
+    conditioning: Conditioning | None = None
     # Where the spec was read from (``"run <id>"``) when it is untrusted input; None for a spec
     # the user gave (or one :meth:`Trust.vouch` allowed). Not part of the spec's value.
     origin: str | None = field(default=None, compare=False, repr=False)
@@ -126,6 +201,8 @@ class ModelSpec:
             object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
         if "name" not in self.sampler:
             raise LcscError("model spec: sampler settings need a 'name'")
+        if self.conditioning is not None and not isinstance(self.conditioning, Conditioning):
+            object.__setattr__(self, "conditioning", Conditioning.from_dict(self.conditioning))
 
     def build(self, trust: "Trust | None" = None) -> torch.nn.Module:
         """Instantiate the (untrained) model from the factory.
@@ -145,10 +222,19 @@ class ModelSpec:
         """A copy with some sampler settings replaced (e.g. ``steps``)."""
         return dataclasses.replace(self, sampler={**self.sampler, **overrides})
 
+    def with_guidance(self, scale: float) -> "ModelSpec":
+        """A copy sampled at guidance scale ``scale`` (``optimize --guidance``); LcscError if unconditional."""
+        if self.conditioning is None:
+            raise LcscError("guidance applies to class-conditional models: this model spec has no conditioning")
+        return dataclasses.replace(self, conditioning=dataclasses.replace(self.conditioning, guidance=scale))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"version": SPEC_VERSION, "factory": self.factory, "kwargs": dict(self.kwargs),
+        data = {"version": SPEC_VERSION, "factory": self.factory, "kwargs": dict(self.kwargs),
                 "sampler": dict(self.sampler), "dataset": self.dataset,
                 "image_shape": None if self.image_shape is None else list(self.image_shape)}
+        if self.conditioning is not None:  # absent for unconditional models: their specs stay as they were
+            data["conditioning"] = self.conditioning.to_dict()
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -157,7 +243,8 @@ class ModelSpec:
     def from_dict(cls, data: Mapping[str, Any], origin: str | None = None) -> "ModelSpec":
         """The spec in ``data`` (as :meth:`to_dict` writes it, now or in earlier versions), every
         field's type checked, since ``data`` may come from a run; ``origin`` (e.g. ``"run <id>"``)
-        marks it untrusted. ``dataset`` and ``image_shape`` may be null (no data set / no shape)."""
+        marks it untrusted. ``dataset`` and ``image_shape`` may be null (no data set / no shape), and
+        ``conditioning`` null or absent (an unconditional model)."""
         if not isinstance(data, Mapping):
             raise LcscError(f"model spec must be a JSON object, got {type(data).__name__}")
         if "factory" not in data:
@@ -180,8 +267,10 @@ class ModelSpec:
         if shape is not None and not (isinstance(shape, (list, tuple)) and shape and all(
                 isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
             raise LcscError(f"model spec: image_shape must be positive integers (or null), got {brief_repr(shape)}")
+        conditioning = data.get("conditioning")
         return cls(factory=factory, kwargs=kwargs, sampler=sampler, dataset=dataset,
-                   image_shape=None if shape is None else tuple(shape), origin=origin)
+                   image_shape=None if shape is None else tuple(shape),
+                   conditioning=None if conditioning is None else Conditioning.from_dict(conditioning), origin=origin)
 
     @classmethod
     def from_json(cls, text: str, origin: str | None = None) -> "ModelSpec":

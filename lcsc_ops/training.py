@@ -7,6 +7,9 @@ and, through :class:`~lcsc_ops.checkpoints.CheckpointLogger`, the raw and EMA
 checkpoints every ``checkpoint_every`` steps. The model kind only changes the sampler
 recorded in the spec (whose ``training_loss`` the loop calls): DDIM for diffusion, the
 consistency sampler (iCT, or distillation from a finished diffusion run) for CMs.
+``--conditional`` trains on the data set's class labels, each dropped to the null label with
+probability ``label_dropout``, so one network learns the conditional and the unconditional
+prediction that classifier-free guidance combines (Ho & Salimans 2022).
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ import torch
 from lcsc_ops.errors import LcscError
 from lcsc_ops.options import option, parse_json_object
 from lcsc_ops.pipeline.progress import PlainProgress, SilentProgress, stderr_writer
-from lcsc_ops.spec import ModelSpec
+from lcsc_ops.spec import Conditioning, ModelSpec
 
-CKPT, MLFLOW, KIND = "Checkpoints", "MLflow", "Model kind"
+CKPT, MLFLOW, KIND, COND = "Checkpoints", "MLflow", "Model kind", "Conditioning"
+DEFAULT_LABEL_DROPOUT, DEFAULT_GUIDANCE = 0.1, 2.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,13 @@ class TrainConfig:
     cm_settings: dict[str, Any] = option(help="Consistency sampler settings as JSON (sigma_max, s0, s1, p_mean, ...).",
                                          default_factory=dict, panel=KIND,
                                          parse=lambda t: parse_json_object(t, "cm settings"))
+    conditional: bool = option(False, "Train a class-conditional model on the data set's labels (the factory gets "
+                                      "num_classes=K and is called as model(x_t, t, y)), with label dropout for "
+                                      "classifier-free guidance.", panel=COND)
+    label_dropout: float | None = option(None, f"With --conditional: share of labels dropped to the null label "
+                                               f"(default {DEFAULT_LABEL_DROPOUT}).", panel=COND)
+    guidance: float | None = option(None, f"With --conditional: guidance scale recorded in the model spec (default "
+                                          f"{DEFAULT_GUIDANCE}; 0: unconditional, 1: conditional).", panel=COND)
 
     def __post_init__(self) -> None:
         # Resolve the per-kind defaults here, so the logged config holds the values used.
@@ -72,11 +83,20 @@ class TrainConfig:
             object.__setattr__(self, "sampler_steps", kind["sampler_steps"])
         if self.model_name is None:
             object.__setattr__(self, "model_name", kind["model_name"])
+        if self.conditional:
+            for name, default in (("label_dropout", DEFAULT_LABEL_DROPOUT), ("guidance", DEFAULT_GUIDANCE)):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, default)
 
-    def spec(self, image_shape: tuple[int, ...]) -> ModelSpec:
+    def spec(self, image_shape: tuple[int, ...], num_classes: int | None = None) -> ModelSpec:
+        """The model spec; a conditional model's (``num_classes`` K) takes labels 0..K, K the null label."""
         kwargs = {"in_channels": image_shape[0], "channels": self.channels, **self.factory_kwargs}
+        conditioning = None
+        if self.conditional:
+            kwargs = {**kwargs, "num_classes": num_classes}
+            conditioning = Conditioning(num_classes=num_classes, null_label=num_classes, guidance=self.guidance)
         return ModelSpec(factory=self.factory, kwargs=kwargs, sampler=MODEL_KINDS[self.model_kind]["sampler"](self),
-                         dataset=self.dataset, image_shape=image_shape)
+                         dataset=self.dataset, image_shape=image_shape, conditioning=conditioning)
 
 
 def _ddim_settings(cfg: TrainConfig) -> dict[str, Any]:
@@ -111,6 +131,13 @@ def _validate(cfg: TrainConfig) -> None:
         raise LcscError(f"lr must be > 0, got {cfg.lr}")
     if cfg.model_kind != "consistency" and (cfg.teacher_run or cfg.cm_settings):
         raise LcscError("teacher-run and cm-settings apply to consistency models only (--model-kind consistency)")
+    if not cfg.conditional and (cfg.label_dropout is not None or cfg.guidance is not None):
+        raise LcscError("label-dropout and guidance apply to conditional models (--conditional)")
+    if cfg.conditional:
+        if cfg.teacher_run:
+            raise LcscError("--conditional with --teacher-run: distilling a conditional model is not supported")
+        if not 0 <= cfg.label_dropout < 1:
+            raise LcscError(f"label-dropout must be in [0, 1), got {cfg.label_dropout}")
 
 
 def train(cfg: TrainConfig, progress: Any = None) -> str | None:
@@ -121,7 +148,7 @@ def train(cfg: TrainConfig, progress: Any = None) -> str | None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from lcsc_ops.evaluation.data import load_dataset
+    from lcsc_ops.evaluation.data import load_dataset, load_labels
     from lcsc_ops.models.diffusion import make_sampler
 
     _validate(cfg)
@@ -129,11 +156,13 @@ def train(cfg: TrainConfig, progress: Any = None) -> str | None:
     accelerator = Accelerator(cpu=cpu)
     set_seed(cfg.seed)
     images = load_dataset(cfg.dataset)
-    spec = cfg.spec(tuple(images.shape[1:]))
+    labels = load_labels(cfg.dataset, "--conditional") if cfg.conditional else None
+    spec = cfg.spec(tuple(images.shape[1:]), None if labels is None else int(labels.max()) + 1)
     model = spec.build()
     teacher = _load_teacher(cfg, spec, accelerator) if cfg.teacher_run else None
     sampler = make_sampler(spec.sampler, **({"teacher": teacher} if teacher is not None else {}))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=cfg.batch_size,
+    tensors = (images,) if labels is None else (images, labels)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tensors), batch_size=cfg.batch_size,
                                          shuffle=True, drop_last=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
@@ -145,7 +174,7 @@ def train(cfg: TrainConfig, progress: Any = None) -> str | None:
     progress = _progress(cfg, progress) if accelerator.is_main_process else SilentProgress()
     status = "FAILED"
     try:
-        _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run, progress)
+        _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run, progress, spec.conditioning)
         status = "FINISHED"
     finally:
         if logger is not None:
@@ -206,13 +235,27 @@ def _open_run(cfg: TrainConfig, spec: ModelSpec, accelerator: Any):
     return run, logger
 
 
-def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run, progress) -> None:
+def _dropped_labels(labels: torch.Tensor, conditioning: Conditioning, dropout: float) -> Any:
+    """The batch's labels, each replaced by the null label with probability ``dropout``: the one
+    network learns the conditional and the unconditional prediction (the CFG recipe)."""
+    from lcsc_ops.models.sampling import Guidance
+
+    drop = torch.rand(labels.shape, device=labels.device) < dropout
+    return Guidance(torch.where(drop, torch.full_like(labels, conditioning.null_label), labels),
+                    keyword=conditioning.label_keyword)
+
+
+def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run, progress,
+          conditioning=None) -> None:
     step, t0, loss_sum, loss_n = 0, time.perf_counter(), torch.zeros((), device=accelerator.device), 0
     progress.stage("train", cfg.steps, unit="steps", every=10 * cfg.log_every)
     model.train()
     while step < cfg.steps:
-        for (x0,) in loader:
-            loss = sampler.training_loss(model, x0, step=step, total_steps=cfg.steps)
+        for batch in loader:
+            x0, extra = batch[0], {}
+            if conditioning is not None:
+                extra["guidance"] = _dropped_labels(batch[1], conditioning, cfg.label_dropout)
+            loss = sampler.training_loss(model, x0, step=step, total_steps=cfg.steps, **extra)
             accelerator.backward(loss)
             optimizer.step()
             scheduler.step()

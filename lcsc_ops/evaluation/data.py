@@ -38,7 +38,15 @@ def load_digits_images() -> torch.Tensor:
     return _to_unit_range(images)
 
 
+def load_digits_labels() -> torch.Tensor:
+    """The classes (0..9) of :func:`load_digits_images`, int64 (1797,)."""
+    _, labels = _digits_arrays()
+    return torch.as_tensor(labels, dtype=torch.int64)
+
+
 DATASETS: dict[str, Callable[[], torch.Tensor]] = {"digits": load_digits_images}
+# Class labels of registered data sets, in the order of their images (conditional training).
+DATASET_LABELS: dict[str, Callable[[], torch.Tensor]] = {"digits": load_digits_labels}
 
 
 _PATH_FORM = ("an import path 'module:callable' (e.g. 'my_pkg.data:load_images') returning a float tensor (N, C, H, W) "
@@ -102,6 +110,15 @@ def load_dataset(name: str, what: str = "dataset") -> torch.Tensor:
     loader = resolve_dataset(name, what)
     images = loader()
     return images if name in DATASETS else check_images(images, name, what)
+
+
+def load_labels(name: str, what: str = "dataset") -> torch.Tensor:
+    """The class labels (int64, 0..K-1) of data set ``name``, one per image; LcscError for a data set
+    without labels (a class-conditional model trains only on a labelled one)."""
+    if name not in DATASET_LABELS:
+        raise LcscError(f"{what}: data set {name!r} has no class labels (labelled: "
+                        f"{', '.join(sorted(DATASET_LABELS))})")
+    return DATASET_LABELS[name]()
 
 
 def digits_split(seed: int = 0, test_fraction: float = 0.25

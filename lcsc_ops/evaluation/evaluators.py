@@ -55,7 +55,9 @@ class UserEvaluator:
 class Evaluators:
     """The search/final evaluator, a second one scored on the final seeds (None if there is none:
     ``no_second`` says why), the reference-statistics file (None for a user evaluator) and the
-    metric's name (``fid``, ``score`` or ``--metric-name``)."""
+    metric's name (``fid``, ``score`` or ``--metric-name``). For a conditional model, ``classes``
+    gives the per-class accuracy of a classifier on the main evaluator's samples (None if there
+    is no classifier for its data set: ``no_classes`` says why)."""
 
     main: Callable
     second: Callable | None
@@ -63,15 +65,21 @@ class Evaluators:
     metric: str
     second_name: str | None = None
     no_second: str | None = None
+    classes: Callable | None = None
+    no_classes: str | None = None
 
-    def with_sampler(self, settings: dict[str, Any]) -> Callable:
-        """The main evaluator with another sampler (same extractor and reference): the
-        baselines at the spec's default NFE when ``--nfe`` overrides it."""
+    def with_sampler(self, settings: dict[str, Any], guidance: float | None = None) -> Callable:
+        """The main evaluator with another sampler (same extractor and reference) and, for a
+        conditional model, another ``guidance`` scale: the baselines at the spec's default NFE and
+        scale when ``--nfe`` or ``--guidance`` overrides them."""
         from lcsc_ops.models.diffusion import make_sampler
 
         other = copy.copy(self.main)
         other.sampler = make_sampler(settings)
         other.identity = {**self.main.identity, "sampler": dict(settings)}
+        if guidance is not None and getattr(self.main, "conditioning", None) is not None:
+            other.guidance_scale = float(guidance)
+            other.identity["conditioning"] = {**self.main.identity["conditioning"], "guidance": float(guidance)}
         return other
 
 
@@ -92,12 +100,33 @@ def build_evaluators(spec: ModelSpec, *, evaluator: str | None, feature_extracto
     scorers, names, path = _fid_scorers(spec, feature_extractor, inception_weights, batch_size, device, cache_dir,
                                         both=second is None)
     if second is not None:
-        return Evaluators(scorers[0], second, path, metric, second_name=second_evaluator)
-    if len(scorers) > 1:
-        return Evaluators(scorers[0], scorers[1], path, metric, second_name=f"fid ({names[1]} features)")
-    return Evaluators(scorers[0], None, path, metric, no_second=(
-        f"no second metric: data set {spec.dataset!r} has one feature extractor ({names[0]}); add one with "
-        "--second-evaluator module:callable"))
+        found = Evaluators(scorers[0], second, path, metric, second_name=second_evaluator)
+    elif len(scorers) > 1:
+        found = Evaluators(scorers[0], scorers[1], path, metric, second_name=f"fid ({names[1]} features)")
+    else:
+        found = Evaluators(scorers[0], None, path, metric, no_second=(
+            f"no second metric: data set {spec.dataset!r} has one feature extractor ({names[0]}); add one with "
+            "--second-evaluator module:callable"))
+    if spec.conditioning is not None:
+        found.classes, found.no_classes = _class_accuracy(spec, scorers[0], device)
+    return found
+
+
+def _class_accuracy(spec: ModelSpec, scorer: Any, device: str) -> tuple[Any, str | None]:
+    """The per-class accuracy evaluator of a conditional model (on the main scorer's samples), or
+    None and why not: only data sets with a classifier of their classes have one."""
+    from lcsc_ops.evaluation.conditional import ClassAccuracy, check_classifier
+    from lcsc_ops.evaluation.features import build_extractor, classifier_for
+
+    name = classifier_for(spec.dataset)
+    if name is None:
+        return None, f"no class accuracy: data set {spec.dataset!r} has no classifier of its classes"
+    classifier = build_extractor(name, device=device)
+    try:
+        check_classifier(classifier, spec.conditioning.num_classes, spec.image_shape, device)
+    except LcscError as exc:
+        return None, f"no class accuracy ({name}): {exc}"
+    return ClassAccuracy(getattr(scorer, "inner", scorer), classifier, spec.conditioning.num_classes), None
 
 
 def _fid_scorers(spec: ModelSpec, feature_extractor: str | None, inception_weights: str | None, batch_size: int,
@@ -119,10 +148,12 @@ def _fid_scorers(spec: ModelSpec, feature_extractor: str | None, inception_weigh
         stats, path, _ = cache.get(spec.dataset, name, extractor)
         first_path = first_path or path
         scorer = FIDScorer(sampler, extractor, stats, image_shape=spec.image_shape, batch_size=batch_size,
-                           device=device)
+                           device=device, conditioning=spec.conditioning)
         # What the score cache keys this evaluator by.
         scorer.identity = {"fid": name, "reference": stats.metadata, "sampler": dict(spec.sampler),
                            "image_shape": list(spec.image_shape), "batch_size": batch_size}
+        if spec.conditioning is not None:  # absent when unconditional: cached scores stay valid
+            scorer.identity["conditioning"] = spec.conditioning.to_dict()
         scorers.append(scorer)
     return scorers, names, first_path
 

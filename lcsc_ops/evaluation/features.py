@@ -154,6 +154,8 @@ FEATURE_EXTRACTORS: dict[str, Callable[..., nn.Module]] = {
 
 # dataset -> (default extractor, second independent extractor); anything else uses Inception.
 _EXTRACTORS_FOR_DATASET: dict[str, tuple[str, str]] = {"digits": ("digits-cnn", "digits-mlp")}
+# dataset -> an extractor whose ``classify`` labels the data set's classes (class-conditional accuracy).
+_CLASSIFIER_FOR_DATASET: dict[str, str] = {"digits": "digits-cnn"}
 
 
 def build_extractor(name: str, *, device: str | torch.device = "cpu",
@@ -192,6 +194,12 @@ def extractor_fingerprint(name: str, module: nn.Module) -> str:
 def default_extractor_for(dataset: str) -> str:
     """The extractor that scores the search for ``dataset`` (``"digits"`` -> ``"digits-cnn"``)."""
     return _EXTRACTORS_FOR_DATASET.get(dataset, ("inception", "inception"))[0]
+
+
+def classifier_for(dataset: str | None) -> str | None:
+    """The extractor whose ``classify`` labels ``dataset``'s classes (``"digits"`` -> ``"digits-cnn"``);
+    None where there is none (Inception's classes are ImageNet's, not the data set's)."""
+    return _CLASSIFIER_FOR_DATASET.get(dataset) if dataset is not None else None
 
 
 def second_extractor_for(dataset: str) -> str:

@@ -11,6 +11,9 @@
 
 A scorer is called as ``scorer(model, num_samples, seed) -> float`` (lower is better);
 that is also the contract of a user's own evaluator, loaded with :func:`load_evaluator`.
+A class-conditional model is sampled with the balanced labels of the seed
+(:func:`~lcsc_ops.evaluation.conditional.make_labels`) and classifier-free guidance, and
+scored against the whole reference set.
 """
 from __future__ import annotations
 
@@ -29,9 +32,11 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.evaluation.conditional import make_labels
 from lcsc_ops.evaluation.data import dataset_identity, load_dataset
 from lcsc_ops.evaluation.features import extractor_fingerprint
-from lcsc_ops.spec import import_object
+from lcsc_ops.models.sampling import Guidance, guidance_for
+from lcsc_ops.spec import Conditioning, import_object
 
 # Which reference images a ``num_samples`` subset takes: a fixed permutation, never the seed
 # of the fake side, so the real statistics stay the same across runs and searches.
@@ -218,24 +223,47 @@ def make_noise(num_samples: int, image_shape: tuple[int, ...] | list[int], seed:
     return torch.randn((int(num_samples), *image_shape), generator=gen, dtype=torch.float32)
 
 
+def sample_batch(sampler: Any, model: nn.Module, noise: torch.Tensor, guidance: Guidance | None = None) -> torch.Tensor:
+    """``sampler.sample(model, noise)``, with ``guidance`` (the same rows' labels) for a conditional model."""
+    return sampler.sample(model, noise) if guidance is None else sampler.sample(model, noise, guidance)
+
+
+def sample_in_batches(sampler: Any, model: nn.Module, noise: torch.Tensor, guidance: Guidance | None, *,
+                      batch_size: int, device: str | torch.device) -> torch.Tensor:
+    """Images from ``noise`` (on the CPU), ``batch_size`` rows at a time on ``device``."""
+    return torch.cat([sample_batch(sampler, model, noise[a:a + batch_size].to(device),
+                                   None if guidance is None else guidance[a:a + batch_size])
+                      for a in range(0, len(noise), batch_size)])
+
+
 class FIDScorer:
     """FID of a model's samples against cached reference statistics.
 
     ``sampler.sample(model, noise) -> images in [-1, 1]`` turns noise into images. The
     real side is loaded into a torchmetrics ``FrechetInceptionDistance`` once; each call
     resets and refills only the fake side. The extractor is moved to ``device``; the
-    model must already be there.
+    model must already be there. With ``conditioning`` (a conditional model's), every seed's
+    samples get its balanced labels, guided at ``guidance_scale`` (default: the spec's).
     """
 
     def __init__(self, sampler: Any, extractor: nn.Module, reference: ReferenceStats, *,
                  image_shape: tuple[int, ...] | list[int], batch_size: int = 500,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", conditioning: Conditioning | None = None) -> None:
         if reference.num_samples < 2:
             raise LcscError("reference statistics hold fewer than 2 images")
         self.sampler, self.image_shape = sampler, tuple(int(s) for s in image_shape)
         self.batch_size, self.device = int(batch_size), torch.device(device)
         self.metric = _make_metric(extractor, self.device)
         reference.load_into(self.metric)
+        self.conditioning = conditioning
+        self.guidance_scale = None if conditioning is None else conditioning.guidance
+
+    def guidance(self, num_samples: int, seed: int, scale: float | None = None) -> Guidance | None:
+        """The labels and guidance of the fixed noise of ``seed`` (None for an unconditional model)."""
+        if self.conditioning is None:
+            return None
+        labels = make_labels(num_samples, self.conditioning.num_classes, seed)
+        return guidance_for(self.conditioning, labels, self.guidance_scale if scale is None else scale)
 
     def _update(self, images: torch.Tensor) -> bool:
         if not torch.isfinite(images).all():
@@ -275,8 +303,8 @@ class FIDScorer:
         model.eval()
         try:
             with torch.inference_mode():
-                return torch.cat([self.sampler.sample(model, batch.to(self.device))
-                                  for batch in noise.split(self.batch_size)])
+                return sample_in_batches(self.sampler, model, noise, self.guidance(num_samples, seed),
+                                         batch_size=self.batch_size, device=self.device)
         finally:
             model.train(was_training)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.evaluation.fid import FIDScorer, make_noise
+from lcsc_ops.evaluation.fid import FIDScorer, make_noise, sample_batch
 
 _FAKE_STATES = ("fake_features_sum", "fake_features_cov_sum", "fake_features_num_samples")
 
@@ -57,6 +57,7 @@ def fid_rungs(scorer: FIDScorer, model: nn.Module, counts: Sequence[int], seeds:
     seeds = list(seeds)
     metric, device = scorer.metric, scorer.device
     noise = {s: make_noise(counts[-1], scorer.image_shape, s) for s in seeds}
+    guidance = {s: scorer.guidance(counts[-1], s) for s in seeds}  # a conditional model's labels, else None
     states: dict[int, dict[str, torch.Tensor] | None] = {s: None for s in seeds}
     finite = {s: True for s in seeds}
     was_training = model.training
@@ -72,7 +73,9 @@ def fid_rungs(scorer: FIDScorer, model: nn.Module, counts: Sequence[int], seeds:
                     if not finite[s]:
                         break
                     with torch.inference_mode():
-                        images = scorer.sampler.sample(model, noise[s][a:b].to(device))
+                        cond = guidance[s]
+                        images = sample_batch(scorer.sampler, model, noise[s][a:b].to(device),
+                                              None if cond is None else cond[a:b])
                     finite[s] = bool(torch.isfinite(images).all())
                     if finite[s]:
                         with torch.no_grad():

@@ -37,7 +37,8 @@ import torch.distributed as dist
 from torch import nn
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.evaluation.fid import FIDScorer, make_noise
+from lcsc_ops.evaluation.fid import FIDScorer, make_noise, sample_in_batches
+from lcsc_ops.models.sampling import Guidance
 from lcsc_ops.redact import mask_credentials
 
 STOP, READY, SAMPLE, SCORE = "stop", "ready", "sample", "score"
@@ -59,6 +60,7 @@ class Command:
     seed: int = 0
     precision: str = "fp32"
     sampler: dict[str, Any] | None = None  # sampler settings; None: the evaluator's own
+    guidance: float | None = None  # guidance scale of a conditional model; None: the evaluator's own
     evaluator: str = "main"
     token: int = 0  # which sample a score command scores
 
@@ -121,14 +123,16 @@ class ShardGroup:
             dist.reduce(t, dst=0, op=dist.ReduceOp.SUM)
 
 
-def sample_rows(scorer: FIDScorer, sampler: Any, model: nn.Module, noise: torch.Tensor) -> torch.Tensor:
-    """Images from ``noise`` rows, batch by batch, the model in eval mode (as :meth:`FIDScorer.sample`)."""
+def sample_rows(scorer: FIDScorer, sampler: Any, model: nn.Module, noise: torch.Tensor,
+                guidance: Guidance | None = None) -> torch.Tensor:
+    """Images from ``noise`` rows (and ``guidance``, the same rows' labels), batch by batch, the
+    model in eval mode (as :meth:`FIDScorer.sample`)."""
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            return torch.cat([sampler.sample(model, batch.to(scorer.device))
-                              for batch in noise.split(scorer.batch_size)])
+            return sample_in_batches(sampler, model, noise, guidance, batch_size=scorer.batch_size,
+                                     device=scorer.device)
     finally:
         model.train(was_training)
 
@@ -181,8 +185,10 @@ class ShardWorker:
             start, stop = shard_rows(cmd.num_samples, self.group.rank, self.group.world)
             main = self.scorers["main"]
             noise = make_noise(cmd.num_samples, main.image_shape, cmd.seed)[start:stop]
+            guidance = main.guidance(cmd.num_samples, cmd.seed, cmd.guidance)
             with self.context(cmd.precision):
-                self.images = sample_rows(main, self.sampler(cmd.sampler), model, noise)
+                self.images = sample_rows(main, self.sampler(cmd.sampler), model, noise,
+                                          None if guidance is None else guidance[start:stop])
         except Exception as exc:
             if self.group.rank == 0:
                 raise  # no collective is pending: rank 0's own error, as it is
@@ -257,6 +263,7 @@ class ShardedFID:
         # Not bit-identical to one process (other batch boundaries and sum order): its own cache key.
         self.identity = {**getattr(inner, "identity", {}), "processes": worker.group.world}
         self._sampler = inner.sampler
+        self.guidance_scale = getattr(inner, "guidance_scale", None)
 
     # What code that reaches into an FIDScorer uses (FID rungs: unsharded, on rank 0 only).
     sampler = property(lambda self: self._sampler, lambda self, value: setattr(self, "_sampler", value))
@@ -264,6 +271,10 @@ class ShardedFID:
     device = property(lambda self: self.inner.device)
     image_shape = property(lambda self: self.inner.image_shape)
     batch_size = property(lambda self: self.inner.batch_size)
+    conditioning = property(lambda self: self.inner.conditioning)
+
+    def guidance(self, num_samples: int, seed: int, scale: float | None = None) -> Guidance | None:
+        return self.inner.guidance(num_samples, seed, self.guidance_scale if scale is None else scale)
 
     def sample(self, model: nn.Module, num_samples: int, seed: int) -> ShardedImages:
         """Every rank samples its rows of the fixed noise of ``seed``; returns a handle on them."""
@@ -275,7 +286,7 @@ class ShardedFID:
             raise LcscError("sharded FID: the merge coefficients of this model are unknown "
                             "(evaluate through the Scorer)")
         cmd = Command(SAMPLE, [float(c) for c in coeffs], int(num_samples), int(seed), self.precision(),
-                      self.identity.get("sampler"), self.name, token=self.worker.token + 1)
+                      self.identity.get("sampler"), self.guidance_scale, self.name, token=self.worker.token + 1)
         self.worker.group.send(cmd)
         self.worker.run(cmd, model)
         return ShardedImages(cmd.token, int(num_samples))

@@ -14,8 +14,10 @@ Two layouts, each made of ``save_pretrained`` folders (``config.json`` +
 A folder is recognised by ``config.json``'s ``_class_name``. All checkpoints must share one
 config (bookkeeping such as the EMA's ``optimization_step`` aside); the model spec is built
 from it, with the sampler ``"diffusers"`` configured from the folder's
-``scheduler/scheduler_config.json`` or ``scheduler_config.json`` when there is one. Every
-file is checked, as in :mod:`lcsc_ops.importers.files`, before the run exists.
+``scheduler/scheduler_config.json`` or ``scheduler_config.json`` when there is one. A
+class-conditional ``UNet2DModel`` (``num_class_embeds``) gets a conditioning in its spec
+(:func:`diffusers_conditioning`) and samples with ``class_labels``. Every file is checked, as
+in :mod:`lcsc_ops.importers.files`, before the run exists.
 """
 from __future__ import annotations
 
@@ -24,12 +26,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.models.diffusers_unet import (DEFAULT_SCHEDULER, FACTORY, MODEL_CLASS, DiffusersSampler,
                                             require_diffusers, resolve_scheduler_config, unet_config)
-from lcsc_ops.spec import ModelSpec
+from lcsc_ops.spec import Conditioning, ModelSpec
 from lcsc_ops.checkpoints import KINDS
 from lcsc_ops.importers.files import (PlannedFile, check_finite, check_inside, check_layout, compile_step_pattern,
                                      read_checkpoint, write_import_run)
@@ -186,14 +188,29 @@ def plan_diffusers_import(folder: str | Path, *, step_pattern: str | None = None
     return first[1], sorted(planned, key=lambda p: (KINDS.index(p.kind), p.step))
 
 
+def diffusers_conditioning(config: Mapping[str, Any], given: Mapping[str, Any] | None = None) -> Conditioning | None:
+    """The conditioning of a ``UNet2DModel`` config: with ``num_class_embeds`` (labels through an
+    ``nn.Embedding``, ``class_embed_type`` null), ``num_classes`` = its embeddings, called with
+    ``class_labels=``, guidance 1 (no embedding is known to be a null label). ``given`` (import
+    ``--conditioning``) overrides fields, e.g. ``{"num_classes": 10, "null_label": 10, "guidance": 2}``
+    for a model trained with labels dropped to embedding 10; None for an unconditional model."""
+    embeds = config.get("num_class_embeds")
+    inferred = ({"num_classes": embeds, "label_keyword": "class_labels"}
+                if embeds and config.get("class_embed_type") is None else {})
+    merged = {**inferred, **(given or {})}
+    return Conditioning.from_dict(merged) if merged else None
+
+
 def diffusers_spec(folder: str | Path, config: dict[str, Any], *, steps: int = 10, scheduler: str = DEFAULT_SCHEDULER,
                    dataset: str = "digits", image_shape: tuple[int, ...] | None = None,
+                   conditioning: Mapping[str, Any] | None = None,
                    log: Callable[[str], None] = lambda msg: None) -> ModelSpec:
     """The model spec of a ``UNet2DModel`` config: its factory, a diffusers sampler, the image shape it makes.
 
     The scheduler is configured from the folder's ``scheduler_config.json`` when there is
     one, else from the class defaults (with the UNet's ``num_train_timesteps`` if it has one).
-    ``image_shape`` defaults to ``(in_channels, sample_size, sample_size)``.
+    ``image_shape`` defaults to ``(in_channels, sample_size, sample_size)``; ``conditioning``
+    overrides fields of :func:`diffusers_conditioning`'s.
     """
     folder = Path(folder)
     found = next((folder / name for name in SCHEDULER_FILES if (folder / name).is_file()), None)
@@ -210,8 +227,12 @@ def diffusers_spec(folder: str | Path, config: dict[str, Any], *, steps: int = 1
         if size is None:
             raise LcscError(f"the {MODEL_CLASS} config has no sample_size: pass --image-shape C,H,W")
         image_shape = (config["in_channels"], *([size, size] if isinstance(size, int) else size))
+    cond = diffusers_conditioning(config, conditioning)
+    if cond is not None:
+        log(f"class-conditional: {cond.num_classes} classes (class_labels), null label {cond.null_label}, "
+            f"guidance {cond.guidance:g}")
     return ModelSpec(factory=FACTORY, kwargs={"config": config}, sampler=sampler.settings(), dataset=dataset,
-                     image_shape=image_shape)
+                     image_shape=image_shape, conditioning=cond)
 
 
 def import_diffusers(folder: str | Path, *, steps: int = 10, scheduler: str = DEFAULT_SCHEDULER,
@@ -219,12 +240,14 @@ def import_diffusers(folder: str | Path, *, steps: int = 10, scheduler: str = DE
                      step_pattern: str | None = None, kind: str = "raw", ema_folder: str | Path | None = None,
                      allow_pickle: bool = False, experiment: str = "lcsc-import", run_name: str | None = None,
                      model_name: str | None = None, tracking_uri: str | None = None,
+                     conditioning: Mapping[str, Any] | None = None,
                      log: Callable[[str], None] = lambda msg: None) -> str:
     """Turn a folder of diffusers ``UNet2DModel`` checkpoints (layout a or b above) into an MLflow run; its id.
 
     ``steps`` and ``scheduler`` (a diffusers scheduler class, DDIM by default) make the
     spec's sampler; ``kind``/``ema_folder`` as in :func:`~lcsc_ops.importers.files.import_checkpoints`
     (layout b only). ``.bin`` weights are loaded with ``weights_only=True`` unless ``allow_pickle``.
+    ``conditioning`` overrides fields of the inferred conditioning (:func:`diffusers_conditioning`).
     Everything is checked before the run is created; errors are LcscError.
     """
     from lcsc_ops.store.fetch import resolve_tracking_uri
@@ -233,7 +256,7 @@ def import_diffusers(folder: str | Path, *, steps: int = 10, scheduler: str = DE
     config, planned = plan_diffusers_import(folder, step_pattern=step_pattern, kind=kind, ema_folder=ema_folder,
                                             log=notes.append)
     spec = diffusers_spec(folder, config, steps=steps, scheduler=scheduler, dataset=dataset,
-                          image_shape=image_shape, log=notes.append)
+                          image_shape=image_shape, conditioning=conditioning, log=notes.append)
     model = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
     first = None
     for p in planned:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.models.sampling import denoiser_output, noise_generator
+from lcsc_ops.models.sampling import Guidance, denoiser_output, noise_generator
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -168,13 +168,17 @@ class ConsistencySampler:
         """The network's (float) timestep: EDM's ``0.25 ln sigma``, times 1000 (DDPM's timestep scale)."""
         return 250.0 * sigma.log()
 
-    def denoise(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """``f(x, sigma)``: the consistency model's estimate of x_0 (per-sample or scalar ``sigma``)."""
+    def denoise(self, model: nn.Module, x: torch.Tensor, sigma: torch.Tensor | float,
+                guidance: Guidance | None = None) -> torch.Tensor:
+        """``f(x, sigma)``: the consistency model's estimate of x_0 (per-sample or scalar ``sigma``).
+
+        With ``guidance``, ``F`` is the guided combination of the conditional and unconditional
+        outputs; ``f`` is affine in ``F``, so this is guiding ``f`` itself."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
         if sigma.dim() == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in = (_per_sample(c, x) for c in self.scalings(sigma))
-        return c_skip * x + c_out * denoiser_output(model, c_in * x, self.c_noise(sigma))
+        return c_skip * x + c_out * denoiser_output(model, c_in * x, self.c_noise(sigma), guidance)
 
     # -- sampling -----------------------------------------------------------------------
     def sample_sigmas(self) -> list[float]:
@@ -185,33 +189,38 @@ class ConsistencySampler:
         return levels.flip(0)[:-1].tolist()
 
     @torch.inference_mode()
-    def sample(self, model: nn.Module, noise: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from standard-normal ``noise``; a deterministic function of ``noise``.
+    def sample(self, model: nn.Module, noise: torch.Tensor, guidance: Guidance | None = None) -> torch.Tensor:
+        """Images in [-1, 1] from standard-normal ``noise``; a deterministic function of ``noise``
+        (and of ``guidance``'s labels and scale, for a conditional model).
 
         ``x = sigma_max * noise; x0 = f(x, sigma_max)``, then for each further level sigma:
         ``x = x0 + sqrt(sigma^2 - sigma_min^2) * z; x0 = f(x, sigma)`` (Song et al. 2023, Alg. 1),
         with ``z`` drawn from a generator seeded by ``noise`` itself.
         """
         sigmas = self.sample_sigmas()
-        x0 = self.denoise(model, noise * sigmas[0], sigmas[0])
+        x0 = self.denoise(model, noise * sigmas[0], sigmas[0], guidance)
         if len(sigmas) > 1:
             gen = noise_generator(noise)
             for sigma in sigmas[1:]:
                 z = torch.randn(noise.shape, generator=gen, dtype=torch.float32).to(noise.device, noise.dtype)
-                x0 = self.denoise(model, x0 + math.sqrt(sigma ** 2 - self.sigma_min ** 2) * z, sigma)
+                x0 = self.denoise(model, x0 + math.sqrt(sigma ** 2 - self.sigma_min ** 2) * z, sigma, guidance)
         return x0.clamp(-1, 1)
 
     # -- training -----------------------------------------------------------------------
     def training_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None, *,
-                      step: int = 0, total_steps: int = 1) -> torch.Tensor:
+                      step: int = 0, total_steps: int = 1, guidance: Guidance | None = None) -> torch.Tensor:
         """The iCT loss (or CD loss with a teacher) at training step ``step`` of ``total_steps``.
 
         Draw a pair of neighbouring levels ``sigma_i < sigma_{i+1}`` of the ``N(step)``-level
         Karras discretisation (lognormal), ``x_{i+1} = x_0 + sigma_{i+1} z``; the target is
         ``stopgrad f(x_i, sigma_i)`` with ``x_i = x_0 + sigma_i z`` (CT) or one teacher ODE step
         from ``x_{i+1}`` (CD). Loss: ``mean(pseudo_huber(f(x_{i+1}, sigma_{i+1}), target) /
-        (sigma_{i+1} - sigma_i))`` (iCT Eq. 9 with its weighting lambda).
+        (sigma_{i+1} - sigma_i))`` (iCT Eq. 9 with its weighting lambda). ``guidance`` gives a
+        conditional model its labels (both the prediction and the target see them); distillation
+        of a conditional model is not supported.
         """
+        if guidance is not None and self.teacher is not None:
+            raise LcscError("consistency distillation of a class-conditional model is not supported")
         n = x0.shape[0]
         levels = ict_num_levels(step, total_steps, self.s0, self.s1)
         sigmas = karras_sigmas(levels, self.sigma_min, self.sigma_max, self.rho)
@@ -227,7 +236,7 @@ class ConsistencySampler:
                 x_lo = self.teacher.ode_step(x_hi, s_hi, s_lo)
             else:
                 x_lo = x0 + _per_sample(s_lo, x0) * z
-            target = self.denoise(model, x_lo, s_lo)
-        pred = self.denoise(model, x_hi, s_hi)
+            target = self.denoise(model, x_lo, s_lo, guidance)
+        pred = self.denoise(model, x_hi, s_hi, guidance)
         c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(x0[0].numel())
         return (pseudo_huber(pred, target, c) / (s_hi - s_lo)).mean()

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.models.sampling import denoiser_output, noise_generator
+from lcsc_ops.models.sampling import Guidance, denoiser_output, noise_generator
 
 MODEL_CLASS = "UNet2DModel"
 FACTORY = "lcsc_ops.models.diffusers_unet:unet2d_from_config"
@@ -119,13 +119,15 @@ class DiffusersSampler:
         return self._nfe
 
     @torch.inference_mode()
-    def sample(self, model: nn.Module, noise: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from standard-normal ``noise`` (the scheduler's x_T before scaling)."""
+    def sample(self, model: nn.Module, noise: torch.Tensor, guidance: Guidance | None = None) -> torch.Tensor:
+        """Images in [-1, 1] from standard-normal ``noise`` (the scheduler's x_T before scaling); for a
+        class-conditional model (``num_class_embeds``), ``guidance`` passes ``class_labels`` and guides
+        the prediction."""
         sched = self.scheduler
         sched.set_timesteps(self.steps, device=noise.device)  # also resets multistep solvers' history
         extra = {"generator": noise_generator(noise)} if self._takes_generator else {}
         x = noise * sched.init_noise_sigma
         for t in sched.timesteps:
-            pred = denoiser_output(model, sched.scale_model_input(x, t), t)
+            pred = denoiser_output(model, sched.scale_model_input(x, t), t, guidance)
             x = sched.step(pred, t, x, **extra).prev_sample
         return x.clamp(-1, 1)

@@ -4,7 +4,9 @@
 :class:`lcsc_ops.spec.ModelSpec`, by name in :data:`SAMPLERS` (``"ddim"`` here,
 ``"consistency"``, ``"diffusers"``). A sampler turns a starting noise into images
 deterministically, so candidates sampled from the same noise compare fairly (common
-random numbers).
+random numbers). Every sampler takes an optional :class:`~lcsc_ops.models.sampling.Guidance`
+(the class labels of a conditional model, and the classifier-free guidance scale), in
+``sample`` and, for training with labels, in ``training_loss``.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from lcsc_ops.errors import LcscError
 from lcsc_ops.models.consistency import ConsistencySampler
 from lcsc_ops.models.diffusers_unet import DiffusersSampler  # imports diffusers only when one is made
 from lcsc_ops.models.dpm_solver import DPMSolverSampler  # it imports this module lazily (no cycle)
-from lcsc_ops.models.sampling import denoiser_output
+from lcsc_ops.models.sampling import Guidance, denoiser_output
 
 
 def cosine_alpha_bar(timesteps: int, s: float = 0.008) -> torch.Tensor:
@@ -45,21 +47,23 @@ class DDIMSampler:
         return self.steps
 
     def training_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None, *,
-                      step: int = 0, total_steps: int = 1) -> torch.Tensor:
+                      step: int = 0, total_steps: int = 1, guidance: Guidance | None = None) -> torch.Tensor:
         """The simple DDPM loss: MSE between true and predicted noise at a random timestep.
 
-        ``step`` / ``total_steps`` (the training progress, for samplers with a curriculum) are ignored.
+        ``step`` / ``total_steps`` (the training progress, for samplers with a curriculum) are ignored;
+        ``guidance`` gives a conditional model its (already dropped-out) labels.
         """
         n = x0.shape[0]
         t = torch.randint(0, self.timesteps, (n,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         ab = self.alpha_bar.to(x0.device)[t].view(n, *([1] * (x0.dim() - 1)))
         x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        return torch.mean((denoiser_output(model, x_t, t) - noise) ** 2)
+        return torch.mean((denoiser_output(model, x_t, t, guidance) - noise) ** 2)
 
     @torch.inference_mode()
-    def sample(self, model: nn.Module, noise: torch.Tensor) -> torch.Tensor:
-        """Run DDIM from ``noise`` (x_T) to images in [-1, 1] (Song et al., Eq. 12, eta = 0)."""
+    def sample(self, model: nn.Module, noise: torch.Tensor, guidance: Guidance | None = None) -> torch.Tensor:
+        """Run DDIM from ``noise`` (x_T) to images in [-1, 1] (Song et al., Eq. 12, eta = 0), guided by
+        ``guidance`` for a conditional model."""
         ab = self.alpha_bar.to(noise.device)
         ts = torch.linspace(self.timesteps - 1, 0, self.steps).round().long().tolist()
         x = noise
@@ -67,7 +71,7 @@ class DDIMSampler:
         for i, t in enumerate(ts):
             a_t = ab[t]
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-            eps = denoiser_output(model, x, tt)
+            eps = denoiser_output(model, x, tt, guidance)
             x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
             if self.clip:
                 x0 = x0.clamp(-1, 1)

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.models.sampling import denoiser_output
+from lcsc_ops.models.sampling import Guidance, denoiser_output
 
 # "ddim" (the default): DDIMSampler's timesteps for the same steps, round(linspace(T - 1, 0,
 # steps)), down to t = 0, so ddim and dpmpp-2m at equal --nfe evaluate the same timesteps.
@@ -97,9 +97,9 @@ class DPMSolverSampler:
         return self.steps
 
     def training_loss(self, model: nn.Module, x0: torch.Tensor, generator: torch.Generator | None = None, *,
-                      step: int = 0, total_steps: int = 1) -> torch.Tensor:
+                      step: int = 0, total_steps: int = 1, guidance: Guidance | None = None) -> torch.Tensor:
         """DDIM's epsilon-prediction loss (:meth:`DDIMSampler.training_loss`), on the same schedule."""
-        return self._ddim.training_loss(model, x0, generator, step=step, total_steps=total_steps)
+        return self._ddim.training_loss(model, x0, generator, step=step, total_steps=total_steps, guidance=guidance)
 
     def _schedule(self) -> tuple[list[float], list[float], list[float]]:
         """``alpha``, ``sigma`` and ``lambda`` at each evaluated timestep (float64, as Python floats)."""
@@ -107,18 +107,20 @@ class DPMSolverSampler:
         alpha, sigma = [math.sqrt(a) for a in ab], [math.sqrt(1 - a) for a in ab]
         return alpha, sigma, [math.log(a / s) for a, s in zip(alpha, sigma)]
 
-    def _data_prediction(self, model: nn.Module, x: torch.Tensor, t: int, alpha: float, sigma: float) -> torch.Tensor:
+    def _data_prediction(self, model: nn.Module, x: torch.Tensor, t: int, alpha: float, sigma: float,
+                         guidance: Guidance | None) -> torch.Tensor:
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        d = (x - sigma * denoiser_output(model, x, tt)) / alpha
+        d = (x - sigma * denoiser_output(model, x, tt, guidance)) / alpha
         return d.clamp(-1, 1) if self.clip else d
 
     @torch.inference_mode()
-    def sample(self, model: nn.Module, noise: torch.Tensor) -> torch.Tensor:
-        """Run DPM-Solver++ 2M from ``noise`` (x at timestep T - 1) to the data prediction at sigma = 0."""
+    def sample(self, model: nn.Module, noise: torch.Tensor, guidance: Guidance | None = None) -> torch.Tensor:
+        """Run DPM-Solver++ 2M from ``noise`` (x at timestep T - 1) to the data prediction at sigma = 0,
+        the noise estimate guided by ``guidance`` for a conditional model (as DDIM's)."""
         alpha, sigma, lam = self._schedule()
         x, d_prev = noise, None
         for i, t in enumerate(self.ts):
-            d = self._data_prediction(model, x, t, alpha[i], sigma[i])
+            d = self._data_prediction(model, x, t, alpha[i], sigma[i], guidance)
             if i + 1 == len(self.ts):
                 break  # the first-order step to sigma = 0 lands on d
             h = lam[i + 1] - lam[i]

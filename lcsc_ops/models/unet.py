@@ -2,7 +2,9 @@
 
 Two resolutions (8x8 at ``channels``, 4x4 at ``2*channels``), GroupNorm, residual
 blocks conditioned on a sinusoidal embedding of the integer timestep; ~0.3M parameters
-at the default width (32).
+at the default width (32). With ``num_classes`` K > 0 it is class-conditional: a learned
+embedding of the label (K classes plus the null label K, for classifier-free guidance) is
+added to the time embedding.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import math
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from lcsc_ops.errors import LcscError
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -39,13 +43,16 @@ class ResBlock(nn.Module):
 
 
 class DigitsUNet(nn.Module):
-    """Epsilon-predicting U-Net: ``forward(x_t, t) -> eps`` for (N, C, 8, 8) inputs."""
+    """Epsilon-predicting U-Net: ``forward(x_t, t) -> eps`` for (N, C, 8, 8) inputs; with
+    ``num_classes`` K, ``forward(x_t, t, y)`` with labels y in 0..K (K: no class, also when y is None)."""
 
-    def __init__(self, in_channels: int = 1, channels: int = 32, groups: int = 8) -> None:
+    def __init__(self, in_channels: int = 1, channels: int = 32, groups: int = 8, num_classes: int = 0) -> None:
         super().__init__()
         c1, c2, temb = channels, 2 * channels, 4 * channels
-        self.channels = channels
+        self.channels, self.num_classes = channels, num_classes
         self.time_mlp = nn.Sequential(nn.Linear(channels, temb), nn.SiLU(), nn.Linear(temb, temb))
+        # No module at all when unconditional: the state dict stays what it always was.
+        self.label_emb = nn.Embedding(num_classes + 1, temb) if num_classes > 0 else None
         self.inp = nn.Conv2d(in_channels, c1, 3, padding=1)
         self.down1 = ResBlock(c1, c1, temb, groups)
         self.downsample = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
@@ -56,8 +63,14 @@ class DigitsUNet(nn.Module):
         self.out_norm = nn.GroupNorm(min(groups, c1), c1)
         self.out = nn.Conv2d(c1, in_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         emb = self.time_mlp(timestep_embedding(t, self.channels))
+        if self.label_emb is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
+            emb = emb + self.label_emb(y)
+        elif y is not None:
+            raise LcscError("this DigitsUNet is unconditional (num_classes=0): it takes no class labels")
         h1 = self.down1(self.inp(x), emb)
         h2 = self.down2(self.downsample(h1), emb)
         h2 = self.mid(h2, emb)

@@ -34,7 +34,8 @@ class Candidate:
     note: str = ""
     final: list[float] = field(default_factory=list)
     second: list[float] = field(default_factory=list)
-    final_default_nfe: list[float] = field(default_factory=list)  # baselines at the spec's NFE (with --nfe)
+    final_default_nfe: list[float] = field(default_factory=list)  # baselines at the spec's NFE and guidance scale
+    class_accuracy: list[float] = field(default_factory=list)  # per class, mean over the final seeds (conditional)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -53,6 +53,9 @@ class OptimizeConfig:
     top_k: int = option(3, "Best trials re-evaluated (plus their average).", panel=EVAL)
     ema_grid: int = option(12, "Post-hoc EMA rates tried for the EMA* baseline.", panel=EVAL)
     nfe: int | None = option(None, "Sample with N function evaluations instead of the spec's.", panel=EVAL)
+    guidance: float | None = option(None, "Class-conditional models: sample with classifier-free guidance scale W "
+                                          "instead of the spec's (0: unconditional, 1: conditional); the baselines "
+                                          "are also reported at the spec's scale.", panel=EVAL)
     evaluator: str | None = option(None, "Own score 'module:callable(model, num_samples, seed) -> float', "
                                          "lower is better (its package must be importable here).", panel=EVAL)
     second_evaluator: str | None = option(None, "A second metric 'module:callable(model, num_samples, seed) -> "
@@ -103,7 +106,7 @@ class OptimizeConfig:
         key = {k: getattr(self, k) for k in keep}
         if self.search_precision != "fp32":  # absent for fp32, so earlier studies still resume
             key["search_precision"] = self.search_precision
-        for name in ("metric_name", "evaluator_version"):  # absent when unset, for the same reason
+        for name in ("metric_name", "evaluator_version", "guidance"):  # absent when unset, for the same reason
             if getattr(self, name) is not None:
                 key[name] = getattr(self, name)
         return key
@@ -132,6 +135,11 @@ class OptimizeConfig:
         self._validate_evaluators()
         if self.nfe is not None and self.evaluator:
             raise LcscError("--nfe applies to the built-in FID only; a custom evaluator samples by itself")
+        if self.guidance is not None:
+            if isinstance(self.guidance, bool) or not (math.isfinite(self.guidance) and self.guidance >= 0):
+                raise LcscError(f"--guidance must be a finite number >= 0, got {self.guidance}")
+            if self.evaluator:
+                raise LcscError("--guidance applies to the built-in FID only; a custom evaluator samples by itself")
         if self.prune:
             if self.evaluator:
                 raise LcscError("--prune needs the built-in FID: a custom evaluator scores all its samples at once")

@@ -27,7 +27,7 @@ from lcsc_ops.pipeline.candidates import (Candidate, average_coefficients, basel
 from lcsc_ops.pipeline.checks import drop_nonfinite
 from lcsc_ops.pipeline.config import BASIS_KINDS, OptimizeConfig
 from lcsc_ops.pipeline.progress import PlainProgress, Progress, SilentProgress
-from lcsc_ops.pipeline.report import build_report, publish_report, save_plots, seeds_used
+from lcsc_ops.pipeline.report import build_report, class_accuracy_metrics, publish_report, save_plots, seeds_used
 from lcsc_ops.pipeline.scoring import Scorer
 from lcsc_ops.redact import mask_credentials
 from lcsc_ops.search.evolution import seed_points_from_profiles
@@ -50,7 +50,7 @@ class Job:
     tracking_uri: str
     source: Any  # the training run (MLflow entity)
     window: CheckpointWindow
-    spec: ModelSpec  # the window's spec, with --nfe applied
+    spec: ModelSpec  # the window's spec, with --nfe and --guidance applied
     basis: list[int]  # the entries the merge may combine
     evaluators: Evaluators
     scorer: Scorer
@@ -61,6 +61,12 @@ class Job:
     def default_nfe(self) -> int | None:
         """The spec's own NFE: with --nfe, the bar is the base model at it (the paper's 15 -> 9 steps)."""
         return int(self.window.spec.sampler.get("steps", 0)) or None
+
+    @property
+    def default_guidance(self) -> float | None:
+        """The spec's own guidance scale (None for an unconditional model)."""
+        cond = self.window.spec.conditioning
+        return None if cond is None else cond.guidance
 
     def search_score(self, dense: Sequence[float]) -> float:
         """The search objective: mean score over the fixed search seeds (common random numbers)."""
@@ -100,6 +106,11 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None, progre
     window = drop_nonfinite(fetch.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
                                                tracking_uri=uri, cache_dir=cache_dir, trust=trust), log)
     spec = window.spec if cfg.nfe is None else window.spec.with_sampler(steps=cfg.nfe)
+    if cfg.guidance is not None:
+        if spec.conditioning is None:
+            raise LcscError(f"--guidance applies to class-conditional models: run {cfg.run_id}'s model spec has "
+                            "no conditioning")
+        spec = spec.with_guidance(cfg.guidance)
     device = resolve_device(cfg.device)
     evaluators = build_evaluators(spec, evaluator=cfg.evaluator, feature_extractor=cfg.feature_extractor,
                                   inception_weights=cfg.inception_weights, batch_size=cfg.batch_size, device=device,
@@ -306,14 +317,16 @@ def pick_candidates(job: Job, search: Search) -> list[Candidate]:
 def final_evaluation(job: Job, cands: Sequence[Candidate]) -> None:
     """Every candidate on the same fresh seeds (paired), never used in the search, in full precision.
 
-    With ``--nfe`` the baselines are also scored at the spec's default NFE, the figure a
-    merged model at fewer steps must match."""
+    With ``--nfe`` (``--guidance``) the baselines are also scored at the spec's default NFE
+    (guidance scale), the figure a merged model at fewer steps must match. A conditional
+    model's candidates also get the per-class accuracy of the classifier on their samples."""
     cfg, ev = job.cfg, job.evaluators
     seeds, n = seeds_used(cfg)["final"], cfg.final_samples
     job.scorer.full_precision()
     at_default = None
-    if cfg.nfe is not None and cfg.nfe != job.default_nfe:
-        at_default = ev.with_sampler(dict(job.window.spec.sampler))
+    if (cfg.nfe is not None and cfg.nfe != job.default_nfe) or \
+            (cfg.guidance is not None and cfg.guidance != job.default_guidance):
+        at_default = ev.with_sampler(dict(job.window.spec.sampler), job.default_guidance)
     job.progress.stage("final evaluation", len(cands), unit="candidates")
     for c in cands:
         dense = c.dense(len(job.window.entries))
@@ -323,6 +336,9 @@ def final_evaluation(job: Job, cands: Sequence[Candidate]) -> None:
             c.final = job.scorer.per_seed(dense, ev.main, n, seeds)
         if at_default is not None and c.kind == "baseline":
             c.final_default_nfe = job.scorer.per_seed(dense, at_default, n, seeds)
+        if ev.classes is not None:
+            per_seed = job.scorer.per_seed_values(dense, ev.classes, n, seeds)
+            c.class_accuracy = [statistics.fmean(accs) for accs in zip(*per_seed)]
         job.progress.advance(status=f"{c.name} {c.final_mean:.3f} ± {c.final_std:.3f}")
 
 
@@ -377,7 +393,8 @@ def make_report(job: Job, search: Search, base: Sequence[Candidate], cands: Sequ
     report = build_report(job.cfg, job.window, base, cands, search.centre, metric=ev.metric,
                           search_seconds=seconds, trials=search.study.n_searched, study=search.study.name,
                           storage=mask_credentials(search.storage), parent_run_id=search.run.run_id, default_nfe=job.default_nfe,
-                          second_metric=ev.second_name, no_second=ev.no_second)
+                          second_metric=ev.second_name, no_second=ev.no_second, default_guidance=job.default_guidance,
+                          no_classes=ev.no_classes)
     if job.cfg.prune:
         report["pruned_trials"] = search.study.n_pruned
     if job.score_cache is not None:
@@ -389,6 +406,7 @@ def log_results(job: Job, search: Search, report: dict[str, Any], cands: Sequenc
                 winner: Candidate) -> None:
     run = search.run
     run.log_metrics({f"final_{job.evaluators.metric}.{n}": r["final_mean"] for n, r in report["methods"].items()})
+    run.log_metrics(class_accuracy_metrics(report))
     run.log_json(report, "results.json")
     with tempfile.TemporaryDirectory() as tmp:
         for path in save_plots(search.study.records(), base, cands, winner, job.window, Path(tmp),

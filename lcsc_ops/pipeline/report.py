@@ -29,13 +29,16 @@ def seeds_used(cfg: Any) -> dict[str, list[int]]:
 def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequence[Candidate], centre: Candidate,
                  *, metric: str, search_seconds: float, trials: int, study: str, storage: str,
                  parent_run_id: str, default_nfe: int | None = None, second_metric: str | None = None,
-                 no_second: str | None = None) -> dict[str, Any]:
+                 no_second: str | None = None, default_guidance: float | None = None,
+                 no_classes: str | None = None) -> dict[str, Any]:
     """Everything the table, the JSON output and the lineage tags are made from.
 
     The strongest baseline is the one with the best mean on the fresh final seeds (the bar
     the merge must clear); the winner is the best of all candidates on those seeds, so a
     search that fails to beat the baselines registers the best baseline instead and says so.
-    ``second_metric`` names the second metric; without one, ``no_second`` says why.
+    ``second_metric`` names the second metric; without one, ``no_second`` says why. A conditional
+    model (``default_guidance`` given) adds the guidance scales and each method's per-class
+    accuracy (``no_classes``: why there is none).
     """
     strongest = min(base, key=lambda c: c.final_mean)
     best_lcsc = min(cands, key=lambda c: c.final_mean)
@@ -44,7 +47,7 @@ def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequen
     search_gain = best_lcsc.search_fid - strongest.search_fid
     second_worse = (best_lcsc.second_mean is not None and strongest.second_mean is not None
                     and best_lcsc.second_mean > strongest.second_mean)
-    return {
+    report = {
         "source_run_id": cfg.run_id, "parent_run_id": parent_run_id, "metric": metric,
         "window_steps": list(window.steps), "basis": cfg.basis, "strategy": cfg.strategy,
         "trials": trials, "search_seconds": search_seconds, "study": study, "storage": storage,
@@ -60,6 +63,40 @@ def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequen
         "nfe": {"default": default_nfe, "used": cfg.nfe or default_nfe},
         "methods": {c.name: _method_row(c, window) for c in [*base, *cands]},
     }
+    if default_guidance is not None:  # only for conditional models: other reports stay as they were
+        report["guidance"] = {"default": default_guidance,
+                              "used": default_guidance if cfg.guidance is None else float(cfg.guidance)}
+        report["class_accuracy_note"] = no_classes
+        for c in [*base, *cands]:
+            report["methods"][c.name]["class_accuracy"] = list(c.class_accuracy) or None
+    return report
+
+
+def class_accuracy_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """MLflow metrics of a conditional model's per-class accuracy: ``class_acc.<method>`` (the mean
+    over classes) and ``class_acc_<k>.<method>``; none for an unconditional model."""
+    out = {}
+    for name, row in report["methods"].items():
+        accs = row.get("class_accuracy") or []
+        finite = [a for a in accs if math.isfinite(a)]
+        if finite:
+            out[f"class_acc.{name}"] = statistics.fmean(finite)
+        out.update({f"class_acc_{k}.{name}": a for k, a in enumerate(accs) if math.isfinite(a)})
+    return out
+
+
+def sampling_labels(report: dict[str, Any]) -> tuple[str, str] | None:
+    """``(used, default)`` sampling settings, e.g. ``("NFE 1, w 3", "NFE 2, w 2")``, when the search
+    sampled otherwise than the spec (--nfe, --guidance); None when it did not."""
+    nfe, guidance = report.get("nfe") or {}, report.get("guidance") or {}
+    used, default = [], []
+    if nfe.get("used") != nfe.get("default"):
+        used.append(f"NFE {nfe.get('used')}")
+        default.append(f"NFE {nfe.get('default')}")
+    if guidance.get("used") != guidance.get("default"):
+        used.append(f"w {guidance.get('used'):g}")
+        default.append(f"w {guidance.get('default'):g}")
+    return (", ".join(used), ", ".join(default)) if used else None
 
 
 def _method_row(c: Candidate, window: Any) -> dict[str, Any]:
@@ -95,12 +132,13 @@ def render_table(report: dict[str, Any]) -> Any:
     m = report["metric"]
     table = Table(title=f"LCSC on run {report['source_run_id']} — {report['trials']} trials "
                         f"({report['strategy']}, basis {report['basis']})")
-    nfe = report.get("nfe") or {}
-    reduced = nfe.get("used") != nfe.get("default")
+    reduced, classes = sampling_labels(report), has_class_accuracy(report)
     cols = ["method", f"search {m}", f"final {m} (mean ± std)"]
     if reduced:
-        cols[2] = f"final {m} @ NFE {nfe['used']} (mean ± std)"
-        cols.append(f"final {m} @ NFE {nfe['default']}")
+        cols[2] = f"final {m} @ {reduced[0]} (mean ± std)"
+        cols.append(f"final {m} @ {reduced[1]}")
+    if classes:
+        cols.append("class acc (worst class)")
     for col in (*cols, second_header(report), "note"):
         table.add_column(col, justify="left" if col in ("method", "note") else "right")
     methods = report["methods"]
@@ -112,9 +150,24 @@ def render_table(report: dict[str, Any]) -> Any:
         cells = [label + tag, _fmt(row["search_mean"]), f"{_fmt(row['final_mean'])} ± {_fmt(row['final_std'])}"]
         if reduced:
             cells.append(_fmt(row.get("final_default_nfe_mean")))
+        if classes:
+            cells.append(class_accuracy_cell(row.get("class_accuracy")))
         table.add_row(*cells, _fmt(row["second_metric_mean"]), row["note"])
     table.caption = _caption(report)
     return table
+
+
+def has_class_accuracy(results: dict[str, Any]) -> bool:
+    return any(r.get("class_accuracy") for r in results["methods"].values())
+
+
+def class_accuracy_cell(accs: Sequence[float] | None) -> str:
+    """``0.94 (0.71 @ 8)``: the mean over classes, then the worst class and its accuracy."""
+    finite = [(a, k) for k, a in enumerate(accs or []) if math.isfinite(a)]
+    if not finite:
+        return "—"
+    worst, k = min(finite)
+    return f"{statistics.fmean(a for a, _ in finite):.2f} ({worst:.2f} @ {k})"
 
 
 def _caption(report: dict[str, Any]) -> str:
@@ -270,13 +323,12 @@ def _cell(x: Any, digits: int = 3, sign: bool = False) -> str:
 def render_markdown(results: dict[str, Any]) -> str:
     """The results table in Markdown: one row per method, with what ± means underneath."""
     m, methods, strongest = results["metric"], results["methods"], results["strongest_baseline"]
-    nfe = results.get("nfe") or {}
-    reduced = nfe.get("used") != nfe.get("default")
+    reduced = sampling_labels(results)
     n_final = results["final_seeds"]
     head = ["method", "kind", f"search {m}", f"final {m} (mean ± std)", f"Δ vs {strongest} (mean ± SE)",
             second_header(results), "note"]
     if reduced:
-        head.insert(4, f"final {m} @ NFE {nfe.get('default')}")
+        head.insert(4, f"final {m} @ {reduced[1]}")
     lines = [f"## LCSC on run `{results['source_run_id']}`", "", _summary(results), "",
              "| " + " | ".join(head) + " |", "|" + "|".join("---:" if 1 < i < len(head) - 1 else "---"
                                                         for i in range(len(head))) + "|"]
@@ -303,7 +355,26 @@ def render_markdown(results: dict[str, Any]) -> str:
     note = no_second_note(results)
     if note:
         lines += ["", note[0].upper() + note[1:] + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _class_accuracy_lines(results, order)) + "\n"
+
+
+def _class_accuracy_lines(results: dict[str, Any], order: Sequence[str]) -> list[str]:
+    """A conditional model's per-class accuracy table (empty for an unconditional one)."""
+    if not has_class_accuracy(results):
+        note = results.get("class_accuracy_note")
+        return ["", note[0].upper() + note[1:] + "."] if note else []
+    methods = results["methods"]
+    k = max(len(r.get("class_accuracy") or []) for r in methods.values())
+    lines = ["", "### Class-conditional accuracy", "",
+             "Share of each class's samples (balanced labels, final seeds) that the data set's classifier "
+             "labels as that class: a merge that trades one class for another shows here, not in FID.", "",
+             "| method | mean | " + " | ".join(str(c) for c in range(k)) + " |", "|---|" + "---:|" * (k + 1)]
+    for name in order:
+        accs = methods[name].get("class_accuracy") or []
+        finite = [a for a in accs if math.isfinite(a)]
+        lines.append(f"| {name} | {_cell(statistics.fmean(finite) if finite else None, 2)} | "
+                     + " | ".join(_cell(a, 2) for a in accs) + " |")
+    return lines
 
 
 def _seed_text(results: dict[str, Any]) -> str:
@@ -336,10 +407,13 @@ def method_candidate(results: dict[str, Any], name: str, window: Any) -> Candida
 def sample_rows(results: dict[str, Any], window: Any, spec: ModelSpec, *, device: str,
                 samples: int) -> list[tuple[str, Any]]:
     """Samples of the last checkpoint, the strongest baseline and the best LCSC merge, all from the
-    same fixed noise; each merge rebuilt from the verified checkpoint files and its coefficients."""
+    same fixed noise (and, for a conditional model, the same balanced labels and guidance scale);
+    each merge rebuilt from the verified checkpoint files and its coefficients."""
     import torch
 
-    from lcsc_ops.evaluation.fid import make_noise
+    from lcsc_ops.evaluation.conditional import make_labels
+    from lcsc_ops.evaluation.fid import make_noise, sample_batch
+    from lcsc_ops.models.sampling import guidance_for
     from lcsc_ops.math.merge import load_checkpoint_state
     from lcsc_ops.models.diffusion import make_sampler
 
@@ -350,12 +424,21 @@ def sample_rows(results: dict[str, Any], window: Any, spec: ModelSpec, *, device
              (f"{strongest}\n(strongest baseline)", method_candidate(results, strongest, window)),
              (f"{best}\n(LCSC)", method_candidate(results, best, window))]
     noise, sampler, rows = make_noise(samples, spec.image_shape, SAMPLE_SEED), make_sampler(spec.sampler), []
+    cond = spec.conditioning
+    guidance = None if cond is None else guidance_for(cond, make_labels(samples, cond.num_classes, SAMPLE_SEED))
     for name, cand in picks:
         model = load_checkpoint_state(spec.build(), merged_state(window, cand)).to(device).eval()
         with torch.inference_mode():
-            rows.append((name, sampler.sample(model, noise.to(device)).cpu()))
+            rows.append((name, sample_batch(sampler, model, noise.to(device), guidance).cpu()))
         del model
     return rows
+
+
+def make_labels_of(spec: ModelSpec, samples: int) -> list[int]:
+    """The labels of the sample grid's columns (a conditional model's)."""
+    from lcsc_ops.evaluation.conditional import make_labels
+
+    return make_labels(samples, spec.conditioning.num_classes, SAMPLE_SEED).tolist()
 
 
 def _coefficients_over(labels: Sequence[str], row: dict[str, Any]) -> list[float]:
@@ -383,7 +466,9 @@ def write_report_files(results: dict[str, Any], trials: Sequence[tuple[int, floa
         files.append(plot_samples(sample_rows(results, window, spec, device=device, samples=samples),
                                   folder / "samples.png",
                                   title=f"the same noise (seed {SAMPLE_SEED}) through each model; sampler "
-                                        f"{spec.sampler.get('name', '?')}" + (f", {steps} steps" if steps else "")))
+                                        f"{spec.sampler.get('name', '?')}" + (f", {steps} steps" if steps else "")
+                                        + (f"; labels {', '.join(map(str, make_labels_of(spec, samples)))}, "
+                                           f"guidance {spec.conditioning.guidance:g}" if spec.conditioning else "")))
     files.append(folder / "results.md")
     files[-1].write_text(render_markdown(results) + ("" if images else
                          "\nNo samples.png: the model spec has no image shape (C, H, W).\n"))
@@ -474,10 +559,12 @@ def run_report(cfg: ReportConfig, log: Callable[[str], None]) -> dict[str, Any]:
     if list(window.steps) != steps:
         raise LcscError(f"run {results['source_run_id']}'s checkpoints no longer match the optimization's window "
                         f"(steps {steps[0]}..{steps[-1]})")
-    nfe = results.get("nfe") or {}
+    nfe, guidance = results.get("nfe") or {}, results.get("guidance") or {}
     spec = window.spec
     if nfe.get("used") and nfe.get("used") != nfe.get("default"):
         spec = spec.with_sampler(steps=int(nfe["used"]))
+    if guidance.get("used") is not None and guidance.get("used") != guidance.get("default"):
+        spec = spec.with_guidance(float(guidance["used"]))
     trials = reports.trial_scores(cfg.run_id, results["metric"], uri)
     return publish_report(results, trials, window, spec, device=device, tracking_uri=uri, log=log, run_id=cfg.run_id,
                           out=cfg.out, samples=cfg.samples)

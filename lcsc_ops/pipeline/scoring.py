@@ -111,6 +111,14 @@ class Scorer:
         self._store([k for k, v in zip(keys, known) if v is None], [o for o, v in zip(out, known) if v is None])
         return out
 
+    def per_seed_values(self, coeffs: Sequence[float], fn: Callable[[torch.nn.Module, int, int], Any],
+                        num_samples: int, seeds: Sequence[int]) -> list[Any]:
+        """``fn(model, num_samples, seed)`` per seed for the merge of ``coeffs``, not cached: a value
+        that is not a score (a conditional model's per-class accuracy)."""
+        self.merger.merge(coeffs)
+        with self.evaluating():
+            return [fn(self.model, num_samples, s) for s in seeds]
+
     def per_seed_pair(self, coeffs: Sequence[float], first: Any, second: Any, num_samples: int,
                       seeds: Sequence[int]) -> tuple[list[float], list[float]]:
         """Scores under two evaluators per seed from ONE merge (the final evaluation): two FID

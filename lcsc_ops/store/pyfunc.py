@@ -6,7 +6,9 @@ pointed at this module, so ``mlflow.pyfunc.load_model(uri).predict({"num_samples
 "seed": 0})`` and ``mlflow models serve`` return samples: a float32 numpy array
 (N, C, H, W) in [-1, 1], drawn from :func:`lcsc_ops.evaluation.fid.make_noise` with the
 spec's sampler (``lcsc_spec`` in the model's metadata), exactly as the FID evaluator draws
-them for that seed.
+them for that seed. A class-conditional model takes an optional ``label`` per row (omitted:
+the seed's balanced labels, as the FID evaluator's) and an optional ``guidance`` param (the
+classifier-free guidance scale; default: the spec's).
 
 :func:`save_model` is the flavor module ``mlflow.models.Model.log`` calls (as
 ``mlflow.pytorch.log_model`` does with ``mlflow.pytorch``), so the logged model, its run and
@@ -49,16 +51,45 @@ class Generator:
         self.model, self.spec, self.sampler = model.to(device).eval(), spec, make_sampler(spec.sampler)
         self.device, self.batch_size, self.max_samples = torch.device(device), int(batch_size), int(max_samples)
 
-    def sample(self, num_samples: int, seed: int = 0) -> torch.Tensor:
+    def sample(self, num_samples: int, seed: int = 0, *, label: int | None = None,
+               guidance: float | None = None) -> torch.Tensor:
         """``num_samples`` images (float32, (N, C, H, W), on the CPU) from the fixed noise of ``seed``:
-        the images the FID evaluator samples for that seed (same noise, same sampler)."""
-        from lcsc_ops.evaluation.fid import make_noise
+        the images the FID evaluator samples for that seed (same noise, same sampler). A conditional
+        model samples class ``label`` (None: the seed's balanced labels, as the evaluator) at guidance
+        scale ``guidance`` (None: the spec's)."""
+        from lcsc_ops.evaluation.fid import make_noise, sample_batch
 
         num_samples, seed = _count(num_samples, "num_samples"), _seed(seed)
         noise = make_noise(num_samples, self.spec.image_shape, seed)
+        cond = self._guidance(num_samples, seed, label, guidance)
         with torch.inference_mode():
-            return torch.cat([self.sampler.sample(self.model, batch.to(self.device)).float().cpu()
-                              for batch in noise.split(self.batch_size)])
+            return torch.cat([sample_batch(self.sampler, self.model, noise[a:a + self.batch_size].to(self.device),
+                                           None if cond is None else cond[a:a + self.batch_size]).float().cpu()
+                              for a in range(0, num_samples, self.batch_size)])
+
+    def _guidance(self, num_samples: int, seed: int, label: Any, scale: Any) -> Any:
+        from lcsc_ops.evaluation.conditional import make_labels
+        from lcsc_ops.models.sampling import guidance_for
+
+        cond = self.spec.conditioning
+        if cond is None:
+            if label is not None or scale is not None:
+                raise LcscError("this model is unconditional: it takes no label or guidance")
+            return None
+        if label is None:
+            labels = make_labels(num_samples, cond.num_classes, seed)
+        else:
+            label = _integer(label, "label")
+            if not 0 <= label < cond.num_classes:
+                raise LcscError(f"label must be in 0..{cond.num_classes - 1}, got {label}")
+            labels = torch.full((num_samples,), label, dtype=torch.long)
+        if scale is not None:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float, np.integer, np.floating)) \
+                    or not (math.isfinite(scale) and scale >= 0):
+                raise LcscError(f"guidance must be a finite number >= 0, got {scale!r}")
+            if scale != 1 and cond.null_label is None:
+                raise LcscError("guidance other than 1 needs the model's null label, which its spec lacks")
+        return guidance_for(cond, labels, None if scale is None else float(scale))
 
     def predict(self, model_input: Any, params: Mapping[str, Any] | None = None) -> np.ndarray:
         """Samples for each request row ``{"num_samples": N, "seed": S}`` (seed 0 when omitted),
@@ -67,19 +98,23 @@ class Generator:
         from mlflow.exceptions import MlflowException
 
         try:
-            rows = _records(model_input)
-            requests = [(_count(r.get("num_samples"), "num_samples"), _seed(r.get("seed"))) for r in rows]
-            total = sum(n for n, _ in requests)
+            conditional = self.spec.conditioning is not None
+            rows = _records(model_input, conditional)
+            requests = [(_count(r.get("num_samples"), "num_samples"), _seed(r.get("seed")), _label(r.get("label")))
+                        for r in rows]
+            total = sum(n for n, _, _ in requests)
             if total > self.max_samples:
                 raise LcscError(f"{total} samples requested, more than max_samples={self.max_samples} "
                                 "(model_config) allows in one request")
-            return torch.cat([self.sample(n, s) for n, s in requests]).numpy()
+            guidance = (params or {}).get("guidance") if conditional else None
+            return torch.cat([self.sample(n, s, label=y, guidance=guidance) for n, s, y in requests]).numpy()
         except LcscError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
 
 
-def _records(model_input: Any) -> list[dict[str, Any]]:
-    """The request rows of a DataFrame, a dict (one row, or columns of lists) or a list of dicts."""
+def _records(model_input: Any, conditional: bool = False) -> list[dict[str, Any]]:
+    """The request rows of a DataFrame, a dict (one row, or columns of lists) or a list of dicts
+    (``label`` is a field only for a conditional model)."""
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
@@ -96,11 +131,19 @@ def _records(model_input: Any) -> list[dict[str, Any]]:
                         f"got {type(model_input).__name__}")
     if not rows:
         raise LcscError("empty request: expected {'num_samples': N, 'seed': S}")
+    fields = {"num_samples", "seed"} | ({"label"} if conditional else set())
     for row in rows:
-        unknown = set(row) - {"num_samples", "seed"}
+        unknown = set(row) - fields
         if unknown:
-            raise LcscError(f"unknown request field(s) {sorted(unknown)}: expected num_samples and seed")
+            raise LcscError(f"unknown request field(s) {sorted(unknown)}: expected num_samples and seed"
+                            + (" (and label)" if conditional else ""))
     return rows
+
+
+def _label(value: Any) -> int | None:
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return None  # omitted: the seed's balanced labels
+    return _integer(value, "label")
 
 
 def _integer(value: Any, what: str) -> int:
@@ -129,13 +172,19 @@ def _seed(value: Any) -> int:
 
 def signature(spec: Mapping[str, Any]):
     """Input: one row of ``num_samples`` (long) and optional ``seed`` (long); output: float32
-    images (-1, C, H, W) of the spec's image shape."""
+    images (-1, C, H, W) of the spec's image shape. A conditional model's also takes an optional
+    ``label`` (long) and a ``guidance`` param (double, default: the spec's scale)."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
     shape = tuple(int(d) for d in (spec.get("image_shape", (1, 8, 8)) or ()))  # None: a model without a sample shape
-    return ModelSignature(inputs=Schema([ColSpec("long", "num_samples"), ColSpec("long", "seed", required=False)]),
-                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))]))
+    inputs = [ColSpec("long", "num_samples"), ColSpec("long", "seed", required=False)]
+    outputs = Schema([TensorSpec(np.dtype(np.float32), (-1, *shape))])
+    cond = spec.get("conditioning")
+    if not cond:
+        return ModelSignature(inputs=Schema(inputs), outputs=outputs)
+    return ModelSignature(inputs=Schema([*inputs, ColSpec("long", "label", required=False)]), outputs=outputs,
+                          params=ParamSchema([ParamSpec("guidance", "double", float(cond.get("guidance", 1.0)))]))
 
 
 def save_model(path: str, mlflow_model: Any = None, *, pytorch_model: torch.nn.Module, spec: Mapping[str, Any],
