@@ -11,7 +11,7 @@ DEMO_STEPS  ?= 3000
 DEMO_TRIALS ?= 100
 DEMO_MODEL  ?= digits-ddpm
 
-.PHONY: install demo test test-ui bench bench-quality bench-prune clean
+.PHONY: install demo test test-ui bench bench-quality bench-prune bench-scale bench-cm bench-nfe bench-strategies bench-conditional clean
 
 install: $(STAMP)
 
@@ -60,6 +60,32 @@ bench-prune: $(STAMP)
 # resume, checkpoint-logging overhead (local store and mlflow server); benchmarks/results/scale.json + RESULTS.md.
 bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_scale.py
+
+# Issue 14, three stages (each ~35-40 min on 2 idle cores; they reuse bench-quality's DDPM run under benchmarks/work/full,
+# training it there first if it is missing, so they run in any order). Figures are merged into
+# benchmarks/results/quality.json under their own keys; each replaces its own section of benchmarks/RESULTS.md;
+# `--quick` checks the plumbing in a few minutes, `--fresh` starts over.
+# Consistency training cost: iCT for the full budget and for 1/8, 1/4, 1/2 of it; LCSC on each shorter run vs the full
+# run's strongest baseline at 1 and 2 steps, and the speed-up (search counted) -> `cm_shorter` (`--cd`: distillation too).
+bench-cm: $(STAMP)
+	$(PY) benchmarks/bench_cm.py
+
+# Fewer sampling steps: the DDPM merge searched at 9 (and 12) steps vs the strongest baseline at 15, with DDIM and
+# DPM-Solver++ 2M, each against its own base -> `nfe`. Two worker processes of one thread.
+bench-nfe: $(STAMP)
+	$(PY) benchmarks/bench_nfe.py
+
+# Strategies at equal budgets: cmaes, gp, tpe, random, evolution x 5 search seeds x 150 trials; the final FID of what the
+# product would register after 25, 50, 100, 150 trials -> `strategies.<name>.final_at_budget`, `default_strategy`,
+# plot benchmarks/results/strategies.png. Two worker processes of one thread.
+bench-strategies: $(STAMP)
+	$(PY) benchmarks/bench_strategies.py
+
+# Class-conditional digits with classifier-free guidance (~25 min on 2 idle cores): one conditional run, a CMA-ES search
+# at the spec's guidance scale vs the baselines (training EMA tuned over decays, EMA*, last, uniform), FID plus the digits
+# classifier's per-class accuracy -> benchmarks/results/conditional.json + RESULTS.md. `--quick` checks the plumbing.
+bench-conditional: $(STAMP)
+	$(PY) benchmarks/bench_conditional.py
 
 clean:
 	rm -rf $(VENV) mlflow.db optuna.db optuna.journal .lcsc-demo.json

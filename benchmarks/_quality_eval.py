@@ -60,12 +60,12 @@ def extra_online_emas(decays: Sequence[float], out_dir: Path) -> Iterator[None]:
             for d, ema in self.extra.items():
                 ema_update_(ema, state, ema_decay_at(d, self.extra_updates, self.ema_warmup))
 
-        def close(self) -> None:
+        def close(self, *args: Any, **kwargs: Any) -> None:  # the logger's own arguments (e.g. complete=)
             if self.is_main:
                 for d, ema in self.extra.items():
                     write_checkpoint(out_dir / f"ema-{d}.safetensors", ema, step=self.last_step, kind="ema",
                                      spec=self.spec, extra={"lcsc.ema_decay": repr(d)})
-            super().close()
+            super().close(*args, **kwargs)
 
     ckpt_mod.CheckpointLogger = MultiEmaLogger
     try:
