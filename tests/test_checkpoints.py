@@ -155,3 +155,16 @@ def test_a_run_without_its_end_marker_is_read_from_its_fragments_and_called_part
     logger.close()
     done = read_manifest(run_id, store["uri"])
     assert done["complete"] is True and done["entries"] == partial["entries"]
+
+
+def test_the_spool_bound_makes_the_loop_wait_for_the_uploads(store):
+    """``max_spool_bytes=0``: a new snapshot starts only once every earlier one is uploaded."""
+    client = mlflow.tracking.MlflowClient(store["uri"])
+    exp = client.get_experiment_by_name("spool") or client.get_experiment(client.create_experiment("spool"))
+    run_id = client.create_run(exp.experiment_id).info.run_id
+    spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
+    with CheckpointLogger(spec, every=1, run_id=run_id, tracking_uri=store["uri"], max_spool_bytes=0) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.step(spec.build(), step)
+        assert [e["step"] for e in ckpt.entries] == [1, 1, 2, 2]  # step 3's pair is still on its way
+    assert [e["step"] for e in read_manifest(run_id, store["uri"])["entries"]] == [1, 1, 2, 2, 3, 3]
