@@ -17,18 +17,32 @@ def ema_decay_at(decay: float, update: int, warmup: bool = True) -> float:
     return min(decay, (1.0 + update) / (10.0 + update)) if warmup else decay
 
 
-@torch.no_grad()
-def ema_update_(ema: dict[str, torch.Tensor], state: Mapping[str, torch.Tensor], decay: float) -> None:
-    """``ema = decay * ema + (1 - decay) * state`` in place; non-floating tensors are copied.
+class EmaPlan:
+    """Which EMA tensor follows which tensor of a state: built once, applied every step.
 
-    Every floating tensor in one fused call (a per-tensor loop costs ~1 ms/step).
+    The state's tensors are views of the model's weights, which the optimizer updates in
+    place, so one plan serves every step until a weight is replaced (see the logger). Every
+    floating tensor is updated in one fused call (a per-tensor loop costs ~1 ms/step).
     """
-    floats, sources = [], []
-    for k, v in state.items():
-        e = ema[k]
-        if e.is_floating_point():
-            floats.append(e)
-            sources.append(v.detach())
-        else:
-            e.copy_(v)
-    torch._foreach_lerp_(floats, sources, 1.0 - decay)
+
+    def __init__(self, ema: dict[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
+        self.floats, self.sources, self.copies = [], [], []
+        for k, v in state.items():
+            e, v = ema[k], v.detach()
+            if e.is_floating_point():
+                self.floats.append(e)
+                self.sources.append(v)
+            else:
+                self.copies.append((e, v))
+
+    def apply_(self, decay: float) -> None:
+        """``ema = decay * ema + (1 - decay) * state`` in place; non-floating tensors are copied."""
+        with torch.no_grad():
+            for e, v in self.copies:
+                e.copy_(v)
+            torch._foreach_lerp_(self.floats, self.sources, 1.0 - decay)
+
+
+def ema_update_(ema: dict[str, torch.Tensor], state: Mapping[str, torch.Tensor], decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * state`` in place; non-floating tensors are copied."""
+    EmaPlan(ema, state).apply_(decay)

@@ -9,6 +9,7 @@ the whole manifest is written once, marked complete: a run without it is partial
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import queue
@@ -25,7 +26,7 @@ import torch
 from lcsc_ops.checkpoints import (CHECKPOINT_DIR, FRAGMENT_DIR, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT,
                                   checkpoint_filename, fragment_filename, sha256_file, write_checkpoint)
 from lcsc_ops.errors import LcscError
-from lcsc_ops.math.ema import ema_decay_at, ema_update_
+from lcsc_ops.math.ema import EmaPlan, ema_decay_at
 from lcsc_ops.redact import mask_credentials
 from lcsc_ops.spec import ModelSpec
 
@@ -147,18 +148,15 @@ class _UploadProcess:
         code = self.proc.wait()
         return f"the checkpoint uploader exited (code {code}) with {len(self.pending)} step(s) not uploaded"
 
-    def stop(self, timeout: float | None = None) -> None:
-        """End of input: the worker uploads what it received, then exits; killed after ``timeout`` s."""
+    def stop(self) -> None:
+        """End of input: the worker uploads what it received and exits by itself (reaped in the
+        background: its interpreter's shutdown need not hold up the training process)."""
         if not self.proc.stdin.closed:
             try:
                 self.proc.stdin.close()
             except BrokenPipeError:
                 pass
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        threading.Thread(target=self.proc.wait, name="lcsc-ckpt-reap", daemon=True).start()
 
 
 class CheckpointLogger:
@@ -195,6 +193,7 @@ class CheckpointLogger:
         self.is_main = accelerator is None or accelerator.is_main_process
         self._ema: dict[str, torch.Tensor] | None = None
         self._written: Future | None = None
+        self._wrapped = self._net = None
         self.run_id = None
         if self.is_main:
             from lcsc_ops.evaluation.evaluators import check_spec
@@ -225,19 +224,32 @@ class CheckpointLogger:
         """Update the EMA with the current weights; log a checkpoint pair every ``every`` steps."""
         if not self.is_main:
             return
-        net = _unwrap(model, self.accelerator)
+        if model is not self._wrapped:  # unwrapped once per model object, not every step
+            self._wrapped, self._net = model, _unwrap(model, self.accelerator)
+        net = self._net
         self._update_ema(net)
         if step >= self.start_step and step % self.every == 0:
             self.save(net, step)
 
-    @torch.no_grad()
     def _update_ema(self, net: torch.nn.Module) -> None:
-        state = net.state_dict()
         if self._ema is None:
-            self._ema = {k: v.detach().clone() for k, v in state.items()}
+            self._ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            self._plan_ema(net)
             return
+        if any(t.data_ptr() != ptr for t, ptr in self._ema_watch):  # a weight moved or was cast
+            self._plan_ema(net)
         self._ema_updates += 1
-        ema_update_(self._ema, state, ema_decay_at(self.ema_decay, self._ema_updates, self.ema_warmup))
+        self._ema_plan.apply_(ema_decay_at(self.ema_decay, self._ema_updates, self.ema_warmup))
+
+    def _plan_ema(self, net: torch.nn.Module, check: bool = False) -> None:
+        """The EMA's plan: views of the weights, so a step costs one fused update and no
+        ``state_dict()``. Rebuilt when a weight's storage changes (checked every step) and, with
+        ``check``, when a weight was replaced by a new tensor object (checked at every checkpoint)."""
+        tensors = list(itertools.chain(net.parameters(), net.buffers()))
+        if check and [id(t) for t in tensors] == [id(t) for t, _ in self._ema_watch]:
+            return
+        self._ema_plan = EmaPlan(self._ema, net.state_dict())
+        self._ema_watch = [(t, t.data_ptr()) for t in tensors]
 
     @torch.no_grad()
     def save(self, model: torch.nn.Module, step: int) -> None:
@@ -247,6 +259,7 @@ class CheckpointLogger:
         net = _unwrap(model, self.accelerator)
         if self._ema is None:
             self._update_ema(net)
+        self._plan_ema(net, check=True)
         self._wait_written()  # memory bound: one snapshot pair not yet on disk
         self._wait_spool()
         raw = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
@@ -289,7 +302,7 @@ class CheckpointLogger:
             self.wait()
         finally:
             self._writer.shutdown(wait=True)
-            self._sender.stop(timeout=60.0)
+            self._sender.stop()
             self._spool.cleanup()
         if complete:
             self._uploader.finish()
