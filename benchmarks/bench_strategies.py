@@ -190,9 +190,14 @@ def markdown(res: dict[str, Any], image: str | None) -> str:
 
 
 def main() -> None:
-    args = main_args(__doc__).parse_args()
+    ap = main_args(__doc__)
+    ap.add_argument("--seeds", type=int, help="run the recipe's first N search seeds (a rerun with more resumes)")
+    args = ap.parse_args()
     mode = "quick" if args.quick else "full"
-    bench = StrategiesBench("strategies", mode, RECIPES[mode], args.fresh)
+    recipe = dict(RECIPES[mode])
+    if args.seeds:
+        recipe["seeds"] = recipe["seeds"][:args.seeds]
+    bench = StrategiesBench("strategies", mode, recipe, args.fresh)
     res = bench.run()
     (bench.work / "strategies.json").write_text(__import__("json").dumps(res, indent=1))
     png = (HERE / "results" / "strategies.png") if mode == "full" else bench.work / "strategies.png"
