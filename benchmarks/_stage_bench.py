@@ -37,6 +37,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+# Which of the recipe's step counts / search seeds to run (--tries, --seeds): a subset keeps the saved steps.
+SUBSET_KEYS = ("tries", "seeds")
+
+
+def _identity(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in recipe.items() if k not in SUBSET_KEYS}
+
+
 class StageBench:
     """A stage's work folder, its saved steps and the library calls every stage makes."""
 
@@ -49,11 +57,8 @@ class StageBench:
         self.state_path = self.work / "state.json"
         self.state: dict[str, Any] = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         recipe_json = json.loads(json.dumps(recipe))
-        if self.state and self.state.get("recipe") != recipe_json:
-            log(f"{self.work} holds steps of another recipe: starting over")
-            shutil.rmtree(self.work)
-            (self.work / "reports").mkdir(parents=True)
-            self.state = {}
+        if self.state and _identity(self.state.get("recipe", {})) != _identity(recipe_json):
+            raise SystemExit(f"error: {self.work} holds steps of another recipe; rerun with --fresh to discard them")
         self.state["recipe"] = recipe_json
         self.enter()
         self.uri = f"sqlite:///{self.work / 'mlflow.db'}"

@@ -152,9 +152,15 @@ def markdown(res: dict[str, Any]) -> str:
 def main() -> None:
     import json
 
-    args = main_args(__doc__).parse_args()
+    ap = main_args(__doc__)
+    ap.add_argument("--tries", help="comma-separated step counts to search (default: the recipe's); a rerun "
+                                    "with more resumes")
+    args = ap.parse_args()
     mode = "quick" if args.quick else "full"
-    bench = NfeBench("nfe", mode, RECIPES[mode], args.fresh)
+    recipe = dict(RECIPES[mode])
+    if args.tries:
+        recipe["tries"] = tuple(int(n) for n in args.tries.split(","))
+    bench = NfeBench("nfe", mode, recipe, args.fresh)
     res = bench.run()
     (bench.work / "nfe.json").write_text(json.dumps(res, indent=1))
     section = markdown(res)
