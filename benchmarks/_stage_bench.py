@@ -25,6 +25,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Callable
 
+from _load import mean_load, sample_load
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
@@ -64,6 +66,7 @@ class StageBench:
         self.uri = f"sqlite:///{self.work / 'mlflow.db'}"
         self.storage = str(self.work / "optuna.journal")
         self.t0 = time.perf_counter() - self.state.get("elapsed_s", 0.0)
+        self._sampling = False
 
     def enter(self) -> None:
         """This stage's folder as the working directory (MLflow puts a sqlite store's artifacts
@@ -79,8 +82,20 @@ class StageBench:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
+    def load_mean(self) -> float | None:
+        """Mean 1-minute load average over this stage's passes; None when none was sampled (older runs)."""
+        m = mean_load(self.state)
+        return None if math.isinf(m) else m
+
+    def working(self) -> None:
+        """Sample the load from the first step this pass runs (a pass that only summarises adds none)."""
+        if not self._sampling:
+            self._sampling = True
+            sample_load(self.state)
+
     def stage(self, key: str, fn: Callable[[], Any]) -> Any:
         if key not in self.state:
+            self.working()
             t = time.perf_counter()
             self.state[key] = fn()
             log(f"{self.name}: {key} done in {time.perf_counter() - t:.0f} s (total {self.elapsed():.0f} s)")
@@ -97,6 +112,7 @@ class StageBench:
         elif todo:
             import multiprocessing
 
+            self.working()
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                      initializer=_one_thread) as pool:
                 futures = {pool.submit(fn, *a): k for k, a in todo.items()}
@@ -200,6 +216,12 @@ def optimize(bench_work: Path, name: str, cfg: Any, log_prefix: str = "") -> dic
     report["wall_seconds"] = time.perf_counter() - t
     (bench_work / "reports" / f"{name}.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def load_text(res: dict[str, Any]) -> str:
+    """How loaded the machine was, for a section's wall-time sentence."""
+    m = res.get("load_mean")
+    return f"mean load average {m:.2f} on 2 cores while it ran" if m is not None else "load not recorded"
 
 
 def spread(values: list[float]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from _stage_bench import StageBench, fmt, log, main_args, optimize, update_results, write_section
+from _stage_bench import StageBench, fmt, load_text, log, main_args, optimize, update_results, write_section
 
 HEADING = "## Consistency training cost (make bench-cm)"
 BASELINES = ("last", "training_ema", "ema_star", "uniform")
@@ -46,7 +46,7 @@ class CmBench(StageBench):
             out["cd"] = self.family("cd", teacher["run_id"])
         else:
             out["cd"] = "skipped (its training is ~1.7x slower per step than iCT's: past the hour; run with --cd)"
-        out.update(recipe=self.state["recipe"], wall_seconds=self.elapsed())
+        out.update(recipe=self.state["recipe"], wall_seconds=self.elapsed(), load_mean=self.load_mean())
         return out
 
     def family(self, kind: str, teacher: str | None) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"`optimize` at {r['sampler_steps']} steps (CMA-ES, {r['n_trials']} trials, basis {r['basis']}, "
              f"{r['blocks']} blocks per kind, search FID at {r['search_samples']} samples × {r['search_seeds']} fixed "
              f"seeds, top {r['top_k']} + their average), final FID at {r['final_samples']} samples on "
-             f"{r['final_seeds']} fresh paired seeds. Wall time {res['wall_seconds'] / 60:.1f} min; training "
+             f"{r['final_seeds']} fresh paired seeds. Wall time {res['wall_seconds'] / 60:.1f} min ({load_text(res)}); training "
              f"{res['full_train_seconds_per_step'] * 1000:.0f} ms/step.", ""]
     lines += _table(res, r["sampler_steps"])
     cd = res["cd"]

@@ -32,6 +32,7 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # a shared machine: do not spin
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+from _load import mean_load, sample_load  # noqa: E402
 from bench_quality import fmt, log, row, trial_values  # noqa: E402
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -266,24 +267,6 @@ class CondBench:
 
 def train_part(recipe: dict[str, Any]) -> dict[str, Any]:
     return {k: recipe.get(k) for k in TRAIN_KEYS}
-
-
-def mean_load(state: dict[str, Any]) -> float:
-    """Mean 1-minute load average sampled while stages ran (inf when none was sampled)."""
-    samples = state.get("load_samples") or []
-    return statistics.fmean(samples) if samples else math.inf
-
-
-def sample_load(state: dict[str, Any], every_s: float = 30.0) -> None:
-    """Append the 1-minute load average to ``state["load_samples"]`` every ``every_s``, in a daemon thread."""
-    import threading
-
-    def loop() -> None:
-        while True:
-            state.setdefault("load_samples", []).append(os.getloadavg()[0])
-            time.sleep(every_s)
-
-    threading.Thread(target=loop, daemon=True).start()
 
 
 def r_strategy(r: dict[str, Any]) -> str:

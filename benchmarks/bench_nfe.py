@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from _stage_bench import StageBench, fmt, main_args, optimize, update_results, write_section
+from _stage_bench import StageBench, fmt, load_text, main_args, optimize, update_results, write_section
 
 HEADING = "## Fewer sampling steps (make bench-nfe)"
 BASELINES = ("last", "training_ema", "ema_star", "uniform")
@@ -119,7 +119,7 @@ class NfeBench(StageBench):
                 "ok": n_best is not None and n_best <= 9 * r["base_nfe"] / 15, "samplers": samplers,
                 "cross_sampler_ratio": cross, "source": {k: runs[r["samplers"][0]][k] for k in
                                                          ("source_run_id", "steps", "train_seconds", "train")},
-                "recipe": self.state["recipe"], "wall_seconds": self.elapsed()}
+                "recipe": self.state["recipe"], "wall_seconds": self.elapsed(), "load_mean": self.load_mean()}
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -131,7 +131,7 @@ def markdown(res: dict[str, Any]) -> str:
              f"{r['blocks']} blocks per kind, search FID at {r['search_samples']} samples × {r['search_seeds']} fixed "
              f"seeds, top {r['top_k']} + their average re-scored), final FID at {r['final_samples']} samples on "
              f"{r['final_seeds']} fresh paired seeds, the baselines (and the training EMA at bench-quality's extra "
-             f"decays) at {b} steps on the same seeds. Wall time {res['wall_seconds'] / 60:.1f} min.",
+             f"decays) at {b} steps on the same seeds. Wall time {res['wall_seconds'] / 60:.1f} min ({load_text(res)}).",
              "", f"| sampler | strongest baseline @ {b} | "
              + " | ".join(f"LCSC @ {n} (vs base @ {b})" for n in r["tries"])
              + " | " + " | ".join(f"strongest baseline @ {n}" for n in r["tries"]) + " |",

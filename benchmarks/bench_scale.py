@@ -69,8 +69,8 @@ class Bench:
         r = self.r
         return ["optimize", run, "--window", str(r["window"]), "--blocks", str(r["blocks"]), "--search-seeds",
                 str(r["search_seeds"]), "--search-samples", str(samples or r["search_samples"]), "--final-seeds", "2",
-                "--final-samples", "500", "--n-trials", str(trials), "--seed", str(seed), "--storage", storage,
-                "--model-name", model, "--tracking-uri", self.uri, "--json"]
+                "--final-samples", "500", "--n-trials", str(trials), "--seed", str(seed), "--strategy", "cmaes",
+                "--storage", storage, "--model-name", model, "--tracking-uri", self.uri, "--json"]
 
 
 def study_of(report: dict[str, Any]):

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _stage_bench import HERE, StageBench, fmt, log, main_args, optimize, spread, update_results, write_section
+from _stage_bench import (HERE, StageBench, fmt, load_text, log, main_args, optimize, spread, update_results,
+                          write_section)
 
 HEADING = "## Strategies at equal budgets (make bench-strategies)"
 STRATEGIES = ("cmaes", "gp", "tpe", "random", "evolution")
@@ -122,7 +123,7 @@ class StrategiesBench(StageBench):
         return {"strategies": out, "default_strategy": default, "default_strategy_budget": ref,
                 "baselines_final_mean": base, "strongest_baseline": min(base, key=base.get),
                 "source": {k: src[k] for k in ("source_run_id", "steps", "train_seconds", "train")},
-                "recipe": self.state["recipe"], "wall_seconds": self.elapsed()}
+                "recipe": self.state["recipe"], "wall_seconds": self.elapsed(), "load_mean": self.load_mean()}
 
     def report_of(self, task: dict[str, Any]) -> dict[str, Any]:
         import json
@@ -172,7 +173,7 @@ def markdown(res: dict[str, Any], image: str | None) -> str:
              f"product would register after k trials (top {r['top_k']} of the start trial and the first k trials by "
              f"search FID, then the best of them and the baselines on the final seeds) scored at {r['final_samples']} "
              f"samples on {r['final_seeds']} fresh paired seeds. Two processes of one thread; wall time "
-             f"{res['wall_seconds'] / 60:.1f} min. Baselines (final FID): "
+             f"{res['wall_seconds'] / 60:.1f} min ({load_text(res)}). Baselines (final FID): "
              + ", ".join(f"{n} {fmt(v)}" for n, v in res["baselines_final_mean"].items()) + ".",
              "", "| strategy | " + " | ".join(f"{k} trials" for k in budgets) + " | search s (median) |",
              "|---|" + "---|" * len(budgets) + "---|"]
@@ -184,6 +185,17 @@ def markdown(res: dict[str, Any], image: str | None) -> str:
     lines += ["", f"Cells: final FID of the registered merge, median [min–max] over the search seeds. ★ "
                   f"`default_strategy` = best median at {res['default_strategy_budget']} trials: "
                   f"{res['default_strategy']}."]
+    full = len(RECIPES["full"]["seeds"])
+    if len(r["seeds"]) < full:
+        lines += ["", f"Search seeds: the first {len(r['seeds'])} of the recipe's {full} (`--seeds {len(r['seeds'])}`): "
+                      "a rerun with more resumes."]
+    fell = {s: {k: sum(not w.startswith("lcsc") for w in v["final_at_budget"][k]["winners"].values()) for k in budgets}
+            for s, v in res["strategies"].items()}
+    lines += ["", "Searches whose best trial lost to a baseline on the fresh seeds (the product then registers the "
+                  "baseline), per budget: " + "; ".join(f"{s} " + "/".join(str(fell[s][k]) for k in budgets)
+                                                       for s in fell)
+              + f" of {len(r['seeds'])}. Search FID at {r['search_samples']} samples is noisy: the more trials, "
+                "the more a search's best trial owes to that noise (the winner's curse)."]
     if image:
         lines += ["", f"![final FID by trial budget]({image})"]
     return "\n".join(lines) + "\n"
