@@ -178,10 +178,18 @@ def fast_model():
                                torch.nn.Linear(64, 2))
 
 
-def _timed_loop(model: Any, batch: Any, loss_fn: Any, steps: int, logger: Any) -> float:
-    """Steps/s of a plain Adam loop; with ``logger``, ``logger.step`` after every step (and its close)."""
+def _timed_loop(model: Any, batch: Any, loss_fn: Any, steps: int, logger_for: Any, own_ema: bool = False) -> float:
+    """Steps/s of a plain Adam loop. ``logger_for(ema)`` (None: no logger) builds a CheckpointLogger
+    before the clock starts; ``logger.step`` follows every step and its close is timed. ``own_ema``:
+    the loop keeps its own EMA (a copy of the model, one fused lerp per step, as ema-pytorch does),
+    with or without a logger, which is then handed that EMA (``ema=``)."""
+    import copy
+
     import torch
 
+    ema = copy.deepcopy(model).requires_grad_(False) if own_ema else None
+    ema_params, params = (list(ema.parameters()), list(model.parameters())) if own_ema else ([], [])
+    logger = logger_for(ema) if logger_for is not None else None
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
@@ -189,22 +197,28 @@ def _timed_loop(model: Any, batch: Any, loss_fn: Any, steps: int, logger: Any) -
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if own_ema:
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 0.001)
         if logger is not None:
             logger.step(model, step)
     if logger is not None:
         logger.close()
-    return steps / (time.perf_counter() - t0)
+    rate = steps / (time.perf_counter() - t0)
+    if logger is not None:  # its uploader's exit is not timed, nor left to slow the next measurement
+        logger._sender.proc.wait()
+    return rate
 
 
-def _fast_loop(steps: int, logger: Any) -> float:
+def _fast_loop(steps: int, logger_for: Any, own_ema: bool = False) -> float:
     import torch
 
     torch.manual_seed(0)
     return _timed_loop(fast_model(), lambda: torch.randn(256, 2),
-                       lambda m, x: ((m(x) - x.flip(1)) ** 2).mean(), steps, logger)
+                       lambda m, x: ((m(x) - x.flip(1)) ** 2).mean(), steps, logger_for, own_ema)
 
 
-def _digits_loop(steps: int, logger: Any) -> float:
+def _digits_loop(steps: int, logger_for: Any, own_ema: bool = False) -> float:
     import torch
 
     from lcsc_ops.evaluation.data import load_dataset
@@ -215,16 +229,21 @@ def _digits_loop(steps: int, logger: Any) -> float:
     images, gen = load_dataset("digits"), torch.Generator().manual_seed(0)
     sampler = make_sampler({"name": "ddim", "steps": 10, "timesteps": 1000})
     return _timed_loop(digits_unet(channels=32), lambda: images[torch.randint(len(images), (128,), generator=gen)],
-                       sampler.training_loss, steps, logger)
+                       sampler.training_loss, steps, logger_for, own_ema)
 
 
 def logging_overhead(b: Bench, uri: str, name: str) -> dict[str, Any]:
-    """Steps/s without and with CheckpointLogger (a checkpoint pair every 50 steps), interleaved."""
+    """Steps/s without and with CheckpointLogger (a checkpoint pair every 50 steps), interleaved.
+    ``fast_own_ema``: the fast model's loop keeps its own EMA in both arms and hands it to the logger."""
+    import functools
+
     import mlflow
 
     from lcsc_ops import CheckpointLogger, ModelSpec
 
-    specs = {"fast": (ModelSpec(factory="bench_scale:fast_model"), _fast_loop, b.r["fast_steps"]),
+    fast = ModelSpec(factory="bench_scale:fast_model")
+    specs = {"fast": (fast, _fast_loop, b.r["fast_steps"]),
+             "fast_own_ema": (fast, functools.partial(_fast_loop, own_ema=True), b.r["fast_steps"]),
              "digits": (ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": 32}), _digits_loop,
                         b.r["digits_steps"])}
     mlflow.set_tracking_uri(uri)
@@ -238,10 +257,12 @@ def logging_overhead(b: Bench, uri: str, name: str) -> dict[str, Any]:
                     plain.append(loop(steps, None))
                     continue
                 with mlflow.start_run():
-                    logged.append(loop(steps, CheckpointLogger(spec, every=50, tracking_uri=uri)))
+                    logged.append(loop(steps, lambda ema, spec=spec: CheckpointLogger(spec, every=50, tracking_uri=uri,
+                                                                                      ema=ema)))
         overhead = statistics.median(plain) / statistics.median(logged) - 1.0
         out[model] = {"steps_per_s_plain": statistics.median(plain), "steps_per_s_logged": statistics.median(logged),
-                      "overhead": overhead, "steps": steps, "checkpoint_pairs": steps // 50}
+                      "overhead": overhead, "steps": steps, "checkpoint_pairs": steps // 50,
+                      "plain_runs": plain, "logged_runs": logged}
         log(f"logging {name} {model}: {out[model]['steps_per_s_plain']:.0f} -> "
             f"{out[model]['steps_per_s_logged']:.0f} steps/s ({overhead:+.1%})")
     return out
@@ -293,35 +314,44 @@ def run(r: dict[str, Any], work: Path, only: tuple[str, ...] = SECTIONS, run_id:
             local, remote = logging_overhead(b, b.uri, "local"), logging_overhead(b, server, "server")
             res["logging"] = {"local": local, "server": remote, "fast_model_overhead": local["fast"]["overhead"],
                               "digits_overhead": local["digits"]["overhead"],
-                              "server_overhead": max(remote["fast"]["overhead"], remote["digits"]["overhead"])}
+                              "server_overhead": max(remote["fast"]["overhead"], remote["digits"]["overhead"]),
+                              "fast_own_ema_overhead": local["fast_own_ema"]["overhead"],
+                              "server_fast_own_ema_overhead": remote["fast_own_ema"]["overhead"]}
     res.setdefault("sections_seconds", {})[",".join(only)] = time.perf_counter() - t0
     res["wall_seconds"] = sum(res["sections_seconds"].values())
     return res
 
 
 def markdown(res: dict[str, Any]) -> str:
-    w, lg, kr = res["workers"], res["logging"], res["kill_resume"]
+    """The RESULTS.md section; rows only for the sections ``res`` holds (a --quick --only pass has one)."""
     rows = ["## Scale-out (make bench-scale)", "",
             f"Machine: {res['machine']}; load average {res['load_before']:.2f} at the start of the last pass; "
             f"{res['wall_seconds'] / 60:.1f} min in all (passes: "
             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in res["sections_seconds"].items()) + ").", "",
-            "| measure | figure |", "|---|---|",
-            f"| search trials/min, 1 worker × 1 thread | {w['1']['trials_per_min']:.1f} |",
-            f"| search trials/min, `--workers 2` × 1 thread | {w['2']['trials_per_min']:.1f} (ratio {w['ratio']:.2f}) |",
-            f"| best search FID at {w['1']['trials']} trials, 1 / 2 workers (CMA-ES) | {w['1']['best_search']:.3f} / "
-            f"{w['2']['best_search']:.3f} |",
-            f"| final FID of the best LCSC candidate, 1 / 2 workers | {w['1']['best_lcsc_final_mean']:.3f} / "
-            f"{w['2']['best_lcsc_final_mean']:.3f} |"]
-    for name, tw in res["two_workers"].items():
+            "| measure | figure |", "|---|---|"]
+    if w := res.get("workers"):
+        rows += [f"| search trials/min, 1 worker × 1 thread | {w['1']['trials_per_min']:.1f} |",
+                 f"| search trials/min, `--workers 2` × 1 thread | {w['2']['trials_per_min']:.1f} (ratio "
+                 f"{w['ratio']:.2f}) |",
+                 f"| best search FID at {w['1']['trials']} trials, 1 / 2 workers (CMA-ES) | "
+                 f"{w['1']['best_search']:.3f} / {w['2']['best_search']:.3f} |",
+                 f"| final FID of the best LCSC candidate, 1 / 2 workers | {w['1']['best_lcsc_final_mean']:.3f} / "
+                 f"{w['2']['best_lcsc_final_mean']:.3f} |"]
+    for name, tw in res.get("two_workers", {}).items():
         rows.append(f"| two processes on one study, {name} | {tw['trials_total']} of {tw['trials_requested']} trials, "
                     f"{tw['parent_runs']} parent run, {tw['duplicate_versions']} duplicate versions, "
                     f"{tw['baseline_scorings']} baseline scoring |")
-    rows += [f"| kill -9 after {kr['killed_after_trials']} trials, rerun | {kr['running_left']} RUNNING left, "
-             f"{kr['trials_lost']} lost, {kr['trials_repeated']} repeated |"]
+    if kr := res.get("kill_resume"):
+        rows += [f"| kill -9 after {kr['killed_after_trials']} trials, rerun | {kr['running_left']} RUNNING left, "
+                 f"{kr['trials_lost']} lost, {kr['trials_repeated']} repeated |"]
+    lg = res.get("logging", {})
     for where in ("local", "server"):
-        for model in ("fast", "digits"):
+        for model in ("fast", "fast_own_ema", "digits"):
+            if model not in lg.get(where, {}):
+                continue
             x = lg[where][model]
-            rows.append(f"| training with CheckpointLogger, {model} model, {where} store | "
+            label = "fast model whose loop keeps its EMA (`ema=`)" if model == "fast_own_ema" else f"{model} model"
+            rows.append(f"| training with CheckpointLogger, {label}, {where} store | "
                         f"{x['steps_per_s_plain']:.0f} → {x['steps_per_s_logged']:.0f} steps/s "
                         f"({x['overhead']:+.1%}, a checkpoint pair every 50 steps) |")
     return "\n".join(rows) + "\n"

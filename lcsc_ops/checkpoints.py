@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec, brief_repr
@@ -52,15 +52,30 @@ def checkpoint_filename(step: int, kind: str) -> str:
     return f"step{step:08d}-{kind}.safetensors"
 
 
+def _metadata(step: int, kind: str, spec: ModelSpec | str, extra: Mapping[str, str] | None) -> dict[str, str]:
+    return {"lcsc.format": MANIFEST_FORMAT, "lcsc.step": str(step), "lcsc.kind": kind,
+            "lcsc.spec": spec if isinstance(spec, str) else spec.to_json(), **(extra or {})}
+
+
 def write_checkpoint(path: Path, state: Mapping[str, torch.Tensor], *, step: int, kind: str,
-                     spec: ModelSpec, extra: Mapping[str, str] | None = None) -> None:
-    """Write a state dict as safetensors with step, kind and spec in the metadata (atomic rename)."""
-    metadata = {"lcsc.format": MANIFEST_FORMAT, "lcsc.step": str(step), "lcsc.kind": kind,
-                "lcsc.spec": spec.to_json(), **(extra or {})}
+                     spec: ModelSpec | str, extra: Mapping[str, str] | None = None) -> None:
+    """Write a state dict as safetensors with step, kind and spec (or its JSON) in the metadata
+    (atomic rename)."""
     tmp = path.with_suffix(".tmp")
     # safetensors refuses tensors that share memory; a snapshot made with clone() never does.
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=_metadata(step, kind, spec, extra))
     os.replace(tmp, path)
+
+
+def write_checkpoint_hashed(path: Path, state: Mapping[str, torch.Tensor], *, step: int, kind: str,
+                            spec: ModelSpec | str, extra: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """:func:`write_checkpoint` through memory: the bytes are hashed as they are written, not read
+    back. Returns (sha256, bytes). For small states: a large one would be held twice."""
+    data = save({k: v.contiguous() for k, v in state.items()}, metadata=_metadata(step, kind, spec, extra))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 @dataclass(frozen=True)

@@ -168,3 +168,88 @@ def test_the_spool_bound_makes_the_loop_wait_for_the_uploads(store):
             ckpt.step(spec.build(), step)
         assert [e["step"] for e in ckpt.entries] == [1, 1, 2, 2]  # step 3's pair is still on its way
     assert [e["step"] for e in read_manifest(run_id, store["uri"])["entries"]] == [1, 1, 2, 2, 3, 3]
+
+
+def test_the_loops_own_ema_is_logged_as_it_is_and_none_is_kept(store):
+    """ema=: a loop that keeps its EMA (here torch's AveragedModel) logs that one, with no per-step work."""
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_experiment("own-ema")
+    spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
+    model = spec.build()
+    avg = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    expected = {}
+    with mlflow.start_run() as run:
+        with CheckpointLogger(spec, every=2, ema=avg.module, ema_decay=0.9, ema_warmup=False) as ckpt:
+            for step in range(1, 5):
+                model(torch.randn(8, 3)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                avg.update_parameters(model)
+                ckpt.step(model, step)
+                if step % 2 == 0:
+                    expected[step] = {k: v.clone() for k, v in avg.module.state_dict().items()}
+            assert ckpt._ema is None
+    window = fetch_window(run.info.run_id, window=2, tracking_uri=store["uri"], cache_dir=store["cache"])
+    logged = {e.step: e.load() for e in window.entries if e.kind == "ema"}
+    assert set(logged) == {2, 4}
+    for step, state in expected.items():
+        assert all(torch.equal(logged[step][k], state[k]) for k in state)
+    assert not torch.equal(logged[4]["weight"], model.weight.detach())  # an average, not the raw weights
+    assert read_manifest(run.info.run_id, store["uri"])["entries"][1]["ema_decay"] == 0.9
+
+
+def test_an_ema_with_other_keys_or_of_another_type_is_one_error(store):
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_experiment("bad-ema")
+    spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
+    model = spec.build()
+    with mlflow.start_run():
+        with pytest.raises(LcscError, match="ema must be a module or a callable"):
+            CheckpointLogger(spec, ema=0.999)
+        with pytest.raises(LcscError, match="other state-dict keys than the model"):
+            with CheckpointLogger(spec, every=1, ema=lambda: {"module.weight": torch.zeros(2, 3)}) as ckpt:
+                ckpt.step(model, 1)
+
+
+def test_steps_queued_behind_an_upload_go_up_together_and_read_back(store, tmp_path):
+    """The uploader process batches what waits in its queue: one files call and one fragment for
+    them all; a reader of the partial run still sees every step."""
+    import importlib.util
+    import queue
+
+    from mlflow.tracking import MlflowClient
+
+    from lcsc_ops.checkpoints import checkpoint_filename, write_checkpoint_hashed
+    from lcsc_ops.store import logger as logger_mod
+
+    spec_ = importlib.util.spec_from_file_location("upload_worker", logger_mod.__file__.replace("logger.py",
+                                                                                               "upload_worker.py"))
+    worker = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(worker)
+    client = MlflowClient(store["uri"])
+    spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
+    run_id = client.create_run(client.create_experiment("batched")).info.run_id
+    logger_mod.CheckpointUploader(client, run_id, spec)  # the spec artifact, as the logger writes it
+    jobs = queue.Queue()
+    for step in (10, 20, 30):
+        folder = tmp_path / f"step{step:08d}"
+        (folder / "files").mkdir(parents=True)
+        (folder / "fragment").mkdir()
+        entries = []
+        for kind in ("raw", "ema"):
+            path = folder / "files" / checkpoint_filename(step, kind)
+            sha, size = write_checkpoint_hashed(path, spec.build().state_dict(), step=step, kind=kind, spec=spec)
+            entries.append({"step": step, "kind": kind, "file": path.name, "sha256": sha, "bytes": size})
+        jobs.put({"step": step, "folder": str(folder), "files": str(folder / "files"), "files_path": "checkpoints",
+                  "fragment": str(logger_mod.write_fragment(folder / "fragment", entries)),
+                  "fragment_path": logger_mod.FRAGMENT_PATH})
+    jobs.put(None)
+    batch, ended = worker._batch(jobs)
+    assert [j["step"] for j in batch] == [10, 20, 30] and ended
+    worker._upload(client, run_id, batch)
+    fragments = client.list_artifacts(run_id, logger_mod.FRAGMENT_PATH)
+    assert [f.path.rsplit("/", 1)[-1] for f in fragments] == ["step00000010-raw+ema.json"]
+    assert not any(tmp_path.glob("step*")), "spool folders are removed once uploaded"
+    window = fetch_window(run_id, window=3, tracking_uri=store["uri"], cache_dir=store["cache"])
+    assert window.steps == (10, 20, 30) and not read_manifest(run_id, store["uri"]).get("complete")

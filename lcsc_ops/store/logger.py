@@ -1,8 +1,9 @@
 """Checkpoints as MLflow artifacts while training (:class:`CheckpointLogger`) or importing.
 
-Per checkpoint step, two artifact calls: the files, then a manifest fragment
-``checkpoints/manifest.d/step<N>.json`` listing them, so a reader never sees an entry whose
-file is missing, and no call grows with the number of checkpoints. At the end of the run
+Per checkpoint step (or per batch of steps queued behind a slow upload), two artifact calls:
+the files, then a manifest fragment ``checkpoints/manifest.d/step<N>.json`` listing them, so
+a reader never sees an entry whose file is missing, and no call grows with the number of
+checkpoints. At the end of the run
 the whole manifest is written once, marked complete: a run without it is partial
 (still training, or killed). While training, the calls run in a separate process
 (:mod:`lcsc_ops.store.upload_worker`), not in the training process.
@@ -19,12 +20,13 @@ import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import torch
 
 from lcsc_ops.checkpoints import (CHECKPOINT_DIR, FRAGMENT_DIR, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT,
-                                  checkpoint_filename, fragment_filename, sha256_file, write_checkpoint)
+                                  checkpoint_filename, fragment_filename, sha256_file, write_checkpoint,
+                                  write_checkpoint_hashed)
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.ema import EmaPlan, ema_decay_at
 from lcsc_ops.redact import mask_credentials
@@ -40,6 +42,9 @@ def _unwrap(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Module:
 
 
 FRAGMENT_PATH = f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}"
+# A snapshot pair up to this size is written on the training thread, hashed from memory: handing
+# a small one to the writer thread costs the loop more (the two take turns for the interpreter lock).
+INLINE_BYTES = 8 << 20
 
 
 def write_fragment(folder: Path, entries: list[dict[str, Any]]) -> Path:
@@ -162,12 +167,13 @@ class _UploadProcess:
 class CheckpointLogger:
     """Log raw and EMA checkpoints of a model as artifacts of an MLflow run, from any training loop.
 
-    Call :meth:`step` after every optimizer step: it updates the training EMA and, every
-    ``every`` steps, snapshots the raw weights and the EMA. A writer thread spools them to
-    local disk and an uploader thread logs them, so the loop waits only while the previous
-    snapshot is still being written (at most one snapshot pair in memory) or while more than
-    ``max_spool_bytes`` wait for a slow server. The uploader is a separate process, so its
-    MLflow calls do not compete with the loop for the interpreter lock. Under ``accelerate`` pass the ``accelerator``:
+    Call :meth:`step` after every optimizer step: it updates the training EMA (unless the
+    loop passes its own, ``ema=``) and, every ``every`` steps, snapshots the raw weights and
+    the EMA. They are spooled to local disk (a small pair right away, a larger one by a writer
+    thread) and uploaded by a separate process, so the loop waits only while the previous
+    large snapshot is still being written (at most one pair in memory) or while more than
+    ``max_spool_bytes`` wait for a slow server, and MLflow's calls do not compete with the
+    loop for the interpreter lock. Under ``accelerate`` pass the ``accelerator``:
     only the main process keeps an EMA and logs. :meth:`close` waits for the uploads and
     writes the complete manifest (as a context manager: only if the block did not raise);
     the run itself belongs to the caller.
@@ -175,9 +181,13 @@ class CheckpointLogger:
 
     def __init__(self, spec: ModelSpec, *, every: int = 50, ema_decay: float = 0.999, ema_warmup: bool = True,
                  accelerator: Any = None, run_id: str | None = None, tracking_uri: str | None = None,
-                 start_step: int = 0, max_spool_bytes: int = 8 << 30, model_name: str | None = None) -> None:
+                 start_step: int = 0, max_spool_bytes: int = 8 << 30, model_name: str | None = None,
+                 ema: torch.nn.Module | Callable[[], Mapping[str, torch.Tensor]] | None = None) -> None:
         """``model_name`` sets the run tag ``lcsc.model_name``: the name ``lcsc-ops optimize``
-        registers the merge under by default. On the main process the spec is checked first
+        registers the merge under by default. ``ema``: the loop's own EMA, a module with the
+        model's state-dict keys (e.g. ``AveragedModel(...).module``, ema-pytorch's ``ema_model``)
+        or a callable returning such a state dict; it is logged as the EMA checkpoint and none is
+        kept here (no work per step), ``ema_decay`` and ``ema_warmup`` then only describe it. On the main process the spec is checked first
         (:func:`~lcsc_ops.evaluation.evaluators.check_spec`: its factory builds, its sampler and
         data set are known), before anything is logged: a bad spec is one LcscError naming the field."""
         if every < 1:
@@ -187,11 +197,15 @@ class CheckpointLogger:
         if model_name is not None and not (isinstance(model_name, str) and model_name.strip()):
             raise LcscError(f"model_name must be a non-empty string, got {model_name!r}")
         self.spec, self.every, self.ema_decay = spec, int(every), float(ema_decay)
+        self._spec_json = spec.to_json()
         self.ema_warmup, self._ema_updates = bool(ema_warmup), 0
         self.start_step, self.max_spool_bytes = int(start_step), int(max_spool_bytes)
         self.accelerator = accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
         self._ema: dict[str, torch.Tensor] | None = None
+        if ema is not None and not (isinstance(ema, torch.nn.Module) or callable(ema)):
+            raise LcscError(f"ema must be a module or a callable returning a state dict, got {type(ema).__name__}")
+        self._user_ema = ema.state_dict if isinstance(ema, torch.nn.Module) else ema
         self._written: Future | None = None
         self._wrapped = self._net = None
         self.run_id = None
@@ -227,7 +241,8 @@ class CheckpointLogger:
         if model is not self._wrapped:  # unwrapped once per model object, not every step
             self._wrapped, self._net = model, _unwrap(model, self.accelerator)
         net = self._net
-        self._update_ema(net)
+        if self._user_ema is None:
+            self._update_ema(net)
         if step >= self.start_step and step % self.every == 0:
             self.save(net, step)
 
@@ -257,14 +272,23 @@ class CheckpointLogger:
         if not self.is_main:
             return
         net = _unwrap(model, self.accelerator)
-        if self._ema is None:
-            self._update_ema(net)
-        self._plan_ema(net, check=True)
+        if self._user_ema is None:
+            if self._ema is None:
+                self._update_ema(net)
+            self._plan_ema(net, check=True)
         self._wait_written()  # memory bound: one snapshot pair not yet on disk
         self._wait_spool()
         raw = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-        ema = {k: v.detach().to("cpu", copy=True) for k, v in self._ema.items()}
-        self._written = self._writer.submit(self._write, step, raw, ema)
+        ema_state = self._ema if self._user_ema is None else self._user_ema()
+        if self._user_ema is not None and set(ema_state) != set(raw):
+            extra = sorted(set(ema_state) ^ set(raw))[:3]
+            raise LcscError(f"the EMA passed as ema= has other state-dict keys than the model (e.g. {extra}): "
+                            "pass the averaged module itself, e.g. AveragedModel(...).module")
+        ema = {k: v.detach().to("cpu", copy=True) for k, v in ema_state.items()}
+        if 2 * sum(v.numel() * v.element_size() for v in raw.values()) <= INLINE_BYTES:
+            self._write(step, raw, ema, inline=True)
+        else:
+            self._written = self._writer.submit(self._write, step, raw, ema)
 
     def _wait_written(self) -> None:
         if self._written is not None:
@@ -318,7 +342,7 @@ class CheckpointLogger:
         return list(self._uploader.entries) if self.is_main else []
 
     # -- background side ----------------------------------------------------------------
-    def _write(self, step: int, raw: dict, ema: dict) -> None:
+    def _write(self, step: int, raw: dict, ema: dict, inline: bool = False) -> None:
         """Write one step's files and fragment to the spool; hand them to the uploader."""
         folder = Path(self._spool.name) / f"step{step:08d}"
         (folder / "files").mkdir(parents=True)
@@ -327,9 +351,13 @@ class CheckpointLogger:
         for kind, state, extra in (("raw", raw, {}), ("ema", ema, {"lcsc.ema_decay": repr(self.ema_decay),
                                                                   "lcsc.ema_warmup": str(self.ema_warmup).lower()})):
             path = folder / "files" / checkpoint_filename(step, kind)
-            write_checkpoint(path, state, step=step, kind=kind, spec=self.spec, extra=extra)
-            entry = {"step": step, "kind": kind, "file": path.name, "sha256": sha256_file(path),
-                     "bytes": path.stat().st_size}
+            if inline:
+                sha, size = write_checkpoint_hashed(path, state, step=step, kind=kind, spec=self._spec_json,
+                                                    extra=extra)
+            else:
+                write_checkpoint(path, state, step=step, kind=kind, spec=self._spec_json, extra=extra)
+                sha, size = sha256_file(path), path.stat().st_size
+            entry = {"step": step, "kind": kind, "file": path.name, "sha256": sha, "bytes": size}
             if kind == "ema":
                 entry["ema_decay"], entry["ema_warmup"] = self.ema_decay, self.ema_warmup
             entries.append(entry)

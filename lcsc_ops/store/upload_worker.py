@@ -6,17 +6,24 @@ copies) then runs beside the training loop instead of taking turns with it for t
 interpreter lock. Answers ``{"ready": true}`` once the run is found; then reads one JSON job
 per line on stdin, each a step whose files are already on local disk, logs the files, then
 their manifest fragment, deletes the step's spool folder and answers ``{"done": step}``
-(``{"error": ...}`` and exit 1 on a failure). At end of input (the trainer closed it, or
-died) every job received is already uploaded: a killed trainer loses only the steps it had
-not handed over.
+(``{"error": ...}`` and exit 1 on a failure). Steps that queue up while an upload is in
+flight (a slow server, a fast loop) go up together: their files in one call, their entries in
+one fragment, so the calls per step fall as the queue grows. At end of input (the trainer
+closed it, or died) every job received is already uploaded: a killed trainer loses only the
+steps it had not handed over.
 """
 from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import sys
+import tempfile
+import threading
+
+MAX_BATCH = 64  # steps per upload at most
 
 
 def _answer(message: dict) -> None:
@@ -27,10 +34,46 @@ def _answer(message: dict) -> None:
         sys.stdout = open(os.devnull, "w")
 
 
-def _upload(client, run_id: str, job: dict) -> None:
-    client.log_artifacts(run_id, job["files"], job["files_path"])
-    client.log_artifact(run_id, job["fragment"], job["fragment_path"])
-    shutil.rmtree(job["folder"], ignore_errors=True)
+def _upload(client, run_id: str, jobs: list[dict]) -> None:
+    """The jobs' files, then one fragment listing their entries (named after the first step)."""
+    if len(jobs) == 1:
+        client.log_artifacts(run_id, jobs[0]["files"], jobs[0]["files_path"])
+        client.log_artifact(run_id, jobs[0]["fragment"], jobs[0]["fragment_path"])
+    else:
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(jobs[0]["folder"]), prefix="batch-") as tmp:
+            files, entries = os.path.join(tmp, "files"), []
+            os.mkdir(files)
+            for job in jobs:  # one spool folder: renames, no copies
+                for name in os.listdir(job["files"]):
+                    os.rename(os.path.join(job["files"], name), os.path.join(files, name))
+                with open(job["fragment"]) as f:
+                    doc = json.load(f)
+                entries += doc["entries"]
+            fragment = os.path.join(tmp, os.path.basename(jobs[0]["fragment"]))
+            with open(fragment, "w") as f:
+                json.dump({**doc, "entries": entries}, f)
+            client.log_artifacts(run_id, files, jobs[0]["files_path"])
+            client.log_artifact(run_id, fragment, jobs[0]["fragment_path"])
+    for job in jobs:
+        shutil.rmtree(job["folder"], ignore_errors=True)
+
+
+def _read(jobs: queue.Queue) -> None:
+    for line in sys.stdin:
+        jobs.put(json.loads(line))
+    jobs.put(None)  # end of input
+
+
+def _batch(jobs: queue.Queue) -> tuple[list[dict], bool]:
+    """The next job and every one already waiting behind it; whether input has ended."""
+    batch = [jobs.get()]
+    while batch[-1] is not None and len(batch) < MAX_BATCH:
+        try:
+            batch.append(jobs.get_nowait())
+        except queue.Empty:
+            break
+    ended = batch[-1] is None
+    return [j for j in batch if j is not None], ended
 
 
 def main(run_id: str) -> int:
@@ -44,14 +87,20 @@ def main(run_id: str) -> int:
         _answer({"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": None})
         return 1
     _answer({"ready": True})
-    for line in sys.stdin:
-        job = json.loads(line)
+    jobs: queue.Queue = queue.Queue()
+    threading.Thread(target=_read, args=(jobs,), daemon=True).start()
+    ended = False
+    while not ended:
+        batch, ended = _batch(jobs)
+        if not batch:
+            continue
         try:
-            _upload(client, run_id, job)
+            _upload(client, run_id, batch)
         except Exception as exc:  # noqa: BLE001 - reported to the trainer as one line
-            _answer({"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": job["step"]})
+            _answer({"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": batch[0]["step"]})
             return 1
-        _answer({"done": job["step"]})
+        for job in batch:
+            _answer({"done": job["step"]})
     return 0
 
 
