@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import logging
 import os
 import sys
 import typing
@@ -24,12 +25,14 @@ from lcsc_ops.training import TrainConfig
 
 # Progress bars on every artifact download would drown the one-line output a CLI owes its user.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no INFO lines (table creation, registration) around ours
+# No INFO lines (table creation, registration) around ours; set on the logger too, for an mlflow imported before us.
+MLFLOW_LEVEL = os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING").upper()
 
 class Commands(typer.core.TyperGroup):
     """The one place an LcscError becomes a one-line message (``LCSC_OPS_DEBUG=1``: the traceback)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        logging.getLogger("mlflow").setLevel(MLFLOW_LEVEL)
         try:
             return super().invoke(ctx)
         except LcscError as exc:

@@ -528,6 +528,7 @@ def test_a_failed_upload_is_one_error_in_the_training_process(store, tmp_path, m
     spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
     logger = CheckpointLogger(spec, every=1, run_id=run_id, tracking_uri=store["uri"])
     logger.step(spec.build(), 1)
+    logger.wait()  # step 1 up on its own: steps queued together would go up in one call
     logger.step(spec.build(), 2)
     with pytest.raises(LcscError, match=r"upload of step 2 failed: OSError: disk full \(test\)"):
         logger.close()

@@ -144,7 +144,9 @@ class _UploadProcess:
             self._answers.put(None)
             raise LcscError(self._exited())
         if "error" in answer:
-            why = f"the checkpoint upload of step {answer['step']} failed: {answer['error']}"
+            first, last = answer["step"], answer.get("last_step", answer["step"])
+            steps = f"step {first}" if first == last else f"steps {first}-{last}"
+            why = f"the checkpoint upload of {steps} failed: {answer['error']}"
             raise LcscError(mask_credentials(why))
         with self._lock:
             return self.pending.pop(answer["done"])[0]

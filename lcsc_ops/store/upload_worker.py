@@ -97,7 +97,8 @@ def main(run_id: str) -> int:
         try:
             _upload(client, run_id, batch)
         except Exception as exc:  # noqa: BLE001 - reported to the trainer as one line
-            _answer({"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": batch[0]["step"]})
+            _answer({"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": batch[0]["step"],
+                     "last_step": batch[-1]["step"]})
             return 1
         for job in batch:
             _answer({"done": job["step"]})
