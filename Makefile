@@ -65,8 +65,9 @@ bench-scale: $(STAMP)
 # training it there first if it is missing, so they run in any order). Figures are merged into
 # benchmarks/results/quality.json under their own keys; each replaces its own section of benchmarks/RESULTS.md;
 # `--quick` checks the plumbing in a few minutes, `--fresh` starts over.
-# Consistency training cost: iCT for the full budget and for 1/8, 1/4, 1/2 of it; LCSC on each shorter run vs the full
-# run's strongest baseline at 1 and 2 steps, and the speed-up (search counted) -> `cm_shorter` (`--cd`: distillation too).
+# Consistency training cost: iCT and distillation from the DDPM run, each for the full budget and for 1/8, 1/4, 1/2 of
+# it; LCSC on each shorter run vs the full run's strongest baseline at 1 and 2 steps, and the speed-up (search counted)
+# -> `cm_shorter` (~50 min on 2 cores; `--no-cd`: iCT only).
 bench-cm: $(STAMP)
 	$(PY) benchmarks/bench_cm.py
 
