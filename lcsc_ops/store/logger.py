@@ -3,9 +3,8 @@
 Per checkpoint step (or per batch of steps queued behind a slow upload), two artifact calls:
 the files, then a manifest fragment ``checkpoints/manifest.d/step<N>.json`` listing them, so
 a reader never sees an entry whose file is missing, and no call grows with the number of
-checkpoints. At the end of the run
-the whole manifest is written once, marked complete: a run without it is partial
-(still training, or killed). While training, the calls run in a separate process
+checkpoints. At the end of the run the whole manifest is written once, marked complete: a
+run without it is partial (still training, or killed). While training, the calls run in a separate process
 (:mod:`lcsc_ops.store.upload_worker`), not in the training process.
 """
 from __future__ import annotations
@@ -189,9 +188,10 @@ class CheckpointLogger:
         registers the merge under by default. ``ema``: the loop's own EMA, a module with the
         model's state-dict keys (e.g. ``AveragedModel(...).module``, ema-pytorch's ``ema_model``)
         or a callable returning such a state dict; it is logged as the EMA checkpoint and none is
-        kept here (no work per step), ``ema_decay`` and ``ema_warmup`` then only describe it. On the main process the spec is checked first
-        (:func:`~lcsc_ops.evaluation.evaluators.check_spec`: its factory builds, its sampler and
-        data set are known), before anything is logged: a bad spec is one LcscError naming the field."""
+        kept here (no work per step), ``ema_decay`` and ``ema_warmup`` then only describe it. On
+        the main process the spec is checked first (:func:`~lcsc_ops.evaluation.evaluators.check_spec`:
+        its factory builds, its sampler and data set are known), before anything is logged: a bad
+        spec is one LcscError naming the field."""
         if every < 1:
             raise LcscError(f"checkpoint interval must be >= 1, got {every}")
         if not 0.0 <= ema_decay < 1.0:
