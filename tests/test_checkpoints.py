@@ -234,16 +234,13 @@ def test_steps_queued_behind_an_upload_go_up_together_and_read_back(store, tmp_p
     jobs = queue.Queue()
     for step in (10, 20, 30):
         folder = tmp_path / f"step{step:08d}"
-        (folder / "files").mkdir(parents=True)
-        (folder / "fragment").mkdir()
+        folder.mkdir()
         entries = []
         for kind in ("raw", "ema"):
-            path = folder / "files" / checkpoint_filename(step, kind)
+            path = folder / checkpoint_filename(step, kind)
             sha, size = write_checkpoint_hashed(path, spec.build().state_dict(), step=step, kind=kind, spec=spec)
             entries.append({"step": step, "kind": kind, "file": path.name, "sha256": sha, "bytes": size})
-        jobs.put({"step": step, "folder": str(folder), "files": str(folder / "files"), "files_path": "checkpoints",
-                  "fragment": str(logger_mod.write_fragment(folder / "fragment", entries)),
-                  "fragment_path": logger_mod.FRAGMENT_PATH})
+        jobs.put(logger_mod.upload_job(step, folder, entries))
     jobs.put(None)
     batch, ended = worker._batch(jobs)
     assert [j["step"] for j in batch] == [10, 20, 30] and ended
@@ -253,3 +250,33 @@ def test_steps_queued_behind_an_upload_go_up_together_and_read_back(store, tmp_p
     assert not any(tmp_path.glob("step*")), "spool folders are removed once uploaded"
     window = fetch_window(run_id, window=3, tracking_uri=store["uri"], cache_dir=store["cache"])
     assert window.steps == (10, 20, 30) and not read_manifest(run_id, store["uri"]).get("complete")
+
+
+def _safetensors_parts(data: bytes) -> tuple[int, dict, bytes]:
+    n = int.from_bytes(data[:8], "little")
+    return n, json.loads(data[8:8 + n]), data[8 + n:]
+
+
+@pytest.mark.parametrize("metadata", [{}, {"lcsc.step": "50", "note": 'é ü "q" \\ \n\t \u2028'}])
+def test_checkpoint_bytes_are_those_safetensors_writes(metadata):
+    """Our serialiser (the logger's fast path) against safetensors' own: the same header length,
+    header and data, for every dtype it handles, 0-d, empty and non-contiguous tensors; other
+    dtypes and shared storages go to safetensors itself."""
+    from safetensors.torch import load, save
+
+    from lcsc_ops.checkpoints import safetensors_bytes
+
+    state = {"w": torch.randn(4, 3), "t": torch.randn(3, 4).t(), "h": torch.randn(5).half(),
+             "bf": torch.randn(2, 2).bfloat16(), "d": torch.randn(3, dtype=torch.float64), "n": torch.tensor(7),
+             "e": torch.zeros(0, 3), "flag": torch.tensor([True, False]), "i8": torch.tensor([1, -2], dtype=torch.int8),
+             "u8": torch.tensor([1, 2], dtype=torch.uint8), "i32": torch.tensor([5], dtype=torch.int32),
+             "i16": torch.tensor([5], dtype=torch.int16), "ü.b": torch.randn(3)}
+    ours = safetensors_bytes(state, metadata)
+    theirs = save({k: v.contiguous() for k, v in state.items()}, metadata=metadata or None)
+    assert _safetensors_parts(ours) == _safetensors_parts(theirs)
+    assert all(torch.equal(load(ours)[k], v) for k, v in state.items())
+    odd = {"c": torch.randn(2, dtype=torch.complex64)}
+    assert _safetensors_parts(safetensors_bytes(odd, metadata)) == _safetensors_parts(save(odd, metadata=metadata or None))
+    shared = torch.randn(4)
+    with pytest.raises(RuntimeError, match="share memory"):
+        safetensors_bytes({"a": shared, "b": shared[:2]}, metadata)

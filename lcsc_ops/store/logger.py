@@ -53,6 +53,14 @@ def write_fragment(folder: Path, entries: list[dict[str, Any]]) -> Path:
     return path
 
 
+def upload_job(step: int, folder: Path, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the uploader process gets for one step: its spool ``folder`` holding the files,
+    and the fragment listing ``entries`` (written by the uploader, named as :func:`write_fragment`)."""
+    return {"step": step, "folder": str(folder), "files_path": CHECKPOINT_DIR, "fragment_path": FRAGMENT_PATH,
+            "fragment_name": fragment_filename(step, "+".join(e["kind"] for e in entries)),
+            "fragment": {"format": MANIFEST_FORMAT, "entries": entries}}
+
+
 class CheckpointUploader:
     """The checkpoint artifacts of one MLflow run: :meth:`add_step` per step, :meth:`end` once."""
 
@@ -280,17 +288,18 @@ class CheckpointLogger:
             self._plan_ema(net, check=True)
         self._wait_written()  # memory bound: one snapshot pair not yet on disk
         self._wait_spool()
-        raw = {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
-        ema_state = self._ema if self._user_ema is None else self._user_ema()
-        if self._user_ema is not None and set(ema_state) != set(raw):
-            extra = sorted(set(ema_state) ^ set(raw))[:3]
+        raw = {k: v.detach() for k, v in net.state_dict().items()}
+        ema = self._ema if self._user_ema is None else self._user_ema()
+        if self._user_ema is not None and set(ema) != set(raw):
+            extra = sorted(set(ema) ^ set(raw))[:3]
             raise LcscError(f"the EMA passed as ema= has other state-dict keys than the model (e.g. {extra}): "
                             "pass the averaged module itself, e.g. AveragedModel(...).module")
-        ema = {k: v.detach().to("cpu", copy=True) for k, v in ema_state.items()}
         if 2 * sum(v.numel() * v.element_size() for v in raw.values()) <= INLINE_BYTES:
-            self._write(step, raw, ema, inline=True)
+            on_cpu = lambda state: {k: v.detach().to("cpu") for k, v in state.items()}  # noqa: E731 - no copy if there
+            self._write(step, on_cpu(raw), on_cpu(ema))  # serialised now: the bytes are the snapshot
         else:
-            self._written = self._writer.submit(self._write, step, raw, ema)
+            snapshot = lambda state: {k: v.detach().to("cpu", copy=True) for k, v in state.items()}  # noqa: E731
+            self._written = self._writer.submit(self._write, step, snapshot(raw), snapshot(ema), True)
 
     def _wait_written(self) -> None:
         if self._written is not None:
@@ -344,25 +353,22 @@ class CheckpointLogger:
         return list(self._uploader.entries) if self.is_main else []
 
     # -- background side ----------------------------------------------------------------
-    def _write(self, step: int, raw: dict, ema: dict, inline: bool = False) -> None:
-        """Write one step's files and fragment to the spool; hand them to the uploader."""
+    def _write(self, step: int, raw: dict, ema: dict, threaded: bool = False) -> None:
+        """Write one step's files to the spool; hand them and their fragment to the uploader."""
         folder = Path(self._spool.name) / f"step{step:08d}"
-        (folder / "files").mkdir(parents=True)
-        (folder / "fragment").mkdir()
+        folder.mkdir()
         entries = []
         for kind, state, extra in (("raw", raw, {}), ("ema", ema, {"lcsc.ema_decay": repr(self.ema_decay),
                                                                   "lcsc.ema_warmup": str(self.ema_warmup).lower()})):
-            path = folder / "files" / checkpoint_filename(step, kind)
-            if inline:
-                sha, size = write_checkpoint_hashed(path, state, step=step, kind=kind, spec=self._spec_json,
-                                                    extra=extra)
-            else:
+            path = folder / checkpoint_filename(step, kind)
+            if threaded:
                 write_checkpoint(path, state, step=step, kind=kind, spec=self._spec_json, extra=extra)
                 sha, size = sha256_file(path), path.stat().st_size
+            else:
+                sha, size = write_checkpoint_hashed(path, state, step=step, kind=kind, spec=self._spec_json,
+                                                    extra=extra)
             entry = {"step": step, "kind": kind, "file": path.name, "sha256": sha, "bytes": size}
             if kind == "ema":
                 entry["ema_decay"], entry["ema_warmup"] = self.ema_decay, self.ema_warmup
             entries.append(entry)
-        job = {"step": step, "folder": str(folder), "files": str(folder / "files"), "files_path": CHECKPOINT_DIR,
-               "fragment": str(write_fragment(folder / "fragment", entries)), "fragment_path": FRAGMENT_PATH}
-        self._sender.send(job, entries, sum(e["bytes"] for e in entries))
+        self._sender.send(upload_job(step, folder, entries), entries, sum(e["bytes"] for e in entries))

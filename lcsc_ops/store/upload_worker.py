@@ -5,7 +5,7 @@ it imports mlflow and nothing of torch or lcsc_ops: MLflow's client-side work (H
 copies) then runs beside the training loop instead of taking turns with it for the
 interpreter lock. Answers ``{"ready": true}`` once the run is found; then reads one JSON job
 per line on stdin, each a step whose files are already on local disk, logs the files, then
-their manifest fragment, deletes the step's spool folder and answers ``{"done": step}``
+their manifest fragment (written here: the job holds its name and contents), deletes the step's spool folder and answers ``{"done": step}``
 (``{"error": ...}`` and exit 1 on a failure). Steps that queue up while an upload is in
 flight (a slow server, a fast loop) go up together: their files in one call, their entries in
 one fragment, so the calls per step fall as the queue grows. At end of input (the trainer
@@ -36,24 +36,20 @@ def _answer(message: dict) -> None:
 
 def _upload(client, run_id: str, jobs: list[dict]) -> None:
     """The jobs' files, then one fragment listing their entries (named after the first step)."""
-    if len(jobs) == 1:
-        client.log_artifacts(run_id, jobs[0]["files"], jobs[0]["files_path"])
-        client.log_artifact(run_id, jobs[0]["fragment"], jobs[0]["fragment_path"])
-    else:
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(jobs[0]["folder"]), prefix="batch-") as tmp:
-            files, entries = os.path.join(tmp, "files"), []
+    first = jobs[0]
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(first["folder"]), prefix="batch-") as tmp:
+        files = first["folder"]
+        if len(jobs) > 1:  # one folder for them all: renames, no copies
+            files = os.path.join(tmp, "files")
             os.mkdir(files)
-            for job in jobs:  # one spool folder: renames, no copies
-                for name in os.listdir(job["files"]):
-                    os.rename(os.path.join(job["files"], name), os.path.join(files, name))
-                with open(job["fragment"]) as f:
-                    doc = json.load(f)
-                entries += doc["entries"]
-            fragment = os.path.join(tmp, os.path.basename(jobs[0]["fragment"]))
-            with open(fragment, "w") as f:
-                json.dump({**doc, "entries": entries}, f)
-            client.log_artifacts(run_id, files, jobs[0]["files_path"])
-            client.log_artifact(run_id, fragment, jobs[0]["fragment_path"])
+            for job in jobs:
+                for name in os.listdir(job["folder"]):
+                    os.rename(os.path.join(job["folder"], name), os.path.join(files, name))
+        fragment = os.path.join(tmp, first["fragment_name"])
+        with open(fragment, "w") as f:
+            json.dump({**first["fragment"], "entries": [e for job in jobs for e in job["fragment"]["entries"]]}, f)
+        client.log_artifacts(run_id, files, first["files_path"])
+        client.log_artifact(run_id, fragment, first["fragment_path"])
     for job in jobs:
         shutil.rmtree(job["folder"], ignore_errors=True)
 
@@ -77,6 +73,7 @@ def _batch(jobs: queue.Queue) -> tuple[list[dict], bool]:
 
 
 def main(run_id: str) -> int:
+    os.nice(10)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which waits for these uploads
     from mlflow.tracking import MlflowClient
 
