@@ -16,13 +16,12 @@ import hashlib
 import json
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load_file, save_file
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec, brief_repr
@@ -54,7 +53,7 @@ def checkpoint_filename(step: int, kind: str) -> str:
     return f"step{step:08d}-{kind}.safetensors"
 
 
-def _metadata(step: int, kind: str, spec: ModelSpec | str, extra: Mapping[str, str] | None) -> dict[str, str]:
+def checkpoint_metadata(step: int, kind: str, spec: ModelSpec | str, extra: Mapping[str, str] | None) -> dict[str, str]:
     return {"lcsc.format": MANIFEST_FORMAT, "lcsc.step": str(step), "lcsc.kind": kind,
             "lcsc.spec": spec if isinstance(spec, str) else spec.to_json(), **(extra or {})}
 
@@ -65,7 +64,7 @@ def write_checkpoint(path: Path, state: Mapping[str, torch.Tensor], *, step: int
     (atomic rename)."""
     tmp = path.with_suffix(".tmp")
     # safetensors refuses tensors that share memory; a snapshot made with clone() never does.
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=_metadata(step, kind, spec, extra))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=checkpoint_metadata(step, kind, spec, extra))
     os.replace(tmp, path)
 
 
@@ -87,19 +86,20 @@ class SafetensorsLayout:
     def nbytes(self) -> int:
         return self.spans[-1][1] if self.spans else 0
 
-    def head(self, metadata: Mapping[str, str]) -> bytes:
-        """The file's first bytes: the header's length, then the header (padded as safetensors does)."""
+    def header(self, metadata: Mapping[str, str]) -> bytes:
+        """The file's header, padded as safetensors pads it; the file is its length (8 bytes,
+        little-endian), the header, then the data section."""
         parts = [self.tensors_json] if self.tensors_json else []
         if metadata:
             parts.insert(0, '"__metadata__":' + json.dumps(dict(sorted(metadata.items())), separators=(",", ":"),
                                                           ensure_ascii=False))
         head = ("{" + ",".join(parts) + "}").encode()
-        head += b" " * (-len(head) % 8)
-        return struct.pack("<Q", len(head)) + head
+        return head + b" " * (-len(head) % 8)
 
 
 def safetensors_layout(state: Mapping[str, torch.Tensor]) -> SafetensorsLayout | None:
-    """The layout safetensors would give ``state``; None for a dtype it is not written here for,
+    """The layout ``safetensors.torch.save`` gives ``state`` (the checkpoint logger writes small
+    snapshots with it, without safetensors' per-tensor work); None for a dtype not handled here
     or tensors sharing memory (which safetensors refuses)."""
     tensors = list(state.values())
     if any(t.dtype not in _DTYPES for t in tensors):
@@ -116,29 +116,6 @@ def safetensors_layout(state: Mapping[str, torch.Tensor]) -> SafetensorsLayout |
             separators=(",", ":")))
         offset = end
     return SafetensorsLayout(tuple(names), tuple(spans), ",".join(entries))
-
-
-def safetensors_bytes(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
-    """``safetensors.torch.save(state, metadata)`` without its per-tensor checks: the same bytes
-    (up to the order of the metadata keys, which safetensors leaves to a hash map), in a third of
-    the time for a small state (the checkpoint logger does this in the loop). Other dtypes,
-    devices or shared storages go to safetensors itself."""
-    layout = safetensors_layout(state)
-    if layout is None or any(t.device.type != "cpu" for t in state.values()):
-        return save({k: v.contiguous() for k, v in state.items()}, metadata=dict(metadata) or None)
-    blobs = (state[name].detach().contiguous().reshape(-1).view(torch.uint8).numpy() for name in layout.names)
-    return b"".join([layout.head(metadata), *blobs])
-
-
-def write_checkpoint_hashed(path: Path, state: Mapping[str, torch.Tensor], *, step: int, kind: str,
-                            spec: ModelSpec | str, extra: Mapping[str, str] | None = None) -> tuple[str, int]:
-    """:func:`write_checkpoint` through memory: the bytes are hashed as they are written, not read
-    back. Returns (sha256, bytes). For small states: a large one would be held twice."""
-    data = safetensors_bytes(state, _metadata(step, kind, spec, extra))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 @dataclass(frozen=True)

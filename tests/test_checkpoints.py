@@ -220,7 +220,7 @@ def test_steps_queued_behind_an_upload_go_up_together_and_read_back(store, tmp_p
 
     from mlflow.tracking import MlflowClient
 
-    from lcsc_ops.checkpoints import checkpoint_filename, write_checkpoint_hashed
+    from lcsc_ops.checkpoints import checkpoint_filename, write_checkpoint
     from lcsc_ops.store import logger as logger_mod
 
     spec_ = importlib.util.spec_from_file_location("upload_worker", logger_mod.__file__.replace("logger.py",
@@ -238,8 +238,9 @@ def test_steps_queued_behind_an_upload_go_up_together_and_read_back(store, tmp_p
         entries = []
         for kind in ("raw", "ema"):
             path = folder / checkpoint_filename(step, kind)
-            sha, size = write_checkpoint_hashed(path, spec.build().state_dict(), step=step, kind=kind, spec=spec)
-            entries.append({"step": step, "kind": kind, "file": path.name, "sha256": sha, "bytes": size})
+            write_checkpoint(path, spec.build().state_dict(), step=step, kind=kind, spec=spec)
+            entries.append({"step": step, "kind": kind, "file": path.name, "sha256": sha256_file(path),
+                            "bytes": path.stat().st_size})
         jobs.put(logger_mod.upload_job(step, folder, entries))
     jobs.put(None)
     batch, ended = worker._batch(jobs)
@@ -257,26 +258,69 @@ def _safetensors_parts(data: bytes) -> tuple[int, dict, bytes]:
     return n, json.loads(data[8:8 + n]), data[8 + n:]
 
 
+def _odd_state() -> dict[str, torch.Tensor]:
+    """Every dtype the logger's own writer handles, 0-d, empty and non-contiguous tensors."""
+    return {"w": torch.randn(4, 3), "t": torch.randn(3, 4).t(), "h": torch.randn(5).half(),
+            "bf": torch.randn(2, 2).bfloat16(), "d": torch.randn(3, dtype=torch.float64), "n": torch.tensor(7),
+            "e": torch.zeros(0, 3), "flag": torch.tensor([True, False]), "i8": torch.tensor([1, -2], dtype=torch.int8),
+            "u8": torch.tensor([1, 2], dtype=torch.uint8), "i32": torch.tensor([5], dtype=torch.int32),
+            "i16": torch.tensor([5], dtype=torch.int16), "ü.b": torch.randn(3)}
+
+
 @pytest.mark.parametrize("metadata", [{}, {"lcsc.step": "50", "note": 'é ü "q" \\ \n\t \u2028'}])
-def test_checkpoint_bytes_are_those_safetensors_writes(metadata):
-    """Our serialiser (the logger's fast path) against safetensors' own: the same header length,
-    header and data, for every dtype it handles, 0-d, empty and non-contiguous tensors; other
-    dtypes and shared storages go to safetensors itself."""
+def test_the_layout_and_header_give_the_bytes_safetensors_writes(metadata):
+    """The logger's writer (header from :class:`SafetensorsLayout`, then the tensors' bytes at its
+    spans) against safetensors' own; complex tensors and shared storages have no layout."""
     from safetensors.torch import load, save
 
-    from lcsc_ops.checkpoints import safetensors_bytes
+    from lcsc_ops.checkpoints import safetensors_layout
 
-    state = {"w": torch.randn(4, 3), "t": torch.randn(3, 4).t(), "h": torch.randn(5).half(),
-             "bf": torch.randn(2, 2).bfloat16(), "d": torch.randn(3, dtype=torch.float64), "n": torch.tensor(7),
-             "e": torch.zeros(0, 3), "flag": torch.tensor([True, False]), "i8": torch.tensor([1, -2], dtype=torch.int8),
-             "u8": torch.tensor([1, 2], dtype=torch.uint8), "i32": torch.tensor([5], dtype=torch.int32),
-             "i16": torch.tensor([5], dtype=torch.int16), "ü.b": torch.randn(3)}
-    ours = safetensors_bytes(state, metadata)
+    state = _odd_state()
+    layout = safetensors_layout(state)
+    header = layout.header(metadata)
+    data = bytearray(layout.nbytes)
+    for name, (begin, end) in zip(layout.names, layout.spans):
+        data[begin:end] = state[name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    ours = len(header).to_bytes(8, "little") + header + bytes(data)
     theirs = save({k: v.contiguous() for k, v in state.items()}, metadata=metadata or None)
     assert _safetensors_parts(ours) == _safetensors_parts(theirs)
     assert all(torch.equal(load(ours)[k], v) for k, v in state.items())
-    odd = {"c": torch.randn(2, dtype=torch.complex64)}
-    assert _safetensors_parts(safetensors_bytes(odd, metadata)) == _safetensors_parts(save(odd, metadata=metadata or None))
+    assert safetensors_layout({"c": torch.randn(2, dtype=torch.complex64)}) is None
     shared = torch.randn(4)
-    with pytest.raises(RuntimeError, match="share memory"):
-        safetensors_bytes({"a": shared, "b": shared[:2]}, metadata)
+    assert safetensors_layout({"a": shared, "b": shared[:2]}) is None
+
+
+class _OddModule(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        for name, value in _odd_state().items():
+            self.register_buffer(name.replace(".", "_"), value)
+
+
+def test_the_logger_writes_small_snapshots_as_safetensors_would(store):
+    """A small pair goes through the shared-memory slots and the uploader process: each logged
+    file is, part for part, what ``safetensors.torch.save`` writes for the state at that step."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_experiment("odd-dtypes")
+    model = _OddModule()
+    spec = ModelSpec(factory="tests.test_checkpoints:_OddModule")
+    expected = {}
+    with mlflow.start_run() as run:
+        with CheckpointLogger(spec, every=1, ema=lambda: model.state_dict()) as ckpt:
+            for step in range(1, 4):
+                with torch.no_grad():
+                    model.lin.weight.add_(1.0)
+                    model.t.mul_(2)
+                expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
+                ckpt.step(model, step)
+    window = fetch_window(run.info.run_id, window=3, tracking_uri=store["uri"], cache_dir=store["cache"])
+    assert len(window.entries) == 6
+    for entry in window.entries:
+        with safe_open(str(entry.path), "pt") as f:
+            metadata = f.metadata()
+        theirs = save({k: v.contiguous() for k, v in expected[entry.step].items()}, metadata=metadata)
+        assert _safetensors_parts(entry.path.read_bytes()) == _safetensors_parts(theirs)

@@ -9,8 +9,10 @@ run without it is partial (still training, or killed). While training, the calls
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import mmap
 import os
 import queue
 import subprocess
@@ -24,8 +26,8 @@ from typing import Any, Callable, Mapping
 import torch
 
 from lcsc_ops.checkpoints import (CHECKPOINT_DIR, FRAGMENT_DIR, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT,
-                                  checkpoint_filename, fragment_filename, sha256_file, write_checkpoint,
-                                  write_checkpoint_hashed)
+                                  SafetensorsLayout, checkpoint_filename, checkpoint_metadata, fragment_filename,
+                                  safetensors_layout, sha256_file, write_checkpoint)
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.ema import EmaPlan, ema_decay_at
 from lcsc_ops.redact import mask_credentials
@@ -41,9 +43,9 @@ def _unwrap(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Module:
 
 
 FRAGMENT_PATH = f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}"
-# A snapshot pair up to this size is written on the training thread, hashed from memory: handing
-# a small one to the writer thread costs the loop more (the two take turns for the interpreter lock).
-INLINE_BYTES = 8 << 20
+# A snapshot pair up to this size is copied into a shared-memory slot that the uploader process writes
+# out; a larger one is written by a thread of the training process, straight from its snapshot.
+SLOT_BYTES = 8 << 20
 
 
 def write_fragment(folder: Path, entries: list[dict[str, Any]]) -> Path:
@@ -114,8 +116,8 @@ class _UploadProcess:
         self.proc = subprocess.Popen([sys.executable, "-u", str(worker), run_id], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, bufsize=1,
                                      env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
-        self.pending: dict[int, tuple[list[dict[str, Any]], int]] = {}  # step -> (entries, bytes), in order
-        self._lock, self._answers = threading.Lock(), queue.Queue()
+        self.pending: dict[int, int] = {}  # step -> bytes, in order
+        self._lock, self._answers, self._free = threading.Lock(), queue.Queue(), queue.Queue()
         threading.Thread(target=self._read, name="lcsc-ckpt-answers", daemon=True).start()
         answer = self._answers.get()  # started (mlflow imported, the run found) before training goes on
         if answer is None or "error" in answer:
@@ -125,12 +127,30 @@ class _UploadProcess:
 
     def _read(self) -> None:
         for line in self.proc.stdout:
-            self._answers.put(json.loads(line))
+            answer = json.loads(line)
+            (self._free if "freed" in answer else self._answers).put(answer.get("freed", answer))
         self._answers.put(None)
+        self._free.put(None)
 
-    def send(self, job: dict[str, Any], entries: list[dict[str, Any]], size: int) -> None:
+    def reset_slots(self) -> None:
+        """Both shared-memory slots are free (a new pair of them)."""
+        self._free = queue.Queue()
+        self._free.put(0)
+        self._free.put(1)
+
+    def free_slot(self, timeout: float) -> int | None:
+        """A slot the uploader has written out; None if none within ``timeout`` or it exited."""
+        try:
+            slot = self._free.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if slot is None:
+            self._free.put(None)
+        return slot
+
+    def send(self, job: dict[str, Any], size: int) -> None:
         with self._lock:
-            self.pending[job["step"]] = (entries, size)
+            self.pending[job["step"]] = size
         try:
             self.proc.stdin.write(json.dumps(job) + "\n")
             self.proc.stdin.flush()
@@ -139,10 +159,11 @@ class _UploadProcess:
 
     def pending_bytes(self) -> int:
         with self._lock:
-            return sum(size for _, size in self.pending.values())
+            return sum(self.pending.values())
 
     def take(self, block: bool) -> list[dict[str, Any]] | None:
-        """The entries of the next confirmed step; None if none is confirmed yet (``block=False``)."""
+        """The entries of the next confirmed step (with their hashes); None if none is confirmed
+        yet (``block=False``)."""
         try:
             answer = self._answers.get(block=block)
         except queue.Empty:
@@ -156,7 +177,8 @@ class _UploadProcess:
             why = f"the checkpoint upload of {steps} failed: {answer['error']}"
             raise LcscError(mask_credentials(why))
         with self._lock:
-            return self.pending.pop(answer["done"])[0]
+            self.pending.pop(answer["done"])
+        return answer["entries"]
 
     def _exited(self) -> str:
         code = self.proc.wait()
@@ -171,6 +193,68 @@ class _UploadProcess:
             except BrokenPipeError:
                 pass
         threading.Thread(target=self.proc.wait, name="lcsc-ckpt-reap", daemon=True).start()
+
+
+def _align(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def _layout_key(state: Mapping[str, torch.Tensor]) -> tuple:
+    return tuple((k, v.dtype, v.shape) for k, v in state.items())
+
+
+class _Slots:
+    """Two shared-memory slots for small snapshot pairs of one layout: the loop copies a pair into
+    a free slot (one fused copy, a few microseconds) and the uploader process writes the files
+    out of it, so serialising, hashing and writing stay off the training process."""
+
+    def __init__(self, folder: str, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> None:
+        self.key = (_layout_key(raw), _layout_key(ema))
+        self.raw, self.ema = safetensors_layout(raw), safetensors_layout(ema)
+        self.ema_at = _align(self.raw.nbytes)
+        self.size = max(8, _align(self.ema_at + self.ema.nbytes))
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else folder
+        fd, self.path = tempfile.mkstemp(prefix="lcsc-snapshots-", dir=shm)  # the uploader unlinks it
+        try:
+            os.ftruncate(fd, 2 * self.size)
+            self.mm = mmap.mmap(fd, 2 * self.size)
+        finally:
+            os.close(fd)
+        buf = torch.frombuffer(self.mm, dtype=torch.uint8)
+        self.views = [self._views(buf, k * self.size, raw, self.raw) + self._views(buf, k * self.size + self.ema_at,
+                                                                                 ema, self.ema) for k in (0, 1)]
+
+    @staticmethod
+    def _views(buf: torch.Tensor, base: int, state: Mapping[str, torch.Tensor],
+               layout: SafetensorsLayout) -> list[torch.Tensor]:
+        return [buf[base + b:base + e].view(state[n].dtype).view(state[n].shape)
+                for n, (b, e) in zip(layout.names, layout.spans)]
+
+    @staticmethod
+    def fits(raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> bool:
+        size = sum(v.numel() * v.element_size() for state in (raw, ema) for v in state.values())
+        return size <= SLOT_BYTES and safetensors_layout(raw) is not None and safetensors_layout(ema) is not None
+
+    def copy_(self, slot: int, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> None:
+        torch._foreach_copy_(self.views[slot], [raw[n] for n in self.raw.names] + [ema[n] for n in self.ema.names])
+
+    def files(self, slot: int, step: int, metadata: list[Mapping[str, str]]) -> list[dict[str, Any]]:
+        """What the uploader writes for the pair in ``slot``: each file's header and the span of its data."""
+        out = []
+        for (kind, layout, at), md in zip((("raw", self.raw, 0), ("ema", self.ema, self.ema_at)), metadata):
+            begin = slot * self.size + at
+            out.append({"file": checkpoint_filename(step, kind), "header": layout.header(md).decode(),
+                        "begin": begin, "end": begin + layout.nbytes})
+        return out
+
+    def close(self) -> None:
+        self.views = []
+        try:
+            self.mm.close()
+        except BufferError:  # a view still alive: the mapping goes with it
+            pass
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
 
 
 class CheckpointLogger:
@@ -217,6 +301,7 @@ class CheckpointLogger:
             raise LcscError(f"ema must be a module or a callable returning a state dict, got {type(ema).__name__}")
         self._user_ema = ema.state_dict if isinstance(ema, torch.nn.Module) else ema
         self._written: Future | None = None
+        self._slots: _Slots | None = None
         self._wrapped = self._net = None
         self.run_id = None
         if self.is_main:
@@ -288,18 +373,60 @@ class CheckpointLogger:
             self._plan_ema(net, check=True)
         self._wait_written()  # memory bound: one snapshot pair not yet on disk
         self._wait_spool()
-        raw = {k: v.detach() for k, v in net.state_dict().items()}
+        raw = net.state_dict()
         ema = self._ema if self._user_ema is None else self._user_ema()
         if self._user_ema is not None and set(ema) != set(raw):
             extra = sorted(set(ema) ^ set(raw))[:3]
             raise LcscError(f"the EMA passed as ema= has other state-dict keys than the model (e.g. {extra}): "
                             "pass the averaged module itself, e.g. AveragedModel(...).module")
-        if 2 * sum(v.numel() * v.element_size() for v in raw.values()) <= INLINE_BYTES:
-            on_cpu = lambda state: {k: v.detach().to("cpu") for k, v in state.items()}  # noqa: E731 - no copy if there
-            self._write(step, on_cpu(raw), on_cpu(ema))  # serialised now: the bytes are the snapshot
+        if self._slots is not None and self._slots.key == (_layout_key(raw), _layout_key(ema)):
+            self._send_slot(step, raw, ema)
+        elif _Slots.fits(raw, ema):
+            self._drain_slots()
+            self._slots = _Slots(self._spool.name, raw, ema)
+            self._sender.reset_slots()
+            self._send_slot(step, raw, ema)
         else:
             snapshot = lambda state: {k: v.detach().to("cpu", copy=True) for k, v in state.items()}  # noqa: E731
-            self._written = self._writer.submit(self._write, step, snapshot(raw), snapshot(ema), True)
+            self._written = self._writer.submit(self._write, step, snapshot(raw), snapshot(ema))
+
+    def _send_slot(self, step: int, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> None:
+        """Copy the pair into a free slot; the uploader writes its files, then uploads them."""
+        slot = self._free_slot()
+        self._slots.copy_(slot, raw, ema)
+        files = self._slots.files(slot, step, [checkpoint_metadata(step, kind, self._spec_json, self._extra(kind))
+                                               for kind in ("raw", "ema")])
+        entries = [self._entry(step, "raw", files[0]["file"]), self._entry(step, "ema", files[1]["file"])]
+        job = {**upload_job(step, Path(self._spool.name) / f"step{step:08d}", entries), "shm": self._slots.path,
+               "slot": slot, "write": files}
+        self._sender.send(job, sum(8 + len(f["header"].encode()) + f["end"] - f["begin"] for f in files))
+
+    def _free_slot(self) -> int:
+        while True:
+            slot = self._sender.free_slot(timeout=0.1)
+            if slot is not None:
+                return slot
+            while self._confirm(block=False):  # raises a failed upload, or an uploader that is gone
+                pass
+
+    def _drain_slots(self) -> None:
+        """Wait until the uploader has written out both slots, then drop them (the layout changed)."""
+        if self._slots is not None:
+            self._free_slot(), self._free_slot()
+            self._slots.close()
+            self._slots = None
+
+    def _extra(self, kind: str) -> dict[str, str] | None:
+        """The metadata an EMA file has beyond step, kind and spec."""
+        if kind == "ema":
+            return {"lcsc.ema_decay": repr(self.ema_decay), "lcsc.ema_warmup": str(self.ema_warmup).lower()}
+        return None
+
+    def _entry(self, step: int, kind: str, file: str, **hashed: Any) -> dict[str, Any]:
+        entry = {"step": step, "kind": kind, "file": file, **hashed}
+        if kind == "ema":
+            entry["ema_decay"], entry["ema_warmup"] = self.ema_decay, self.ema_warmup
+        return entry
 
     def _wait_written(self) -> None:
         if self._written is not None:
@@ -338,6 +465,8 @@ class CheckpointLogger:
         finally:
             self._writer.shutdown(wait=True)
             self._sender.stop()
+            if self._slots is not None:
+                self._slots.close()
             self._spool.cleanup()
         if complete:
             self._uploader.finish()
@@ -353,22 +482,15 @@ class CheckpointLogger:
         return list(self._uploader.entries) if self.is_main else []
 
     # -- background side ----------------------------------------------------------------
-    def _write(self, step: int, raw: dict, ema: dict, threaded: bool = False) -> None:
-        """Write one step's files to the spool; hand them and their fragment to the uploader."""
+    def _write(self, step: int, raw: dict, ema: dict) -> None:
+        """Write one step's files to the spool (a large pair, on the writer thread); hand them and
+        their fragment to the uploader."""
         folder = Path(self._spool.name) / f"step{step:08d}"
         folder.mkdir()
         entries = []
-        for kind, state, extra in (("raw", raw, {}), ("ema", ema, {"lcsc.ema_decay": repr(self.ema_decay),
-                                                                  "lcsc.ema_warmup": str(self.ema_warmup).lower()})):
+        for kind, state in (("raw", raw), ("ema", ema)):
             path = folder / checkpoint_filename(step, kind)
-            if threaded:
-                write_checkpoint(path, state, step=step, kind=kind, spec=self._spec_json, extra=extra)
-                sha, size = sha256_file(path), path.stat().st_size
-            else:
-                sha, size = write_checkpoint_hashed(path, state, step=step, kind=kind, spec=self._spec_json,
-                                                    extra=extra)
-            entry = {"step": step, "kind": kind, "file": path.name, "sha256": sha, "bytes": size}
-            if kind == "ema":
-                entry["ema_decay"], entry["ema_warmup"] = self.ema_decay, self.ema_warmup
-            entries.append(entry)
-        self._sender.send(upload_job(step, folder, entries), entries, sum(e["bytes"] for e in entries))
+            write_checkpoint(path, state, step=step, kind=kind, spec=self._spec_json,
+                             extra=self._extra(kind))
+            entries.append(self._entry(step, kind, path.name, sha256=sha256_file(path), bytes=path.stat().st_size))
+        self._sender.send(upload_job(step, folder, entries), sum(e["bytes"] for e in entries))

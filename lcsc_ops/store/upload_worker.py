@@ -4,21 +4,25 @@ Run as a script (``python upload_worker.py RUN_ID``; the store in ``MLFLOW_TRACK
 it imports mlflow and nothing of torch or lcsc_ops: MLflow's client-side work (HTTP, file
 copies) then runs beside the training loop instead of taking turns with it for the
 interpreter lock. Answers ``{"ready": true}`` once the run is found; then reads one JSON job
-per line on stdin, each a step whose files are already on local disk, logs the files, then
-their manifest fragment (written here: the job holds its name and contents), deletes the step's spool folder and answers ``{"done": step}``
-(``{"error": ...}`` and exit 1 on a failure). Steps that queue up while an upload is in
-flight (a slow server, a fast loop) go up together: their files in one call, their entries in
-one fragment, so the calls per step fall as the queue grows. At end of input (the trainer
-closed it, or died) every job received is already uploaded: a killed trainer loses only the
+per line on stdin: a step whose files are on local disk, or in a shared-memory slot (written
+out here at once, then ``{"freed": slot}``). It logs the files, then their manifest fragment
+(written here from the job), deletes the step's spool folder and answers ``{"done": step,
+"entries": [...]}`` (``{"error": ...}`` and exit 1 on a failure). Steps that queue up while an
+upload is in flight (a slow server, a fast loop) go up together: their files in one call, their
+entries in one fragment, so the calls per step fall as the queue grows. At end of input (the
+trainer closed it, or died) every job received is uploaded: a killed trainer loses only the
 steps it had not handed over.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
 import os
 import queue
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import threading
@@ -26,12 +30,50 @@ import threading
 MAX_BATCH = 64  # steps per upload at most
 
 
+_ANSWER_LOCK = threading.Lock()
+
+
 def _answer(message: dict) -> None:
     """One line to the trainer; a trainer that is gone no longer listens, the uploads go on."""
-    try:
-        print(json.dumps(message), flush=True)
-    except (BrokenPipeError, ValueError):
-        sys.stdout = open(os.devnull, "w")
+    with _ANSWER_LOCK:
+        try:
+            print(json.dumps(message), flush=True)
+        except (BrokenPipeError, ValueError):
+            sys.stdout = open(os.devnull, "w")
+
+
+class _Slots:
+    """The trainer's shared-memory slots (one file at a time; unlinked once mapped: a killed
+    trainer leaves none behind)."""
+
+    def __init__(self) -> None:
+        self.path, self.mm = None, None
+
+    def write_out(self, job: dict) -> None:
+        """Write the job's files from its slot into its spool folder, complete its entries (hash,
+        size) and hand the slot back."""
+        if job["shm"] != self.path:
+            if self.mm is not None:
+                self.mm.close()
+            fd = os.open(job["shm"], os.O_RDWR)
+            try:
+                self.mm, self.path = mmap.mmap(fd, 0), job["shm"]
+            finally:
+                os.close(fd)
+            try:
+                os.unlink(job["shm"])
+            except FileNotFoundError:
+                pass
+        os.makedirs(job["folder"], exist_ok=True)
+        entries = {e["file"]: e for e in job["fragment"]["entries"]}
+        for f in job.pop("write"):
+            header = f["header"].encode()
+            parts = (struct.pack("<Q", len(header)), header, self.mm[f["begin"]:f["end"]])
+            with open(os.path.join(job["folder"], f["file"]), "wb") as out:
+                out.writelines(parts)
+            entries[f["file"]].update(sha256=hashlib.sha256(b"".join(parts)).hexdigest(),
+                                      bytes=sum(len(p) for p in parts))
+        _answer({"freed": job["slot"]})
 
 
 def _upload(client, run_id: str, jobs: list[dict]) -> None:
@@ -55,8 +97,16 @@ def _upload(client, run_id: str, jobs: list[dict]) -> None:
 
 
 def _read(jobs: queue.Queue) -> None:
+    """Queue the trainer's jobs, a slot's files written out first (so the slot is free at once)."""
+    slots = _Slots()
     for line in sys.stdin:
-        jobs.put(json.loads(line))
+        job = json.loads(line)
+        if "write" in job:
+            try:
+                slots.write_out(job)
+            except Exception as exc:  # noqa: BLE001 - reported to the trainer by the upload loop
+                job = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": job["step"]}
+        jobs.put(job)
     jobs.put(None)  # end of input
 
 
@@ -73,7 +123,6 @@ def _batch(jobs: queue.Queue) -> tuple[list[dict], bool]:
 
 
 def main(run_id: str) -> int:
-    os.nice(10)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which waits for these uploads
     from mlflow.tracking import MlflowClient
 
@@ -89,16 +138,20 @@ def main(run_id: str) -> int:
     ended = False
     while not ended:
         batch, ended = _batch(jobs)
-        if not batch:
-            continue
-        try:
-            _upload(client, run_id, batch)
-        except Exception as exc:  # noqa: BLE001 - reported to the trainer as one line
-            _answer({"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": batch[0]["step"],
-                     "last_step": batch[-1]["step"]})
+        failed = next((job for job in batch if "error" in job), None)
+        batch = batch[:batch.index(failed)] if failed is not None else batch
+        if batch:
+            try:
+                _upload(client, run_id, batch)
+            except Exception as exc:  # noqa: BLE001 - reported to the trainer as one line
+                _answer({"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": batch[0]["step"],
+                         "last_step": batch[-1]["step"]})
+                return 1
+            for job in batch:
+                _answer({"done": job["step"], "entries": job["fragment"]["entries"]})
+        if failed is not None:
+            _answer(failed)
             return 1
-        for job in batch:
-            _answer({"done": job["step"]})
     return 0
 
 
