@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -86,15 +87,29 @@ class SafetensorsLayout:
     def nbytes(self) -> int:
         return self.spans[-1][1] if self.spans else 0
 
-    def header(self, metadata: Mapping[str, str]) -> bytes:
-        """The file's header, padded as safetensors pads it; the file is its length (8 bytes,
-        little-endian), the header, then the data section."""
+    def header_text(self, metadata: Mapping[str, str]) -> str:
+        """The file's JSON header, not padded."""
         parts = [self.tensors_json] if self.tensors_json else []
         if metadata:
             parts.insert(0, '"__metadata__":' + json.dumps(dict(sorted(metadata.items())), separators=(",", ":"),
                                                           ensure_ascii=False))
-        head = ("{" + ",".join(parts) + "}").encode()
+        return "{" + ",".join(parts) + "}"
+
+    def header(self, metadata: Mapping[str, str]) -> bytes:
+        """The file's header, padded with spaces to a multiple of 8 bytes as safetensors pads it;
+        the file is its length (8 bytes, little-endian), the header, then the data section."""
+        head = self.header_text(metadata).encode()
         return head + b" " * (-len(head) % 8)
+
+    def header_around(self, metadata: Mapping[str, str], key: str) -> tuple[str, str]:
+        """The header's text before and after the value of ``metadata[key]``: a header for another
+        value ``v`` (one JSON needs no escapes for, such as a step number) is ``before + v + after``."""
+        marker = uuid.uuid4().hex
+        text = self.header_text({**metadata, key: marker})
+        if text.count(marker) != 1:  # pragma: no cover - a 128-bit random marker
+            raise RuntimeError("header marker collision")
+        before, after = text.split(marker)
+        return before, after
 
 
 def safetensors_layout(state: Mapping[str, torch.Tensor]) -> SafetensorsLayout | None:

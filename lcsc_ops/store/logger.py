@@ -9,12 +9,13 @@ run without it is partial (still training, or killed). While training, the calls
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
 import mmap
 import os
-import queue
+import select
 import subprocess
 import sys
 import tempfile
@@ -109,50 +110,62 @@ class CheckpointUploader:
 
 
 class _UploadProcess:
-    """The uploader process of one run and the steps handed to it, not yet confirmed."""
+    """The uploader process of one run and the steps handed to it, not yet confirmed. Its answers
+    are read when the loop looks for them (no reader thread: nothing else in the training process
+    wants the interpreter lock)."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
         worker = Path(__file__).with_name("upload_worker.py")  # the URI in its environment: no password in `ps`
         self.proc = subprocess.Popen([sys.executable, "-u", str(worker), run_id], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1,
-                                     env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
+                                     stdout=subprocess.PIPE, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
         self.pending: dict[int, int] = {}  # step -> bytes, in order
-        self._lock, self._answers, self._free = threading.Lock(), queue.Queue(), queue.Queue()
-        threading.Thread(target=self._read, name="lcsc-ckpt-answers", daemon=True).start()
-        answer = self._answers.get()  # started (mlflow imported, the run found) before training goes on
-        if answer is None or "error" in answer:
+        self._lock = threading.Lock()  # pending: a large pair is handed over by the writer thread
+        self._fd, self._buf, self._eof = self.proc.stdout.fileno(), b"", False
+        os.set_blocking(self._fd, False)
+        self._answers: collections.deque = collections.deque()
+        self._free: collections.deque = collections.deque()  # shared-memory slots written out
+        while not self._answers and not self._eof:  # mlflow imported, the run found: training may go on
+            self._read(None)
+        answer = self._answers.popleft() if self._answers else {}
+        if "ready" not in answer:
             self.stop()
-            why = (answer or {}).get("error", "it exited")
+            why = answer.get("error", "it exited")
             raise LcscError(mask_credentials(f"the checkpoint uploader could not start: {why}"))
 
-    def _read(self) -> None:
-        for line in self.proc.stdout:
+    def _read(self, timeout: float | None) -> None:
+        """Take in the answers that came, waiting up to ``timeout`` s (None: until one comes)."""
+        if self._eof or not select.select([self._fd], [], [], timeout)[0]:
+            return
+        try:
+            chunk = os.read(self._fd, 1 << 16)
+        except BlockingIOError:
+            return
+        self._eof = not chunk
+        *lines, self._buf = (self._buf + chunk).split(b"\n")
+        for line in lines:
             answer = json.loads(line)
-            (self._free if "freed" in answer else self._answers).put(answer.get("freed", answer))
-        self._answers.put(None)
-        self._free.put(None)
+            if "freed" in answer:
+                self._free.append(answer["freed"])
+            else:
+                self._answers.append(answer)
 
     def reset_slots(self) -> None:
         """Both shared-memory slots are free (a new pair of them)."""
-        self._free = queue.Queue()
-        self._free.put(0)
-        self._free.put(1)
+        self._free = collections.deque([0, 1])
 
     def free_slot(self, timeout: float) -> int | None:
         """A slot the uploader has written out; None if none within ``timeout`` or it exited."""
-        try:
-            slot = self._free.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if slot is None:
-            self._free.put(None)
-        return slot
+        if not self._free:
+            self._read(timeout)
+        return self._free.popleft() if self._free else None
 
-    def send(self, job: dict[str, Any], size: int) -> None:
-        with self._lock:
-            self.pending[job["step"]] = size
+    def send(self, job: dict[str, Any], size: int = 0) -> None:
+        """Hand over a job; ``size``: the bytes it holds in the spool until it is confirmed (a step's)."""
+        if "step" in job:
+            with self._lock:
+                self.pending[job["step"]] = size
         try:
-            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.write(json.dumps(job).encode() + b"\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError):
             raise LcscError(self._exited()) from None
@@ -161,16 +174,18 @@ class _UploadProcess:
         with self._lock:
             return sum(self.pending.values())
 
-    def take(self, block: bool) -> list[dict[str, Any]] | None:
+    def take(self, block: bool, read: bool = True) -> list[dict[str, Any]] | None:
         """The entries of the next confirmed step (with their hashes); None if none is confirmed
-        yet (``block=False``)."""
-        try:
-            answer = self._answers.get(block=block)
-        except queue.Empty:
+        yet (``block=False``). ``read=False``: only what was read already (no system call)."""
+        if read:
+            self._read(0)
+        while block and not self._answers and not self._eof:
+            self._read(None)
+        if not self._answers:
+            if self._eof:
+                raise LcscError(self._exited())
             return None
-        if answer is None:
-            self._answers.put(None)
-            raise LcscError(self._exited())
+        answer = self._answers.popleft()
         if "error" in answer:
             first, last = answer["step"], answer.get("last_step", answer["step"])
             steps = f"step {first}" if first == last else f"steps {first}-{last}"
@@ -238,14 +253,22 @@ class _Slots:
     def copy_(self, slot: int, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> None:
         torch._foreach_copy_(self.views[slot], [raw[n] for n in self.raw.names] + [ema[n] for n in self.ema.names])
 
-    def files(self, slot: int, step: int, metadata: list[Mapping[str, str]]) -> list[dict[str, Any]]:
-        """What the uploader writes for the pair in ``slot``: each file's header and the span of its data."""
-        out = []
-        for (kind, layout, at), md in zip((("raw", self.raw, 0), ("ema", self.ema, self.ema_at)), metadata):
-            begin = slot * self.size + at
-            out.append({"file": checkpoint_filename(step, kind), "header": layout.header(md).decode(),
-                        "begin": begin, "end": begin + layout.nbytes})
-        return out
+    def describe(self, spool: str, spec_json: str, extras: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """What the uploader needs once, to write out a pair and list it from ``{"step", "slot"}``:
+        each file's name and header around the step, and where its data sits in a slot."""
+        files = []
+        for kind, layout, at in (("raw", self.raw, 0), ("ema", self.ema, self.ema_at)):
+            metadata = checkpoint_metadata(0, kind, spec_json, extras[kind]["metadata"])
+            files.append({"kind": kind, "name": checkpoint_filename(0, kind).split("00000000"),
+                          "header": layout.header_around(metadata, "lcsc.step"), "begin": at,
+                          "end": at + layout.nbytes, "entry": extras[kind]["entry"]})
+        return {"slots": self.path, "size": self.size, "spool": spool, "files": files,
+                "fragment": {"format": MANIFEST_FORMAT, "name": fragment_filename(0, "raw+ema").split("00000000")},
+                "files_path": CHECKPOINT_DIR, "fragment_path": FRAGMENT_PATH}
+
+    @property
+    def bytes_per_pair(self) -> int:
+        return self.raw.nbytes + self.ema.nbytes + 2 * 4096  # data and, at most, headers
 
     def close(self) -> None:
         self.views = []
@@ -351,15 +374,14 @@ class CheckpointLogger:
         self._ema_updates += 1
         self._ema_plan.apply_(ema_decay_at(self.ema_decay, self._ema_updates, self.ema_warmup))
 
-    def _plan_ema(self, net: torch.nn.Module, check: bool = False) -> None:
+    def _plan_ema(self, net: torch.nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> None:
         """The EMA's plan: views of the weights, so a step costs one fused update and no
-        ``state_dict()``. Rebuilt when a weight's storage changes (checked every step) and, with
-        ``check``, when a weight was replaced by a new tensor object (checked at every checkpoint)."""
-        tensors = list(itertools.chain(net.parameters(), net.buffers()))
-        if check and [id(t) for t in tensors] == [id(t) for t, _ in self._ema_watch]:
-            return
-        self._ema_plan = EmaPlan(self._ema, net.state_dict())
-        self._ema_watch = [(t, t.data_ptr()) for t in tensors]
+        ``state_dict()``. Rebuilt when a weight's storage changes (checked every step) or a weight
+        was replaced by a new tensor (checked at every checkpoint, in its state dict)."""
+        state = net.state_dict() if state is None else state
+        self._ema_plan = EmaPlan(self._ema, state)
+        self._ema_ptrs = [v.data_ptr() for v in state.values()]
+        self._ema_watch = [(t, t.data_ptr()) for t in itertools.chain(net.parameters(), net.buffers())]
 
     @torch.no_grad()
     def save(self, model: torch.nn.Module, step: int) -> None:
@@ -367,13 +389,14 @@ class CheckpointLogger:
         if not self.is_main:
             return
         net = _unwrap(model, self.accelerator)
+        raw = net.state_dict()
         if self._user_ema is None:
             if self._ema is None:
                 self._update_ema(net)
-            self._plan_ema(net, check=True)
+            elif [v.data_ptr() for v in raw.values()] != self._ema_ptrs:
+                self._plan_ema(net, raw)
         self._wait_written()  # memory bound: one snapshot pair not yet on disk
         self._wait_spool()
-        raw = net.state_dict()
         ema = self._ema if self._user_ema is None else self._user_ema()
         if self._user_ema is not None and set(ema) != set(raw):
             extra = sorted(set(ema) ^ set(raw))[:3]
@@ -382,9 +405,7 @@ class CheckpointLogger:
         if self._slots is not None and self._slots.key == (_layout_key(raw), _layout_key(ema)):
             self._send_slot(step, raw, ema)
         elif _Slots.fits(raw, ema):
-            self._drain_slots()
-            self._slots = _Slots(self._spool.name, raw, ema)
-            self._sender.reset_slots()
+            self._new_slots(raw, ema)
             self._send_slot(step, raw, ema)
         else:
             snapshot = lambda state: {k: v.detach().to("cpu", copy=True) for k, v in state.items()}  # noqa: E731
@@ -394,12 +415,17 @@ class CheckpointLogger:
         """Copy the pair into a free slot; the uploader writes its files, then uploads them."""
         slot = self._free_slot()
         self._slots.copy_(slot, raw, ema)
-        files = self._slots.files(slot, step, [checkpoint_metadata(step, kind, self._spec_json, self._extra(kind))
-                                               for kind in ("raw", "ema")])
-        entries = [self._entry(step, "raw", files[0]["file"]), self._entry(step, "ema", files[1]["file"])]
-        job = {**upload_job(step, Path(self._spool.name) / f"step{step:08d}", entries), "shm": self._slots.path,
-               "slot": slot, "write": files}
-        self._sender.send(job, sum(8 + len(f["header"].encode()) + f["end"] - f["begin"] for f in files))
+        self._sender.send({"step": step, "slot": slot}, self._slots.bytes_per_pair)
+
+    def _new_slots(self, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> None:
+        """Slots for this layout, once the uploader has written out the old ones."""
+        if self._slots is not None:
+            self._free_slot(), self._free_slot()
+            self._slots.close()
+        self._slots = _Slots(self._spool.name, raw, ema)
+        extras = {kind: {"metadata": self._extra(kind), "entry": self._entry_extra(kind)} for kind in ("raw", "ema")}
+        self._sender.send(self._slots.describe(self._spool.name, self._spec_json, extras))
+        self._sender.reset_slots()
 
     def _free_slot(self) -> int:
         while True:
@@ -409,39 +435,32 @@ class CheckpointLogger:
             while self._confirm(block=False):  # raises a failed upload, or an uploader that is gone
                 pass
 
-    def _drain_slots(self) -> None:
-        """Wait until the uploader has written out both slots, then drop them (the layout changed)."""
-        if self._slots is not None:
-            self._free_slot(), self._free_slot()
-            self._slots.close()
-            self._slots = None
-
     def _extra(self, kind: str) -> dict[str, str] | None:
         """The metadata an EMA file has beyond step, kind and spec."""
         if kind == "ema":
             return {"lcsc.ema_decay": repr(self.ema_decay), "lcsc.ema_warmup": str(self.ema_warmup).lower()}
         return None
 
-    def _entry(self, step: int, kind: str, file: str, **hashed: Any) -> dict[str, Any]:
-        entry = {"step": step, "kind": kind, "file": file, **hashed}
-        if kind == "ema":
-            entry["ema_decay"], entry["ema_warmup"] = self.ema_decay, self.ema_warmup
-        return entry
+    def _entry_extra(self, kind: str) -> dict[str, Any]:
+        """What a manifest entry of this kind has beyond step, kind, file, hash and size."""
+        return {"ema_decay": self.ema_decay, "ema_warmup": self.ema_warmup} if kind == "ema" else {}
 
     def _wait_written(self) -> None:
         if self._written is not None:
             pending, self._written = self._written, None
             pending.result()
 
-    def _confirm(self, block: bool) -> bool:
-        entries = self._sender.take(block)
+    def _confirm(self, block: bool, read: bool = True) -> bool:
+        entries = self._sender.take(block, read)
         if entries is not None:
             self._uploader.entries.extend(entries)
         return entries is not None
 
     def _wait_spool(self) -> None:
-        """Raise a failed upload; wait while the spool holds more than ``max_spool_bytes``."""
-        while self._confirm(block=False):
+        """Raise a failed upload; wait while the spool holds more than ``max_spool_bytes``. The
+        answers are read here for a large pair; for small ones, when a slot is needed (every
+        other checkpoint): a system call costs the loop more than the rest of a save."""
+        while self._confirm(block=False, read=self._slots is None):
             pass
         while self._sender.pending and self._sender.pending_bytes() > self.max_spool_bytes:
             self._confirm(block=True)
@@ -492,5 +511,6 @@ class CheckpointLogger:
             path = folder / checkpoint_filename(step, kind)
             write_checkpoint(path, state, step=step, kind=kind, spec=self._spec_json,
                              extra=self._extra(kind))
-            entries.append(self._entry(step, kind, path.name, sha256=sha256_file(path), bytes=path.stat().st_size))
+            entries.append({"step": step, "kind": kind, "file": path.name, "sha256": sha256_file(path),
+                            "bytes": path.stat().st_size, **self._entry_extra(kind)})
         self._sender.send(upload_job(step, folder, entries), sum(e["bytes"] for e in entries))

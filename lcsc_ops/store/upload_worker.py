@@ -4,8 +4,8 @@ Run as a script (``python upload_worker.py RUN_ID``; the store in ``MLFLOW_TRACK
 it imports mlflow and nothing of torch or lcsc_ops: MLflow's client-side work (HTTP, file
 copies) then runs beside the training loop instead of taking turns with it for the
 interpreter lock. Answers ``{"ready": true}`` once the run is found; then reads one JSON job
-per line on stdin: a step whose files are on local disk, or in a shared-memory slot (written
-out here at once, then ``{"freed": slot}``). It logs the files, then their manifest fragment
+per line on stdin: a step whose files are on local disk, or ``{"step", "slot"}``: a pair in a
+shared-memory slot, written out here at once, then ``{"freed": slot}``. It logs the files, then their manifest fragment
 (written here from the job), deletes the step's spool folder and answers ``{"done": step,
 "entries": [...]}`` (``{"error": ...}`` and exit 1 on a failure). Steps that queue up while an
 upload is in flight (a slow server, a fast loop) go up together: their files in one call, their
@@ -43,37 +43,45 @@ def _answer(message: dict) -> None:
 
 
 class _Slots:
-    """The trainer's shared-memory slots (one file at a time; unlinked once mapped: a killed
-    trainer leaves none behind)."""
+    """The trainer's shared-memory slots and how to write a pair out of them (``{"slots": ...}``,
+    sent once per layout; the file is unlinked once mapped: a killed trainer leaves none behind)."""
 
     def __init__(self) -> None:
-        self.path, self.mm = None, None
+        self.mm, self.layout = None, None
 
-    def write_out(self, job: dict) -> None:
-        """Write the job's files from its slot into its spool folder, complete its entries (hash,
-        size) and hand the slot back."""
-        if job["shm"] != self.path:
-            if self.mm is not None:
-                self.mm.close()
-            fd = os.open(job["shm"], os.O_RDWR)
-            try:
-                self.mm, self.path = mmap.mmap(fd, 0), job["shm"]
-            finally:
-                os.close(fd)
-            try:
-                os.unlink(job["shm"])
-            except FileNotFoundError:
-                pass
-        os.makedirs(job["folder"], exist_ok=True)
-        entries = {e["file"]: e for e in job["fragment"]["entries"]}
-        for f in job.pop("write"):
-            header = f["header"].encode()
-            parts = (struct.pack("<Q", len(header)), header, self.mm[f["begin"]:f["end"]])
-            with open(os.path.join(job["folder"], f["file"]), "wb") as out:
+    def map(self, layout: dict) -> None:
+        if self.mm is not None:
+            self.mm.close()
+        fd = os.open(layout["slots"], os.O_RDWR)
+        try:
+            self.mm, self.layout = mmap.mmap(fd, 0), layout
+        finally:
+            os.close(fd)
+        try:
+            os.unlink(layout["slots"])
+        except FileNotFoundError:
+            pass
+
+    def write_out(self, step: int, slot: int) -> dict:
+        """Write step's pair from ``slot`` into its spool folder, hand the slot back; the upload job."""
+        layout, step8 = self.layout, f"{step:08d}"
+        folder = os.path.join(layout["spool"], f"step{step8}")
+        os.makedirs(folder, exist_ok=True)
+        entries, base = [], slot * layout["size"]
+        for f in layout["files"]:
+            header = str(step).join(f["header"]).encode()
+            header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+            parts = (struct.pack("<Q", len(header)), header, self.mm[base + f["begin"]:base + f["end"]])
+            name = step8.join(f["name"])
+            with open(os.path.join(folder, name), "wb") as out:
                 out.writelines(parts)
-            entries[f["file"]].update(sha256=hashlib.sha256(b"".join(parts)).hexdigest(),
-                                      bytes=sum(len(p) for p in parts))
-        _answer({"freed": job["slot"]})
+            entries.append({"step": step, "kind": f["kind"], "file": name,
+                            "sha256": hashlib.sha256(b"".join(parts)).hexdigest(),
+                            "bytes": sum(len(p) for p in parts), **f["entry"]})
+        _answer({"freed": slot})
+        return {"step": step, "folder": folder, "files_path": layout["files_path"],
+                "fragment_path": layout["fragment_path"], "fragment_name": step8.join(layout["fragment"]["name"]),
+                "fragment": {"format": layout["fragment"]["format"], "entries": entries}}
 
 
 def _upload(client, run_id: str, jobs: list[dict]) -> None:
@@ -101,11 +109,14 @@ def _read(jobs: queue.Queue) -> None:
     slots = _Slots()
     for line in sys.stdin:
         job = json.loads(line)
-        if "write" in job:
-            try:
-                slots.write_out(job)
-            except Exception as exc:  # noqa: BLE001 - reported to the trainer by the upload loop
-                job = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": job["step"]}
+        try:
+            if "slots" in job:
+                slots.map(job)
+                continue
+            if "slot" in job:
+                job = slots.write_out(job["step"], job["slot"])
+        except Exception as exc:  # noqa: BLE001 - reported to the trainer by the upload loop
+            job = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": job.get("step")}
         jobs.put(job)
     jobs.put(None)  # end of input
 
