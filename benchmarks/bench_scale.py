@@ -210,12 +210,17 @@ def _timed_loop(model: Any, batch: Any, loss_fn: Any, steps: int, logger_for: An
     return rate
 
 
-def _fast_loop(steps: int, logger_for: Any, own_ema: bool = False) -> float:
+def _fast_loop(steps: int, logger_for: Any, own_ema: bool = False, threads: int | None = None) -> float:
     import torch
 
-    torch.manual_seed(0)
-    return _timed_loop(fast_model(), lambda: torch.randn(256, 2),
-                       lambda m, x: ((m(x) - x.flip(1)) ** 2).mean(), steps, logger_for, own_ema)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        torch.manual_seed(0)
+        return _timed_loop(fast_model(), lambda: torch.randn(256, 2),
+                           lambda m, x: ((m(x) - x.flip(1)) ** 2).mean(), steps, logger_for, own_ema)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _digits_loop(steps: int, logger_for: Any, own_ema: bool = False) -> float:
@@ -232,39 +237,64 @@ def _digits_loop(steps: int, logger_for: Any, own_ema: bool = False) -> float:
                        sampler.training_loss, steps, logger_for, own_ema)
 
 
+# The arms a row's loop runs in (logger?, the loop keeps its own EMA?) and the overheads it reports
+# (slower arm, baseline arm): the logger's own EMA against a loop without one, or with one; the
+# loop's own EMA handed to the logger (ema=) against the same loop without a logger.
+ARMS = {"plain": (False, False), "logged": (True, False), "plain_ema": (False, True), "own_ema_logged": (True, True)}
+OVERHEADS = {"overhead": ("logged", "plain"), "overhead_vs_loop_ema": ("logged", "plain_ema"),
+             "overhead_own_ema": ("own_ema_logged", "plain_ema")}
+
+
+def _row(loop: Any, spec: Any, steps: int, reps: int, arms: tuple[str, ...], uri: str) -> dict[str, Any]:
+    """Steps/s of each arm, the arms interleaved (their order turned each repetition), medians compared."""
+    import mlflow
+
+    from lcsc_ops import CheckpointLogger
+
+    runs: dict[str, list[float]] = {arm: [] for arm in arms}
+    for rep in range(reps):
+        for arm in arms[rep % len(arms):] + arms[:rep % len(arms)]:
+            with_logger, own_ema = ARMS[arm]
+            if not with_logger:
+                runs[arm].append(loop(steps, None, own_ema=own_ema))
+                continue
+            with mlflow.start_run():
+                runs[arm].append(loop(steps, lambda ema: CheckpointLogger(spec, every=50, tracking_uri=uri, ema=ema),
+                                      own_ema=own_ema))
+    med = {arm: statistics.median(r) for arm, r in runs.items()}
+    out: dict[str, Any] = {"steps": steps, "checkpoint_pairs": steps // 50, "runs": runs,
+                           **{f"steps_per_s_{arm}": v for arm, v in med.items()}}
+    for key, (slower, baseline) in OVERHEADS.items():
+        if slower in med and baseline in med:
+            out[key] = med[baseline] / med[slower] - 1.0
+    return out
+
+
 def logging_overhead(b: Bench, uri: str, name: str) -> dict[str, Any]:
     """Steps/s without and with CheckpointLogger (a checkpoint pair every 50 steps), interleaved.
-    ``fast_own_ema``: the fast model's loop keeps its own EMA in both arms and hands it to the logger."""
+    ``fast``/``fast_own_ema``: the fast model as torch runs it (2 threads here); ``fast_1thread``:
+    on one thread, its fastest setting (the second core left to the uploader and a server), with
+    and without an EMA kept by the loop."""
     import functools
 
     import mlflow
 
-    from lcsc_ops import CheckpointLogger, ModelSpec
+    from lcsc_ops import ModelSpec
 
     fast = ModelSpec(factory="bench_scale:fast_model")
-    specs = {"fast": (fast, _fast_loop, b.r["fast_steps"]),
-             "fast_own_ema": (fast, functools.partial(_fast_loop, own_ema=True), b.r["fast_steps"]),
-             "digits": (ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": 32}), _digits_loop,
-                        b.r["digits_steps"])}
+    digits = ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": 32})
+    rows = {"fast": (fast, _fast_loop, b.r["fast_steps"], ("plain", "logged")),
+            "fast_own_ema": (fast, _fast_loop, b.r["fast_steps"], ("plain_ema", "own_ema_logged")),
+            "fast_1thread": (fast, functools.partial(_fast_loop, threads=1), b.r["fast_steps"], tuple(ARMS)),
+            "digits": (digits, _digits_loop, b.r["digits_steps"], ("plain", "logged"))}
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(f"logging-{name}")
     out = {}
-    for model, (spec, loop, steps) in specs.items():
-        plain, logged = [], []
-        for rep in range(b.r["reps"]):
-            for with_logger in ((False, True) if rep % 2 == 0 else (True, False)):
-                if not with_logger:
-                    plain.append(loop(steps, None))
-                    continue
-                with mlflow.start_run():
-                    logged.append(loop(steps, lambda ema, spec=spec: CheckpointLogger(spec, every=50, tracking_uri=uri,
-                                                                                      ema=ema)))
-        overhead = statistics.median(plain) / statistics.median(logged) - 1.0
-        out[model] = {"steps_per_s_plain": statistics.median(plain), "steps_per_s_logged": statistics.median(logged),
-                      "overhead": overhead, "steps": steps, "checkpoint_pairs": steps // 50,
-                      "plain_runs": plain, "logged_runs": logged}
-        log(f"logging {name} {model}: {out[model]['steps_per_s_plain']:.0f} -> "
-            f"{out[model]['steps_per_s_logged']:.0f} steps/s ({overhead:+.1%})")
+    for model, (spec, loop, steps, arms) in rows.items():
+        reps = b.r["reps"] + (2 if len(arms) > 2 else 0)
+        out[model] = _row(loop, spec, steps, reps, arms, uri)
+        log(f"logging {name} {model}: " + ", ".join(f"{arm} {out[model]['steps_per_s_' + arm]:.0f}" for arm in arms)
+            + " steps/s; " + ", ".join(f"{k} {out[model][k]:+.1%}" for k in OVERHEADS if k in out[model]))
     return out
 
 
@@ -312,11 +342,13 @@ def run(r: dict[str, Any], work: Path, only: tuple[str, ...] = SECTIONS, run_id:
             log(f"kill/resume: {res['kill_resume']}")
         if "logging" in only:
             local, remote = logging_overhead(b, b.uri, "local"), logging_overhead(b, server, "server")
+            one = {k: (local["fast_1thread"][k], remote["fast_1thread"][k]) for k in OVERHEADS}
             res["logging"] = {"local": local, "server": remote, "fast_model_overhead": local["fast"]["overhead"],
                               "digits_overhead": local["digits"]["overhead"],
                               "server_overhead": max(remote["fast"]["overhead"], remote["digits"]["overhead"]),
-                              "fast_own_ema_overhead": local["fast_own_ema"]["overhead"],
-                              "server_fast_own_ema_overhead": remote["fast_own_ema"]["overhead"]}
+                              "fast_own_ema_overhead": local["fast_own_ema"]["overhead_own_ema"],
+                              "server_fast_own_ema_overhead": remote["fast_own_ema"]["overhead_own_ema"],
+                              "fast_1thread": {k: {"local": lo, "server": se} for k, (lo, se) in one.items()}}
     res.setdefault("sections_seconds", {})[",".join(only)] = time.perf_counter() - t0
     res["wall_seconds"] = sum(res["sections_seconds"].values())
     return res
@@ -345,15 +377,21 @@ def markdown(res: dict[str, Any]) -> str:
         rows += [f"| kill -9 after {kr['killed_after_trials']} trials, rerun | {kr['running_left']} RUNNING left, "
                  f"{kr['trials_lost']} lost, {kr['trials_repeated']} repeated |"]
     lg = res.get("logging", {})
+    labels = {"fast": "fast model (2 threads), the logger's EMA, against a loop without an EMA",
+              "fast_own_ema": "fast model (2 threads) whose loop keeps its EMA (`ema=`)",
+              "digits": "digits model, the logger's EMA, against a loop without an EMA"}
+    one = {"overhead": "the logger's EMA, against a loop without an EMA",
+           "overhead_vs_loop_ema": "the logger's EMA, against a loop keeping its own",
+           "overhead_own_ema": "the loop's own EMA handed to the logger (`ema=`)"}
     for where in ("local", "server"):
-        for model in ("fast", "fast_own_ema", "digits"):
-            if model not in lg.get(where, {}):
-                continue
-            x = lg[where][model]
-            label = "fast model whose loop keeps its EMA (`ema=`)" if model == "fast_own_ema" else f"{model} model"
-            rows.append(f"| training with CheckpointLogger, {label}, {where} store | "
-                        f"{x['steps_per_s_plain']:.0f} → {x['steps_per_s_logged']:.0f} steps/s "
-                        f"({x['overhead']:+.1%}, a checkpoint pair every 50 steps) |")
+        for model, x in lg.get(where, {}).items():
+            for key, (slower, baseline) in OVERHEADS.items():
+                if key not in x:
+                    continue
+                label = f"fast model (1 thread), {one[key]}" if model == "fast_1thread" else labels[model]
+                rows.append(f"| training with CheckpointLogger, {label}, {where} store | "
+                            f"{x['steps_per_s_' + baseline]:.0f} → {x['steps_per_s_' + slower]:.0f} steps/s "
+                            f"({x[key]:+.1%}, a checkpoint pair every 50 steps) |")
     return "\n".join(rows) + "\n"
 
 
