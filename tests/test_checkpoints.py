@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import pytest
@@ -324,3 +325,41 @@ def test_the_logger_writes_small_snapshots_as_safetensors_would(store):
             metadata = f.metadata()
         theirs = save({k: v.contiguous() for k, v in expected[entry.step].items()}, metadata=metadata)
         assert _safetensors_parts(entry.path.read_bytes()) == _safetensors_parts(theirs)
+
+
+def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, monkeypatch):
+    """The shared-memory slots follow the state's layout (a cast makes new ones, the old file is
+    gone); a pair over the slot size goes through the writer thread; every step reads back."""
+    import glob
+
+    from lcsc_ops.store import logger as logger_mod
+
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_experiment("layouts")
+    spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
+    model = spec.build()
+    before = set(glob.glob("/dev/shm/lcsc-snapshots-*"))
+    expected = {}
+    with mlflow.start_run() as run:
+        with CheckpointLogger(spec, every=1, ema=lambda: model.state_dict()) as ckpt:
+            for step in range(1, 7):
+                if step == 3:
+                    model.double()  # another layout: new slots
+                if step == 5:  # another layout, too large for a slot: the writer thread
+                    monkeypatch.setattr(logger_mod, "SLOT_BYTES", 0)
+                    model.float()
+                with torch.no_grad():
+                    model.weight.add_(step)
+                expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
+                ckpt.step(model, step)
+                if step == 2:
+                    first_slots = ckpt._slots.path
+            assert ckpt._written is not None  # the last pair went through the writer thread
+    assert not os.path.exists(first_slots)
+    assert set(glob.glob("/dev/shm/lcsc-snapshots-*")) <= before, "no slot file is left behind"
+    window = fetch_window(run.info.run_id, window=6, tracking_uri=store["uri"], cache_dir=store["cache"])
+    assert window.steps == (1, 2, 3, 4, 5, 6)
+    for entry in window.entries:
+        state = entry.load()
+        assert all(torch.equal(state[k], v) for k, v in expected[entry.step].items())
+        assert state["weight"].dtype == (torch.float64 if entry.step in (3, 4) else torch.float32)

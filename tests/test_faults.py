@@ -218,7 +218,7 @@ def _cli_args(cmd: list[str]) -> list[str]:
 
 
 def _studies(store) -> set[str]:
-    return {s.study_name for s in optuna.get_all_study_summaries(make_storage(store["storage"]))}
+    return set(optuna.get_all_study_names(make_storage(store["storage"])))
 
 
 def _new_study(store, old: set[str]) -> str:

@@ -285,11 +285,11 @@ class CheckpointLogger:
 
     Call :meth:`step` after every optimizer step: it updates the training EMA (unless the
     loop passes its own, ``ema=``) and, every ``every`` steps, snapshots the raw weights and
-    the EMA. They are spooled to local disk (a small pair right away, a larger one by a writer
-    thread) and uploaded by a separate process, so the loop waits only while the previous
-    large snapshot is still being written (at most one pair in memory) or while more than
-    ``max_spool_bytes`` wait for a slow server, and MLflow's calls do not compete with the
-    loop for the interpreter lock. Under ``accelerate`` pass the ``accelerator``:
+    the EMA. They are spooled to local disk (a small pair through a shared-memory slot that the
+    uploader process writes out, a larger one by a writer thread) and uploaded by that separate
+    process, so the loop waits only while both slots or the previous large snapshot (at most
+    one pair in memory) are still being written, or while more than ``max_spool_bytes`` wait
+    for a slow server, and MLflow's calls do not compete with the loop for the interpreter lock. Under ``accelerate`` pass the ``accelerator``:
     only the main process keeps an EMA and logs. :meth:`close` waits for the uploads and
     writes the complete manifest (as a context manager: only if the block did not raise);
     the run itself belongs to the caller.
@@ -498,7 +498,13 @@ class CheckpointLogger:
 
     @property
     def entries(self) -> list[dict[str, Any]]:
-        return list(self._uploader.entries) if self.is_main else []
+        """The manifest entries uploaded so far (the uploader's answers are read here; a failed
+        upload is raised)."""
+        if not self.is_main:
+            return []
+        while self._sender.pending and self._confirm(block=False):
+            pass
+        return list(self._uploader.entries)
 
     # -- background side ----------------------------------------------------------------
     def _write(self, step: int, raw: dict, ema: dict) -> None:
