@@ -327,9 +327,11 @@ def test_the_logger_writes_small_snapshots_as_safetensors_would(store):
         assert _safetensors_parts(entry.path.read_bytes()) == _safetensors_parts(theirs)
 
 
-def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, monkeypatch):
+@pytest.mark.parametrize("shm", ["/dev/shm", "/nonexistent"])
+def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, monkeypatch, shm):
     """The shared-memory slots follow the state's layout (a cast makes new ones, the old file is
-    gone); a pair over the slot size goes through the writer thread; every step reads back."""
+    gone); a pair over the slot size goes through the writer thread; every step reads back. No
+    /dev/shm: the slots are a file in the spool."""
     import glob
 
     from lcsc_ops.store import logger as logger_mod
@@ -338,6 +340,7 @@ def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, m
     mlflow.set_experiment("layouts")
     spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
     model = spec.build()
+    monkeypatch.setattr(logger_mod, "SHM_DIR", shm)
     before = set(glob.glob("/dev/shm/lcsc-snapshots-*"))
     expected = {}
     with mlflow.start_run() as run:
@@ -354,6 +357,7 @@ def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, m
                 ckpt.step(model, step)
                 if step == 2:
                     first_slots = ckpt._slots.path
+                    assert first_slots.startswith(shm if shm == "/dev/shm" else ckpt._spool.name)
             assert ckpt._written is not None  # the last pair went through the writer thread
     assert not os.path.exists(first_slots)
     assert set(glob.glob("/dev/shm/lcsc-snapshots-*")) <= before, "no slot file is left behind"

@@ -47,6 +47,7 @@ FRAGMENT_PATH = f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}"
 # A snapshot pair up to this size is copied into a shared-memory slot that the uploader process writes
 # out; a larger one is written by a thread of the training process, straight from its snapshot.
 SLOT_BYTES = 8 << 20
+SHM_DIR = "/dev/shm"
 
 
 def write_fragment(folder: Path, entries: list[dict[str, Any]]) -> Path:
@@ -218,6 +219,24 @@ def _layout_key(state: Mapping[str, torch.Tensor]) -> tuple:
     return tuple((k, v.dtype, v.shape) for k, v in state.items())
 
 
+def _slot_file(size: int, folder: str) -> tuple[int, str]:
+    """A file of ``size`` bytes for the slots, in shared memory (``SHM_DIR``) or else in the spool
+    ``folder``, its space reserved now: a full ``/dev/shm`` is a fallback here, not a SIGBUS later."""
+    for where in (SHM_DIR, folder):
+        if not (os.path.isdir(where) and os.access(where, os.W_OK)):
+            continue
+        fd, path = tempfile.mkstemp(prefix="lcsc-snapshots-", dir=where)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return fd, path
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(path)
+            if where == folder:
+                raise LcscError(f"no room for a checkpoint snapshot ({size} bytes) in {folder}: {exc}") from None
+    raise LcscError(f"the checkpoint spool {folder} is not writable")
+
+
 class _Slots:
     """Two shared-memory slots for small snapshot pairs of one layout: the loop copies a pair into
     a free slot (one fused copy, a few microseconds) and the uploader process writes the files
@@ -228,10 +247,8 @@ class _Slots:
         self.raw, self.ema = safetensors_layout(raw), safetensors_layout(ema)
         self.ema_at = _align(self.raw.nbytes)
         self.size = max(8, _align(self.ema_at + self.ema.nbytes))
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else folder
-        fd, self.path = tempfile.mkstemp(prefix="lcsc-snapshots-", dir=shm)  # the uploader unlinks it
+        fd, self.path = _slot_file(2 * self.size, folder)  # the uploader unlinks it once mapped
         try:
-            os.ftruncate(fd, 2 * self.size)
             self.mm = mmap.mmap(fd, 2 * self.size)
         finally:
             os.close(fd)
