@@ -150,7 +150,8 @@ def test_a_run_without_its_end_marker_is_read_from_its_fragments_and_called_part
     partial = read_manifest(run_id, store["uri"])
     assert partial["complete"] is False and len(partial["entries"]) == 4
     names = [a.path for a in client.list_artifacts(run_id, "checkpoints/manifest.d")]
-    assert names == ["checkpoints/manifest.d/step00000001-raw+ema.json", "checkpoints/manifest.d/step00000002-raw+ema.json"]
+    one, two = (f"checkpoints/manifest.d/step0000000{n}-raw+ema.json" for n in (1, 2))
+    assert names in ([one, two], [one])  # step 2 may have queued behind step 1's upload: one fragment
     window = fetch_window(run_id, window=2, tracking_uri=store["uri"], cache_dir=store["cache"])
     assert window.complete is False and window.steps == (1, 2)
     logger.close()
