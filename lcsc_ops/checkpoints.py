@@ -54,7 +54,9 @@ def checkpoint_filename(step: int, kind: str) -> str:
     return f"step{step:08d}-{kind}.safetensors"
 
 
-def checkpoint_metadata(step: int, kind: str, spec: ModelSpec | str, extra: Mapping[str, str] | None) -> dict[str, str]:
+def checkpoint_metadata(step: int, kind: str, spec: ModelSpec | str,
+                        extra: Mapping[str, str] | None) -> dict[str, str]:
+    """A checkpoint file's safetensors metadata: format, step, kind, spec JSON and ``extra``."""
     return {"lcsc.format": MANIFEST_FORMAT, "lcsc.step": str(step), "lcsc.kind": kind,
             "lcsc.spec": spec if isinstance(spec, str) else spec.to_json(), **(extra or {})}
 
@@ -65,7 +67,8 @@ def write_checkpoint(path: Path, state: Mapping[str, torch.Tensor], *, step: int
     (atomic rename)."""
     tmp = path.with_suffix(".tmp")
     # safetensors refuses tensors that share memory; a snapshot made with clone() never does.
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=checkpoint_metadata(step, kind, spec, extra))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+              metadata=checkpoint_metadata(step, kind, spec, extra))
     os.replace(tmp, path)
 
 

@@ -306,10 +306,10 @@ class CheckpointLogger:
     uploader process writes out, a larger one by a writer thread) and uploaded by that separate
     process, so the loop waits only while both slots or the previous large snapshot (at most
     one pair in memory) are still being written, or while more than ``max_spool_bytes`` wait
-    for a slow server, and MLflow's calls do not compete with the loop for the interpreter lock. Under ``accelerate`` pass the ``accelerator``:
-    only the main process keeps an EMA and logs. :meth:`close` waits for the uploads and
-    writes the complete manifest (as a context manager: only if the block did not raise);
-    the run itself belongs to the caller.
+    for a slow server, and MLflow's calls do not compete with the loop for the interpreter lock.
+    Under ``accelerate`` pass the ``accelerator``: only the main process keeps an EMA and logs.
+    :meth:`close` waits for the uploads and writes the complete manifest (as a context manager:
+    only if the block did not raise); the run itself belongs to the caller.
     """
 
     def __init__(self, spec: ModelSpec, *, every: int = 50, ema_decay: float = 0.999, ema_warmup: bool = True,

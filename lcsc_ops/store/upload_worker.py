@@ -5,9 +5,9 @@ it imports mlflow and nothing of torch or lcsc_ops: MLflow's client-side work (H
 copies) then runs beside the training loop instead of taking turns with it for the
 interpreter lock. Answers ``{"ready": true}`` once the run is found; then reads one JSON job
 per line on stdin: a step whose files are on local disk, or ``{"step", "slot"}``: a pair in a
-shared-memory slot, written out here at once, then ``{"freed": slot}``. It logs the files, then their manifest fragment
-(written here from the job), deletes the step's spool folder and answers ``{"done": step,
-"entries": [...]}`` (``{"error": ...}`` and exit 1 on a failure). Steps that queue up while an
+shared-memory slot, written out here at once, then ``{"freed": slot}``. It logs the files,
+then their manifest fragment (written here from the job), deletes the step's spool folder and
+answers ``{"done": step, "entries": [...]}`` (``{"error": ...}`` and exit 1 on a failure). Steps that queue up while an
 upload is in flight (a slow server, a fast loop) go up together: their files in one call, their
 entries in one fragment, so the calls per step fall as the queue grows. At end of input (the
 trainer closed it, or died) every job received is uploaded: a killed trainer loses only the
