@@ -91,18 +91,13 @@ class SafetensorsLayout:
         return self.spans[-1][1] if self.spans else 0
 
     def header_text(self, metadata: Mapping[str, str]) -> str:
-        """The file's JSON header, not padded."""
+        """The file's JSON header, not padded: the file is the header's length (8 bytes,
+        little-endian), the header padded with spaces to a multiple of 8 bytes, then the data."""
         parts = [self.tensors_json] if self.tensors_json else []
         if metadata:
             parts.insert(0, '"__metadata__":' + json.dumps(dict(sorted(metadata.items())), separators=(",", ":"),
                                                           ensure_ascii=False))
         return "{" + ",".join(parts) + "}"
-
-    def header(self, metadata: Mapping[str, str]) -> bytes:
-        """The file's header, padded with spaces to a multiple of 8 bytes as safetensors pads it;
-        the file is its length (8 bytes, little-endian), the header, then the data section."""
-        head = self.header_text(metadata).encode()
-        return head + b" " * (-len(head) % 8)
 
     def header_around(self, metadata: Mapping[str, str], key: str) -> tuple[str, str]:
         """The header's text before and after the value of ``metadata[key]``: a header for another

@@ -4,8 +4,8 @@ Per checkpoint step (or per batch of steps queued behind a slow upload), two art
 the files, then a manifest fragment ``checkpoints/manifest.d/step<N>.json`` listing them, so
 a reader never sees an entry whose file is missing, and no call grows with the number of
 checkpoints. At the end of the run the whole manifest is written once, marked complete: a
-run without it is partial (still training, or killed). While training, the calls run in a separate process
-(:mod:`lcsc_ops.store.upload_worker`), not in the training process.
+run without it is partial (still training, or killed). While training, the calls run in a
+separate process (:mod:`lcsc_ops.store.upload_worker`), not in the training process.
 """
 from __future__ import annotations
 
@@ -437,7 +437,8 @@ class CheckpointLogger:
     def _new_slots(self, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> None:
         """Slots for this layout, once the uploader has written out the old ones."""
         if self._slots is not None:
-            self._free_slot(), self._free_slot()
+            for _ in range(2):  # both slots back: the uploader is done with the old file
+                self._free_slot()
             self._slots.close()
         self._slots = _Slots(self._spool.name, raw, ema)
         extras = {kind: {"metadata": self._extra(kind), "entry": self._entry_extra(kind)} for kind in ("raw", "ema")}

@@ -7,9 +7,10 @@ interpreter lock. Answers ``{"ready": true}`` once the run is found; then reads 
 per line on stdin: a step whose files are on local disk, or ``{"step", "slot"}``: a pair in a
 shared-memory slot, written out here at once, then ``{"freed": slot}``. It logs the files,
 then their manifest fragment (written here from the job), deletes the step's spool folder and
-answers ``{"done": step, "entries": [...]}`` (``{"error": ...}`` and exit 1 on a failure). Steps that queue up while an
-upload is in flight (a slow server, a fast loop) go up together: their files in one call, their
-entries in one fragment, so the calls per step fall as the queue grows. At end of input (the
+answers ``{"done": step, "entries": [...]}`` (``{"error": ...}`` and exit 1 on a failure).
+Steps that queue up while an upload is in flight (a slow server, a fast loop) go up together:
+their files in one call, their entries in one fragment, so the calls per step fall as the
+queue grows. At end of input (the
 trainer closed it, or died) every job received is uploaded: a killed trainer loses only the
 steps it had not handed over.
 """
@@ -72,11 +73,12 @@ class _Slots:
             header = str(step).join(f["header"]).encode()
             header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
             parts = (struct.pack("<Q", len(header)), header, self.mm[base + f["begin"]:base + f["end"]])
-            name = step8.join(f["name"])
+            name, digest = step8.join(f["name"]), hashlib.sha256()
             with open(os.path.join(folder, name), "wb") as out:
-                out.writelines(parts)
-            entries.append({"step": step, "kind": f["kind"], "file": name,
-                            "sha256": hashlib.sha256(b"".join(parts)).hexdigest(),
+                for part in parts:
+                    out.write(part)
+                    digest.update(part)
+            entries.append({"step": step, "kind": f["kind"], "file": name, "sha256": digest.hexdigest(),
                             "bytes": sum(len(p) for p in parts), **f["entry"]})
         _answer({"freed": slot})
         return {"step": step, "folder": folder, "files_path": layout["files_path"],
