@@ -187,6 +187,7 @@ def mlflow_server(tmp_dir: Path, backend_uri: str, *, timeout: float = 180.0, wo
     url = f"http://127.0.0.1:{port}"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_dir, start_new_session=True)
+    huey = None
     try:
         deadline = time.monotonic() + timeout
         while not _healthy(url):
@@ -195,9 +196,24 @@ def mlflow_server(tmp_dir: Path, backend_uri: str, *, timeout: float = 180.0, wo
             if time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow server: no /health after {timeout:.0f} s: {log_path.read_text()[-3000:]}")
             time.sleep(0.25)
+        huey = _group_env(proc.pid, "_MLFLOW_HUEY_STORAGE_PATH")
         yield url
     finally:
         _stop_group(proc)
+        if huey and Path(huey).parent == Path("/dev/shm"):
+            shutil.rmtree(huey, ignore_errors=True)  # the server's job-queue folder, which it leaves behind
+
+
+def _group_env(pgid: int, name: str) -> str | None:
+    """The value of environment variable ``name`` in a process of group ``pgid`` (None: none has it)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for var in (stat.parent / "environ").read_bytes().split(b"\0"):
+                if var.startswith(name.encode() + b"="):
+                    return var.split(b"=", 1)[1].decode()
+    return None
 
 
 def _stop_group(proc: subprocess.Popen, wait: float = 20.0) -> None:

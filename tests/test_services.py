@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -194,6 +195,17 @@ def _race(url: str, make: Callable[[str], object], n: int = 4) -> list[str]:
     for t in threads:
         t.join()
     return errors
+
+
+def test_a_stopped_mlflow_server_leaves_no_process_port_or_dev_shm_folder(tmp_path):
+    """The server makes a job-queue folder in /dev/shm and leaves it when stopped; the fixture removes it."""
+    shm = Path("/dev/shm")
+    before = set(shm.iterdir()) if shm.is_dir() else set()
+    with mlflow_server(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}", workers=1) as url:
+        assert MlflowClient(url).search_experiments()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/health", timeout=2)
+    assert (set(shm.iterdir()) if shm.is_dir() else set()) <= before
 
 
 def test_workers_creating_the_tables_of_an_empty_database_at_once_all_succeed(pg):
