@@ -333,7 +333,8 @@ def test_the_logger_writes_small_snapshots_as_safetensors_would(store):
 def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, monkeypatch, shm):
     """The shared-memory slots follow the state's layout (a cast makes new ones, the old file is
     gone); a pair over the slot size goes through the writer thread; every step reads back. No
-    /dev/shm: the slots are a file in the spool."""
+    /dev/shm: the slots are a file in the spool. Written-out pairs wait in shared memory up to
+    FAST_SPOOL_BYTES (here about two), the others on disk; no file is left in /dev/shm."""
     import glob
 
     from lcsc_ops.store import logger as logger_mod
@@ -343,7 +344,8 @@ def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, m
     spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
     model = spec.build()
     monkeypatch.setattr(logger_mod, "SHM_DIR", shm)
-    before = set(glob.glob("/dev/shm/lcsc-snapshots-*"))
+    monkeypatch.setattr(logger_mod, "FAST_SPOOL_BYTES", 20000)
+    before = set(glob.glob("/dev/shm/lcsc-*"))
     expected = {}
     with mlflow.start_run() as run:
         with CheckpointLogger(spec, every=1, ema=lambda: model.state_dict()) as ckpt:
@@ -362,10 +364,38 @@ def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, m
                     assert first_slots.startswith(shm if shm == "/dev/shm" else ckpt._spool.name)
             assert ckpt._written is not None  # the last pair went through the writer thread
     assert not os.path.exists(first_slots)
-    assert set(glob.glob("/dev/shm/lcsc-snapshots-*")) <= before, "no slot file is left behind"
+    assert set(glob.glob("/dev/shm/lcsc-*")) <= before, "no slot file or spool folder is left behind"
     window = fetch_window(run.info.run_id, window=6, tracking_uri=store["uri"], cache_dir=store["cache"])
     assert window.steps == (1, 2, 3, 4, 5, 6)
     for entry in window.entries:
         state = entry.load()
         assert all(torch.equal(state[k], v) for k, v in expected[entry.step].items())
         assert state["weight"].dtype == (torch.float64 if entry.step in (3, 4) else torch.float32)
+
+
+def test_a_new_logger_sweeps_what_killed_uploaders_left_in_shared_memory(store, monkeypatch, tmp_path):
+    """Slot files and spool folders carry their uploader's pid: a logger's first slots remove
+    those whose process is gone (both killed with -9) and leave live ones and other files."""
+    import subprocess
+
+    from lcsc_ops.store import logger as logger_mod
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(logger_mod, "SHM_DIR", str(shm))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (shm / f"lcsc-spool-{dead.pid}-ab12").mkdir()
+    (shm / f"lcsc-spool-{dead.pid}-ab12" / "step00000005").mkdir()
+    (shm / f"lcsc-snapshots-{dead.pid}-cd34").write_bytes(b"x" * 64)
+    kept = {f"lcsc-spool-{os.getpid()}-ef56", "lcsc-snapshots-notapid", "other-file"}
+    for name in kept:
+        (shm / name).write_text("")
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_experiment("sweep")
+    spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
+    with mlflow.start_run():
+        with CheckpointLogger(spec, every=1) as ckpt:
+            ckpt.step(spec.build(), 1)
+            ckpt.wait()
+    assert {p.name for p in shm.iterdir()} == kept

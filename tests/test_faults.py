@@ -14,6 +14,7 @@ command again: nothing lost, nothing twice, nothing left RUNNING or looking comp
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ import pytest
 
 from lcsc_ops.search.storage import make_storage
 from lcsc_ops.store.fetch import read_manifest
+from lcsc_ops.store.logger import sweep_shared_memory
 from tests.test_workers import _optimize_cmd, _searched, _study
 
 # Dead workers' trials and locks are taken over after 3 s without a heartbeat.
@@ -284,8 +286,16 @@ STEPS = (5, 10, 15, 20)  # the steps whose fragments were logged before the kill
 
 
 def test_kill_9_during_a_checkpoint_upload_keeps_the_logged_checkpoints_and_a_partial_run(store, tmp_path):
+    shm_before = set(glob.glob("/dev/shm/lcsc-*"))
     note = _kill_at(tmp_path, DIE_BEFORE_FRAGMENT.format(n=5), _train_args(store, "faults-train"), uploader=True)
     assert "step00000025" in note  # step 25's files were uploaded, its fragment was not
+    deadline = time.monotonic() + 10  # the killed uploader may take a moment to be gone
+    while True:  # what the next logger does: the killed pair's shared-memory files go
+        sweep_shared_memory()
+        if set(glob.glob("/dev/shm/lcsc-*")) <= shm_before:
+            break
+        assert time.monotonic() < deadline, "the killed pair's shared-memory files were not swept"
+        time.sleep(0.2)
     client = mlflow.tracking.MlflowClient(store["uri"])
     [run] = client.search_runs([client.get_experiment_by_name("faults-train").experiment_id])
     run_id = run.info.run_id

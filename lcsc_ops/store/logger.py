@@ -15,7 +15,9 @@ import itertools
 import json
 import mmap
 import os
+import re
 import select
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,8 @@ FRAGMENT_PATH = f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}"
 # out; a larger one is written by a thread of the training process, straight from its snapshot.
 SLOT_BYTES = 8 << 20
 SHM_DIR = "/dev/shm"
+# Written-out small pairs wait for their upload in shared memory up to this many bytes (then on disk).
+FAST_SPOOL_BYTES = 64 << 20
 
 
 def write_fragment(folder: Path, entries: list[dict[str, Any]]) -> Path:
@@ -219,13 +223,49 @@ def _layout_key(state: Mapping[str, torch.Tensor]) -> tuple:
     return tuple((k, v.dtype, v.shape) for k, v in state.items())
 
 
-def _slot_file(size: int, folder: str) -> tuple[int, str]:
+_SHM_ENTRY = re.compile(r"lcsc-(?:snapshots|spool)-(\d+)-")
+
+
+def sweep_shared_memory() -> list[str]:
+    """Remove the slot files and spool folders (``lcsc-snapshots-<pid>-*``, ``lcsc-spool-<pid>-*``)
+    that an uploader process left in ``SHM_DIR`` when it was killed with its trainer (kill -9 of
+    both): their names carry its pid, and only entries of this user whose process is gone go."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for name in os.listdir(SHM_DIR):
+            match, path = _SHM_ENTRY.match(name), os.path.join(SHM_DIR, name)
+            if match is None or _alive(int(match.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_uid != os.getuid():
+                    continue
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (killed, not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _slot_file(size: int, folder: str, owner: int) -> tuple[int, str]:
     """A file of ``size`` bytes for the slots, in shared memory (``SHM_DIR``) or else in the spool
-    ``folder``, its space reserved now: a full ``/dev/shm`` is a fallback here, not a SIGBUS later."""
+    ``folder``, its space reserved now: a full ``/dev/shm`` is a fallback here, not a SIGBUS later.
+    Its name carries the ``owner`` (the uploader's pid), for :func:`sweep_shared_memory`."""
     for where in (SHM_DIR, folder):
         if not (os.path.isdir(where) and os.access(where, os.W_OK)):
             continue
-        fd, path = tempfile.mkstemp(prefix="lcsc-snapshots-", dir=where)
+        fd, path = tempfile.mkstemp(prefix=f"lcsc-snapshots-{owner}-", dir=where)
         try:
             os.posix_fallocate(fd, 0, size)
             return fd, path
@@ -242,12 +282,13 @@ class _Slots:
     a free slot (one fused copy, a few microseconds) and the uploader process writes the files
     out of it, so serialising, hashing and writing stay off the training process."""
 
-    def __init__(self, folder: str, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, folder: str, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor],
+                 owner: int) -> None:
         self.key = (_layout_key(raw), _layout_key(ema))
         self.raw, self.ema = safetensors_layout(raw), safetensors_layout(ema)
         self.ema_at = _align(self.raw.nbytes)
         self.size = max(8, _align(self.ema_at + self.ema.nbytes))
-        fd, self.path = _slot_file(2 * self.size, folder)  # the uploader unlinks it once mapped
+        fd, self.path = _slot_file(2 * self.size, folder, owner)  # the uploader unlinks it once mapped
         try:
             self.mm = mmap.mmap(fd, 2 * self.size)
         finally:
@@ -279,7 +320,9 @@ class _Slots:
             files.append({"kind": kind, "name": checkpoint_filename(0, kind).split("00000000"),
                           "header": layout.header_around(metadata, "lcsc.step"), "begin": at,
                           "end": at + layout.nbytes, "entry": extras[kind]["entry"]})
-        return {"slots": self.path, "size": self.size, "spool": spool, "files": files,
+        fast = SHM_DIR if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK) else None
+        return {"slots": self.path, "size": self.size, "spool": spool, "files": files, "fast_spool": fast,
+                "fast_spool_bytes": FAST_SPOOL_BYTES,
                 "fragment": {"format": MANIFEST_FORMAT, "name": fragment_filename(0, "raw+ema").split("00000000")},
                 "files_path": CHECKPOINT_DIR, "fragment_path": FRAGMENT_PATH}
 
@@ -302,8 +345,9 @@ class CheckpointLogger:
 
     Call :meth:`step` after every optimizer step: it updates the training EMA (unless the
     loop passes its own, ``ema=``) and, every ``every`` steps, snapshots the raw weights and
-    the EMA. They are spooled to local disk (a small pair through a shared-memory slot that the
-    uploader process writes out, a larger one by a writer thread) and uploaded by that separate
+    the EMA. They are spooled (a small pair through a shared-memory slot that the uploader
+    process writes out into shared memory, up to ``FAST_SPOOL_BYTES``, else to local disk; a
+    larger one to local disk by a writer thread) and uploaded by that separate
     process, so the loop waits only while both slots or the previous large snapshot (at most
     one pair in memory) are still being written, or while more than ``max_spool_bytes`` wait
     for a slow server, and MLflow's calls do not compete with the loop for the interpreter lock.
@@ -440,7 +484,9 @@ class CheckpointLogger:
             for _ in range(2):  # both slots back: the uploader is done with the old file
                 self._free_slot()
             self._slots.close()
-        self._slots = _Slots(self._spool.name, raw, ema)
+        else:
+            sweep_shared_memory()
+        self._slots = _Slots(self._spool.name, raw, ema, self._sender.proc.pid)
         extras = {kind: {"metadata": self._extra(kind), "entry": self._entry_extra(kind)} for kind in ("raw", "ema")}
         self._sender.send(self._slots.describe(self._spool.name, self._spec_json, extras))
         self._sender.reset_slots()

@@ -49,6 +49,7 @@ class _Slots:
 
     def __init__(self) -> None:
         self.mm, self.layout = None, None
+        self.fast, self.fast_bytes, self.lock = None, 0, threading.Lock()
 
     def map(self, layout: dict) -> None:
         if self.mm is not None:
@@ -63,10 +64,40 @@ class _Slots:
         except FileNotFoundError:
             pass
 
+    def _fast_spool(self) -> str | None:
+        """This process's spool folder in shared memory (``layout["fast_spool"]``), made once and named
+        with its pid (see the logger's ``sweep_shared_memory``)."""
+        if self.fast is None and self.layout.get("fast_spool"):
+            try:
+                self.fast = tempfile.mkdtemp(prefix=f"lcsc-spool-{os.getpid()}-", dir=self.layout["fast_spool"])
+            except OSError:
+                self.layout["fast_spool"] = None
+        return self.fast
+
     def write_out(self, step: int, slot: int) -> dict:
-        """Write step's pair from ``slot`` into its spool folder, hand the slot back; the upload job."""
+        """Write step's pair from ``slot`` into a spool folder, hand the slot back; the upload job.
+        The folder is in shared memory while the pairs waiting there stay within
+        ``layout["fast_spool_bytes"]`` and it has room, else in the spool on disk: files that live
+        only until uploaded then cost the disk (and a file system journal) nothing."""
+        size, fast = self.layout["size"] + 2 * 4096, self._fast_spool()  # data and, at most, headers
+        with self.lock:
+            fast = fast if fast is not None and self.fast_bytes + size <= self.layout["fast_spool_bytes"] else None
+            self.fast_bytes += size if fast is not None else 0
+        if fast is not None:
+            try:
+                return {**self._write(step, slot, fast), "fast_bytes": size}
+            except OSError:  # shared memory full: this pair goes to disk
+                self.uploaded(size)
+                shutil.rmtree(os.path.join(fast, f"step{step:08d}"), ignore_errors=True)
+        return self._write(step, slot, self.layout["spool"])
+
+    def uploaded(self, fast_bytes: int) -> None:
+        with self.lock:
+            self.fast_bytes -= fast_bytes
+
+    def _write(self, step: int, slot: int, spool: str) -> dict:
         layout, step8 = self.layout, f"{step:08d}"
-        folder = os.path.join(layout["spool"], f"step{step8}")
+        folder = os.path.join(spool, f"step{step8}")
         os.makedirs(folder, exist_ok=True)
         entries, base = [], slot * layout["size"]
         for f in layout["files"]:
@@ -91,12 +122,12 @@ def _upload(client, run_id: str, jobs: list[dict]) -> None:
     first = jobs[0]
     with tempfile.TemporaryDirectory(dir=os.path.dirname(first["folder"]), prefix="batch-") as tmp:
         files = first["folder"]
-        if len(jobs) > 1:  # one folder for them all: renames, no copies
+        if len(jobs) > 1:  # one folder for them all: renames (copies only across file systems)
             files = os.path.join(tmp, "files")
             os.mkdir(files)
             for job in jobs:
                 for name in os.listdir(job["folder"]):
-                    os.rename(os.path.join(job["folder"], name), os.path.join(files, name))
+                    shutil.move(os.path.join(job["folder"], name), os.path.join(files, name))
         fragment = os.path.join(tmp, first["fragment_name"])
         with open(fragment, "w") as f:
             json.dump({**first["fragment"], "entries": [e for job in jobs for e in job["fragment"]["entries"]]}, f)
@@ -106,9 +137,8 @@ def _upload(client, run_id: str, jobs: list[dict]) -> None:
         shutil.rmtree(job["folder"], ignore_errors=True)
 
 
-def _read(jobs: queue.Queue) -> None:
+def _read(jobs: queue.Queue, slots: _Slots) -> None:
     """Queue the trainer's jobs, a slot's files written out first (so the slot is free at once)."""
-    slots = _Slots()
     for line in sys.stdin:
         job = json.loads(line)
         try:
@@ -147,7 +177,16 @@ def main(run_id: str) -> int:
         return 1
     _answer({"ready": True})
     jobs: queue.Queue = queue.Queue()
-    threading.Thread(target=_read, args=(jobs,), daemon=True).start()
+    slots = _Slots()
+    threading.Thread(target=_read, args=(jobs, slots), daemon=True).start()
+    try:
+        return _upload_all(client, run_id, jobs, slots)
+    finally:
+        if slots.fast is not None:
+            shutil.rmtree(slots.fast, ignore_errors=True)
+
+
+def _upload_all(client, run_id: str, jobs: queue.Queue, slots: _Slots) -> int:
     ended = False
     while not ended:
         batch, ended = _batch(jobs)
@@ -161,6 +200,7 @@ def main(run_id: str) -> int:
                          "last_step": batch[-1]["step"]})
                 return 1
             for job in batch:
+                slots.uploaded(job.get("fast_bytes", 0))
                 _answer({"done": job["step"], "entries": job["fragment"]["entries"]})
         if failed is not None:
             _answer(failed)
