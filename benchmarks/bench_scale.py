@@ -35,9 +35,11 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 FULL = dict(train_steps=2100, window=40, blocks=8, search_seeds=2, search_samples=1000, worker_trials=24,
-            small_trials=8, kill_trials=12, fast_steps=4000, digits_steps=600, reps=3)
+            small_trials=8, kill_trials=12, fast_steps=4000, fast_block=200, digits_steps=600, digits_block=100,
+            reps=3, fast_reps=5)
 QUICK = dict(train_steps=300, window=8, blocks=2, search_seeds=1, search_samples=200, worker_trials=6,
-             small_trials=4, kill_trials=6, fast_steps=1000, digits_steps=60, reps=1)
+             small_trials=4, kill_trials=6, fast_steps=1000, fast_block=200, digits_steps=100,
+             digits_block=50, reps=1, fast_reps=1)
 
 
 def log(msg: str) -> None:
@@ -178,63 +180,83 @@ def fast_model():
                                torch.nn.Linear(64, 2))
 
 
-def _timed_loop(model: Any, batch: Any, loss_fn: Any, steps: int, logger_for: Any, own_ema: bool = False) -> float:
-    """Steps/s of a plain Adam loop. ``logger_for(ema)`` (None: no logger) builds a CheckpointLogger
-    before the clock starts; ``logger.step`` follows every step and its close is timed. ``own_ema``:
-    the loop keeps its own EMA (a copy of the model, one fused lerp per step, as ema-pytorch does),
-    with or without a logger, which is then handed that EMA (``ema=``)."""
-    import copy
+class _Loop:
+    """One arm of a row: a plain Adam loop on its own model, keeping its own EMA or not (a copy
+    of the model, one fused lerp per step, as ema-pytorch does), with a CheckpointLogger or not
+    (then handed that EMA, ``ema=``, if the loop keeps one). ``run`` times a block of steps and,
+    with a logger, any wait for that block's uploads still in flight at its end."""
 
-    import torch
+    def __init__(self, arm: str, task: dict[str, Any], uri: str) -> None:
+        import copy
 
-    ema = copy.deepcopy(model).requires_grad_(False) if own_ema else None
-    ema_params, params = (list(ema.parameters()), list(model.parameters())) if own_ema else ([], [])
-    logger = logger_for(ema) if logger_for is not None else None
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        loss = loss_fn(model, batch())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if own_ema:
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 0.001)
-        if logger is not None:
-            logger.step(model, step)
-    if logger is not None:
-        logger.close()
-    rate = steps / (time.perf_counter() - t0)
-    if logger is not None:  # its uploader's exit is not timed, nor left to slow the next measurement
-        logger._sender.proc.wait()
-    return rate
+        import torch
+        from mlflow.tracking import MlflowClient
 
+        from lcsc_ops import CheckpointLogger
 
-def _fast_loop(steps: int, logger_for: Any, own_ema: bool = False, threads: int | None = None) -> float:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or before)
-    try:
+        with_logger, own_ema = ARMS[arm]
         torch.manual_seed(0)
-        return _timed_loop(fast_model(), lambda: torch.randn(256, 2),
-                           lambda m, x: ((m(x) - x.flip(1)) ** 2).mean(), steps, logger_for, own_ema)
-    finally:
-        torch.set_num_threads(before)
+        self.task, self.model = task, task["model"]()
+        self.ema = copy.deepcopy(self.model).requires_grad_(False) if own_ema else None
+        self.ema_params = list(self.ema.parameters()) if own_ema else []
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.Adam(self.params, lr=1e-3)
+        self.step, self.seconds, self.logger, self.client = 0, 0.0, None, MlflowClient(uri)
+        if with_logger:
+            self.run_id = self.client.create_run(task["experiment_id"]).info.run_id
+            self.logger = CheckpointLogger(task["spec"], every=50, tracking_uri=uri, run_id=self.run_id, ema=self.ema)
+
+    def run(self, steps: int) -> None:
+        import torch
+
+        model, opt, batch, loss_fn, logger = self.model, self.opt, self.task["batch"], self.task["loss"], self.logger
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step += 1
+            loss = loss_fn(model, batch())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if self.ema is not None:
+                with torch.no_grad():
+                    torch._foreach_lerp_(self.ema_params, self.params, 0.001)
+            if logger is not None:
+                logger.step(model, self.step)
+        if logger is not None:
+            logger.wait()
+        self.seconds += time.perf_counter() - t0
+
+    def close(self) -> float:
+        """Steps/s over every block, the logger's close included."""
+        if self.logger is not None:
+            t0 = time.perf_counter()
+            self.logger.close()
+            self.seconds += time.perf_counter() - t0
+            self.logger._sender.proc.wait()  # its exit is not timed, nor left to slow the next arms
+            self.client.set_terminated(self.run_id)
+        return self.step / self.seconds
 
 
-def _digits_loop(steps: int, logger_for: Any, own_ema: bool = False) -> float:
+def _fast_task() -> dict[str, Any]:
+    import torch
+
+    return {"model": fast_model, "batch": lambda: torch.randn(256, 2),
+            "loss": lambda m, x: ((m(x) - x.flip(1)) ** 2).mean()}
+
+
+def _digits_task() -> dict[str, Any]:
+    import functools
+
     import torch
 
     from lcsc_ops.evaluation.data import load_dataset
     from lcsc_ops.models.diffusion import make_sampler
     from lcsc_ops.models.unet import digits_unet
 
-    torch.manual_seed(0)
     images, gen = load_dataset("digits"), torch.Generator().manual_seed(0)
     sampler = make_sampler({"name": "ddim", "steps": 10, "timesteps": 1000})
-    return _timed_loop(digits_unet(channels=32), lambda: images[torch.randint(len(images), (128,), generator=gen)],
-                       sampler.training_loss, steps, logger_for, own_ema)
+    return {"model": functools.partial(digits_unet, channels=32), "loss": sampler.training_loss,
+            "batch": lambda: images[torch.randint(len(images), (128,), generator=gen)]}
 
 
 # The arms a row's loop runs in (logger?, the loop keeps its own EMA?) and the overheads it reports
@@ -245,54 +267,77 @@ OVERHEADS = {"overhead": ("logged", "plain"), "overhead_vs_loop_ema": ("logged",
              "overhead_own_ema": ("own_ema_logged", "plain_ema")}
 
 
-def _row(loop: Any, spec: Any, steps: int, reps: int, arms: tuple[str, ...], uri: str) -> dict[str, Any]:
-    """Steps/s of each arm, the arms interleaved (their order turned each repetition), medians compared."""
-    import mlflow
+def _blocks(steps: int, block: int) -> list[int]:
+    """Block sizes summing to ``steps`` whose ends fall 25 steps after a checkpoint (every 50), not
+    on one: a block's last upload runs during its own steps, as in training, not in the wait."""
+    sizes = [block + 25] + [block] * (steps // block - 2)
+    return sizes + [steps - sum(sizes)]
 
-    from lcsc_ops import CheckpointLogger
 
+def _row(task: dict[str, Any], steps: int, block: int, reps: int, arms: tuple[str, ...], uri: str,
+         threads: int | None = None) -> dict[str, Any]:
+    """Steps/s of each arm: the arms live side by side in this process and take turns in blocks of
+    ``block`` steps (their order turned each block), so a slow spell of the machine falls on all of
+    them; ``reps`` times over, with new models and loggers; medians compared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     runs: dict[str, list[float]] = {arm: [] for arm in arms}
-    for rep in range(reps):
-        for arm in arms[rep % len(arms):] + arms[:rep % len(arms)]:
-            with_logger, own_ema = ARMS[arm]
-            if not with_logger:
-                runs[arm].append(loop(steps, None, own_ema=own_ema))
-                continue
-            with mlflow.start_run():
-                runs[arm].append(loop(steps, lambda ema: CheckpointLogger(spec, every=50, tracking_uri=uri, ema=ema),
-                                      own_ema=own_ema))
+    try:
+        for rep in range(reps):
+            loops = {arm: _Loop(arm, task, uri) for arm in arms}
+            for k, size in enumerate(_blocks(steps, block)):
+                turn = (rep + k) % len(arms)
+                for arm in arms[turn:] + arms[:turn]:
+                    loops[arm].run(size)
+            for arm, loop in loops.items():
+                runs[arm].append(loop.close())
+    finally:
+        torch.set_num_threads(before)
     med = {arm: statistics.median(r) for arm, r in runs.items()}
-    out: dict[str, Any] = {"steps": steps, "checkpoint_pairs": steps // 50, "runs": runs,
-                           **{f"steps_per_s_{arm}": v for arm, v in med.items()}}
+    out: dict[str, Any] = {"steps": steps, "block": block, "threads": threads or before, "checkpoint_pairs": steps // 50,
+                           "runs": runs, **{f"steps_per_s_{arm}": v for arm, v in med.items()}}
     for key, (slower, baseline) in OVERHEADS.items():
         if slower in med and baseline in med:
             out[key] = med[baseline] / med[slower] - 1.0
     return out
 
 
-def logging_overhead(b: Bench, uri: str, name: str) -> dict[str, Any]:
-    """Steps/s without and with CheckpointLogger (a checkpoint pair every 50 steps), interleaved.
-    ``fast``/``fast_own_ema``: the fast model as torch runs it (2 threads here); ``fast_1thread``:
-    on one thread, its fastest setting (the second core left to the uploader and a server), with
-    and without an EMA kept by the loop."""
-    import functools
+LOGGING_COST = ("fast model: on one thread (its fastest setting), the larger of the logger's EMA against a loop "
+                "keeping its own and the loop's own EMA handed over (ema=) against the same loop unlogged, so the "
+                "EMA, which every diffusion loop keeps, is in both arms; digits: the logger's EMA against a loop "
+                "without any. The fast model's cost including a whole EMA it did not keep before is "
+                "fast_1thread.overhead.")
 
+
+def _logging_cost(row: dict[str, Any]) -> float:
+    """What checkpoint logging costs a loop that keeps an EMA, either way it can (see ``LOGGING_COST``)."""
+    return max(row["overhead_vs_loop_ema"], row["overhead_own_ema"])
+
+
+def logging_overhead(b: Bench, uri: str, name: str) -> dict[str, Any]:
+    """Steps/s without and with CheckpointLogger (a checkpoint pair every 50 steps), the arms
+    interleaved in blocks. ``fast_1thread``: the fast model on one thread, its fastest setting
+    (the second core left to the uploader and a server), in every arm; ``fast``/``fast_own_ema``:
+    on 2 threads (OMP_WAIT_POLICY=PASSIVE, as this benchmark runs); ``digits``: the digits U-Net."""
     import mlflow
 
     from lcsc_ops import ModelSpec
 
-    fast = ModelSpec(factory="bench_scale:fast_model")
-    digits = ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": 32})
-    rows = {"fast": (fast, _fast_loop, b.r["fast_steps"], ("plain", "logged")),
-            "fast_own_ema": (fast, _fast_loop, b.r["fast_steps"], ("plain_ema", "own_ema_logged")),
-            "fast_1thread": (fast, functools.partial(_fast_loop, threads=1), b.r["fast_steps"], tuple(ARMS)),
-            "digits": (digits, _digits_loop, b.r["digits_steps"], ("plain", "logged"))}
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(f"logging-{name}")
+    experiment_id = mlflow.set_experiment(f"logging-{name}").experiment_id
+    fast = {**_fast_task(), "spec": ModelSpec(factory="bench_scale:fast_model"), "experiment_id": experiment_id}
+    digits = {**_digits_task(), "spec": ModelSpec(factory="lcsc_ops.models.unet:digits_unet", kwargs={"channels": 32}),
+              "experiment_id": experiment_id}
+    r = b.r
+    rows = {"fast_1thread": (fast, r["fast_steps"], r["fast_block"], r["fast_reps"], tuple(ARMS), 1),
+            "fast": (fast, r["fast_steps"], r["fast_block"], r["reps"], ("plain", "logged"), None),
+            "fast_own_ema": (fast, r["fast_steps"], r["fast_block"], r["reps"], ("plain_ema", "own_ema_logged"), None),
+            "digits": (digits, r["digits_steps"], r["digits_block"], r["reps"], ("plain", "logged"), None)}
     out = {}
-    for model, (spec, loop, steps, arms) in rows.items():
-        reps = b.r["reps"] + (2 if len(arms) > 2 else 0)
-        out[model] = _row(loop, spec, steps, reps, arms, uri)
+    for model, (task, steps, block, reps, arms, threads) in rows.items():
+        out[model] = _row(task, steps, block, reps, arms, uri, threads)
         log(f"logging {name} {model}: " + ", ".join(f"{arm} {out[model]['steps_per_s_' + arm]:.0f}" for arm in arms)
             + " steps/s; " + ", ".join(f"{k} {out[model][k]:+.1%}" for k in OVERHEADS if k in out[model]))
     return out
@@ -316,6 +361,24 @@ def services(work: Path) -> Iterator[tuple[Any, Any]]:
 SECTIONS = ("workers", "two_workers", "kill_resume", "logging")
 
 
+def _settle(idle: float = 0.9, timeout: float = 120.0) -> float:
+    """Wait until the machine is idle (``idle`` of its CPU time over a second, from /proc/stat)
+    or ``timeout`` has passed: a server started a moment ago is still importing and migrating."""
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        (i0, a0), _, (i1, a1) = ticks(), time.sleep(1.0), ticks()
+        if (i1 - i0) >= idle * max(1, a1 - a0):
+            break
+    waited = time.monotonic() - t0
+    log(f"machine idle after {waited:.0f} s")
+    return waited
+
+
 def run(r: dict[str, Any], work: Path, only: tuple[str, ...] = SECTIONS, run_id: str | None = None,
         res: dict[str, Any] | None = None) -> dict[str, Any]:
     """The benchmark's sections (``only``), into ``res`` (a previous result to update, or a new one)."""
@@ -323,7 +386,8 @@ def run(r: dict[str, Any], work: Path, only: tuple[str, ...] = SECTIONS, run_id:
     t0 = time.perf_counter()
     run_id = run_id or b.train()
     log(f"training run {run_id}")
-    res = res or {"recipe": r}
+    res = res or {}
+    res["recipe"] = r
     if "sections_seconds" not in res and "wall_seconds" in res:  # a result written before passes were kept
         res["sections_seconds"] = {"first pass, every section": res["wall_seconds"]}
     res.update(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -333,6 +397,10 @@ def run(r: dict[str, Any], work: Path, only: tuple[str, ...] = SECTIONS, run_id:
     if "two_workers" in only:
         res["two_workers"] = {"journal": two_workers(b, run_id, str(work / "two.journal"), "scale-two-journal")}
     (work / "server").mkdir(exist_ok=True)
+    local = None
+    if "logging" in only:  # before the servers start: their start-up work would fall on these rows
+        _settle()
+        local = logging_overhead(b, b.uri, "local")
     with services(work) as (pg, server):
         if "two_workers" in only and pg is not None:
             res["two_workers"]["postgresql"] = two_workers(b, run_id, pg.url, "scale-two-pg")
@@ -341,14 +409,18 @@ def run(r: dict[str, Any], work: Path, only: tuple[str, ...] = SECTIONS, run_id:
             res["kill_resume"] = kill_resume(b, run_id)
             log(f"kill/resume: {res['kill_resume']}")
         if "logging" in only:
-            local, remote = logging_overhead(b, b.uri, "local"), logging_overhead(b, server, "server")
+            _settle()  # the server's start-up work done
+            remote = logging_overhead(b, server, "server")
             one = {k: (local["fast_1thread"][k], remote["fast_1thread"][k]) for k in OVERHEADS}
-            res["logging"] = {"local": local, "server": remote, "fast_model_overhead": local["fast"]["overhead"],
+            res["logging"] = {"local": local, "server": remote,
+                              "fast_model_overhead": _logging_cost(local["fast_1thread"]),
                               "digits_overhead": local["digits"]["overhead"],
-                              "server_overhead": max(remote["fast"]["overhead"], remote["digits"]["overhead"]),
-                              "fast_own_ema_overhead": local["fast_own_ema"]["overhead_own_ema"],
-                              "server_fast_own_ema_overhead": remote["fast_own_ema"]["overhead_own_ema"],
-                              "fast_1thread": {k: {"local": lo, "server": se} for k, (lo, se) in one.items()}}
+                              "server_overhead": max(_logging_cost(remote["fast_1thread"]),
+                                                     remote["digits"]["overhead"]),
+                              "fast_1thread": {k: {"local": lo, "server": se} for k, (lo, se) in one.items()},
+                              "fast_2threads": {k: {"local": local[m][k], "server": remote[m][k]}
+                                                for m, k in (("fast", "overhead"), ("fast_own_ema", "overhead_own_ema"))},
+                              "definition": LOGGING_COST}
     res.setdefault("sections_seconds", {})[",".join(only)] = time.perf_counter() - t0
     res["wall_seconds"] = sum(res["sections_seconds"].values())
     return res
@@ -392,6 +464,10 @@ def markdown(res: dict[str, Any]) -> str:
                 rows.append(f"| training with CheckpointLogger, {label}, {where} store | "
                             f"{x['steps_per_s_' + baseline]:.0f} → {x['steps_per_s_' + slower]:.0f} steps/s "
                             f"({x[key]:+.1%}, a checkpoint pair every 50 steps) |")
+    if "definition" in lg:
+        rows += [f"| logging cost: `logging.fast_model_overhead` (local store) / `logging.server_overhead` | "
+                 f"{lg['fast_model_overhead']:+.1%} / {lg['server_overhead']:+.1%} |", "",
+                 f"Logging cost, as computed: {lg['definition']}"]
     return "\n".join(rows) + "\n"
 
 
