@@ -448,7 +448,7 @@ def markdown(res: dict[str, Any]) -> str:
     if kr := res.get("kill_resume"):
         rows += [f"| kill -9 after {kr['killed_after_trials']} trials, rerun | {kr['running_left']} RUNNING left, "
                  f"{kr['trials_lost']} lost, {kr['trials_repeated']} repeated |"]
-    lg = res.get("logging", {})
+    lg, r = res.get("logging", {}), res["recipe"]
     labels = {"fast": "fast model (2 threads), the logger's EMA, against a loop without an EMA",
               "fast_own_ema": "fast model (2 threads) whose loop keeps its EMA (`ema=`)",
               "digits": "digits model, the logger's EMA, against a loop without an EMA"}
@@ -467,7 +467,13 @@ def markdown(res: dict[str, Any]) -> str:
     if "definition" in lg:
         rows += [f"| logging cost: `logging.fast_model_overhead` (local store) / `logging.server_overhead` | "
                  f"{lg['fast_model_overhead']:+.1%} / {lg['server_overhead']:+.1%} |", "",
-                 f"Logging cost, as computed: {lg['definition']}"]
+                 f"Logging cost, as computed: {lg['definition']}", "",
+                 "Logging rows: a row's arms live side by side in one process and take turns in blocks of "
+                 f"{r['fast_block']} steps ({r['digits_block']} for digits), their order turned each block, "
+                 f"{r['fast_steps']:,} steps an arm ({r['digits_steps']} for digits), the logger's close included; "
+                 f"{r['fast_reps']} repetitions of the one-thread row, {r['reps']} of the others, with new models "
+                 "and loggers; medians compared. Each set waited for an idle machine; the local rows ran before "
+                 "the servers started."]
     return "\n".join(rows) + "\n"
 
 
