@@ -399,3 +399,59 @@ def test_a_new_logger_sweeps_what_killed_uploaders_left_in_shared_memory(store, 
             ckpt.step(spec.build(), 1)
             ckpt.wait()
     assert {p.name for p in shm.iterdir()} == kept
+
+
+def test_a_fragment_that_cannot_be_written_in_shared_memory_is_written_in_the_next_spool(tmp_path):
+    """The uploader writes a batch's fragment where its files waited; if that fails (a full
+    /dev/shm, here a file where the folder should be), in the next spool, the disk's last; if
+    none can hold it, the error is raised (the trainer reports it)."""
+    from pathlib import Path
+
+    from lcsc_ops.store import upload_worker
+
+    logged = []
+
+    class Recorder:  # records what would go to MLflow, with the file's content at that moment
+        def log_artifact(self, run_id, path, artifact_path):
+            logged.append((run_id, Path(path).name, artifact_path, json.loads(Path(path).read_text())))
+
+    full, disk = tmp_path / "full", tmp_path / "disk"
+    full.write_text("")
+    disk.mkdir()
+    first = {"fragment_name": "step00000005-raw+ema.json", "fragment_path": "checkpoints/manifest.d"}
+    upload_worker._log_fragment(Recorder(), "r1", first, [str(full), None, str(disk)], {"entries": [1]})
+    assert logged == [("r1", "step00000005-raw+ema.json", "checkpoints/manifest.d", {"entries": [1]})]
+    assert list(disk.iterdir()) == []  # its folder goes once logged
+    with pytest.raises(OSError):
+        upload_worker._log_fragment(Recorder(), "r1", first, [str(full)], {"entries": []})
+
+
+def test_a_batch_from_two_spools_uploads_each_spools_files_and_one_fragment(tmp_path):
+    """Steps whose files wait in different spools (shared memory, disk) go up with one files call
+    per spool, nothing copied between them, and one fragment listing every entry; the folders go."""
+    from pathlib import Path
+
+    from lcsc_ops.store import upload_worker
+
+    calls = []
+
+    class Recorder:
+        def log_artifacts(self, run_id, folder, artifact_path):
+            calls.append(("files", sorted(p.name for p in Path(folder).iterdir()), artifact_path))
+
+        def log_artifact(self, run_id, path, artifact_path):
+            calls.append(("fragment", json.loads(Path(path).read_text())["entries"], artifact_path))
+
+    jobs = []
+    for step, spool in ((5, "shm"), (10, "disk"), (15, "shm")):
+        folder = tmp_path / spool / f"step{step:08d}"
+        folder.mkdir(parents=True)
+        (folder / f"step{step:08d}-raw.safetensors").write_bytes(b"r")
+        jobs.append({"step": step, "folder": str(folder), "spool": str(tmp_path / "disk"),
+                     "files_path": "checkpoints", "fragment_path": "checkpoints/manifest.d",
+                     "fragment_name": f"step{step:08d}-raw+ema.json", "fragment": {"format": 1, "entries": [step]}})
+    upload_worker._upload(Recorder(), "r1", jobs)
+    assert calls == [("files", ["step00000005-raw.safetensors", "step00000015-raw.safetensors"], "checkpoints"),
+                     ("files", ["step00000010-raw.safetensors"], "checkpoints"),
+                     ("fragment", [5, 10, 15], "checkpoints/manifest.d")]
+    assert [list(p.iterdir()) for p in (tmp_path / "shm", tmp_path / "disk")] == [[], []]

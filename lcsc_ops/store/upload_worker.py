@@ -112,29 +112,56 @@ class _Slots:
             entries.append({"step": step, "kind": f["kind"], "file": name, "sha256": digest.hexdigest(),
                             "bytes": sum(len(p) for p in parts), **f["entry"]})
         _answer({"freed": slot})
-        return {"step": step, "folder": folder, "files_path": layout["files_path"],
+        return {"step": step, "folder": folder, "spool": layout["spool"], "files_path": layout["files_path"],
                 "fragment_path": layout["fragment_path"], "fragment_name": step8.join(layout["fragment"]["name"]),
                 "fragment": {"format": layout["fragment"]["format"], "entries": entries}}
 
 
 def _upload(client, run_id: str, jobs: list[dict]) -> None:
-    """The jobs' files, then one fragment listing their entries (named after the first step)."""
-    first = jobs[0]
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(first["folder"]), prefix="batch-") as tmp:
-        files = first["folder"]
-        if len(jobs) > 1:  # one folder for them all: renames (copies only across file systems)
-            files = os.path.join(tmp, "files")
-            os.mkdir(files)
-            for job in jobs:
-                for name in os.listdir(job["folder"]):
-                    shutil.move(os.path.join(job["folder"], name), os.path.join(files, name))
-        fragment = os.path.join(tmp, first["fragment_name"])
-        with open(fragment, "w") as f:
-            json.dump({**first["fragment"], "entries": [e for job in jobs for e in job["fragment"]["entries"]]}, f)
-        client.log_artifacts(run_id, files, first["files_path"])
-        client.log_artifact(run_id, fragment, first["fragment_path"])
+    """The jobs' files, one call per spool they wait in (shared memory, disk: renamed into one
+    folder there, never copied across), then one fragment listing their entries (named after the
+    first step)."""
+    first, spools = jobs[0], {}
+    for job in jobs:
+        spools.setdefault(os.path.dirname(job["folder"]), []).append(job)
+    for spool, group in spools.items():
+        with tempfile.TemporaryDirectory(dir=spool, prefix="batch-") as tmp:
+            files = group[0]["folder"]
+            if len(group) > 1:
+                files = os.path.join(tmp, "files")
+                os.mkdir(files)
+                for job in group:
+                    for name in os.listdir(job["folder"]):
+                        os.rename(os.path.join(job["folder"], name), os.path.join(files, name))
+            client.log_artifacts(run_id, files, first["files_path"])
+    fragment = {**first["fragment"], "entries": [e for job in jobs for e in job["fragment"]["entries"]]}
+    _log_fragment(client, run_id, first, [*spools, first.get("spool")], fragment)
     for job in jobs:
         shutil.rmtree(job["folder"], ignore_errors=True)
+
+
+def _log_fragment(client, run_id: str, first: dict, spools: list, fragment: dict) -> None:
+    """Log ``fragment`` from the first of ``spools`` it can be written in: shared memory may have
+    filled up since the files were written; the disk spool comes last."""
+    spools = [s for s in dict.fromkeys(spools) if s is not None]
+    for k, spool in enumerate(spools):
+        tmp = None
+        try:
+            tmp = tempfile.mkdtemp(dir=spool, prefix="fragment-")
+            path = os.path.join(tmp, first["fragment_name"])
+            with open(path, "w") as f:
+                json.dump(fragment, f)
+        except OSError:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if k == len(spools) - 1:
+                raise
+            continue
+        try:
+            client.log_artifact(run_id, path, first["fragment_path"])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
 
 
 def _read(jobs: queue.Queue, slots: _Slots) -> None:
