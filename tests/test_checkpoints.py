@@ -455,3 +455,18 @@ def test_a_batch_from_two_spools_uploads_each_spools_files_and_one_fragment(tmp_
                      ("files", ["step00000010-raw.safetensors"], "checkpoints"),
                      ("fragment", [5, 10, 15], "checkpoints/manifest.d")]
     assert [list(p.iterdir()) for p in (tmp_path / "shm", tmp_path / "disk")] == [[], []]
+
+
+def test_shared_memory_is_used_only_while_half_of_it_stays_free(tmp_path):
+    """The slots and the shm spool take /dev/shm (64 MB in a container by default) at most to half."""
+    from lcsc_ops.store.upload_worker import leaves_half_free
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    fs = os.statvfs("/dev/shm")
+    room = fs.f_bavail * fs.f_frsize - fs.f_blocks * fs.f_frsize // 2  # bytes until half full
+    margin = 4 << 20  # what else may write there meanwhile
+    assert room > margin, "/dev/shm is already half full here"
+    assert leaves_half_free("/dev/shm", room - margin)
+    assert not leaves_half_free("/dev/shm", room + margin)
+    assert not leaves_half_free(str(tmp_path / "missing"), 0)

@@ -35,6 +35,7 @@ from lcsc_ops.errors import LcscError
 from lcsc_ops.math.ema import EmaPlan, ema_decay_at
 from lcsc_ops.redact import mask_credentials
 from lcsc_ops.spec import ModelSpec
+from lcsc_ops.store.upload_worker import leaves_half_free
 
 
 def _unwrap(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Module:
@@ -50,7 +51,8 @@ FRAGMENT_PATH = f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}"
 # out; a larger one is written by a thread of the training process, straight from its snapshot.
 SLOT_BYTES = 8 << 20
 SHM_DIR = "/dev/shm"
-# Written-out small pairs wait for their upload in shared memory up to this many bytes (then on disk).
+# Written-out small pairs wait for their upload in shared memory up to this many bytes, and while half
+# of it stays free (then on disk).
 FAST_SPOOL_BYTES = 64 << 20
 
 
@@ -260,10 +262,13 @@ def _alive(pid: int) -> bool:
 
 def _slot_file(size: int, folder: str, owner: int) -> tuple[int, str]:
     """A file of ``size`` bytes for the slots, in shared memory (``SHM_DIR``) or else in the spool
-    ``folder``, its space reserved now: a full ``/dev/shm`` is a fallback here, not a SIGBUS later.
+    ``folder``, its space reserved now: a full ``/dev/shm`` is a fallback here, not a SIGBUS later
+    (and so is one the file would take past half full).
     Its name carries the ``owner`` (the uploader's pid), for :func:`sweep_shared_memory`."""
     for where in (SHM_DIR, folder):
         if not (os.path.isdir(where) and os.access(where, os.W_OK)):
+            continue
+        if where == SHM_DIR and not leaves_half_free(where, size):  # a container's small /dev/shm
             continue
         fd, path = tempfile.mkstemp(prefix=f"lcsc-snapshots-{owner}-", dir=where)
         try:

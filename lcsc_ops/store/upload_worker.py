@@ -43,6 +43,16 @@ def _answer(message: dict) -> None:
             sys.stdout = open(os.devnull, "w")
 
 
+def leaves_half_free(folder: str, size: int) -> bool:
+    """Whether ``size`` more bytes leave at least half of ``folder``'s file system free: shared
+    memory is small in containers (64 MB by default in Docker) and DataLoader workers need it too."""
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return False
+    return (fs.f_bavail * fs.f_frsize - size) * 2 >= fs.f_blocks * fs.f_frsize
+
+
 class _Slots:
     """The trainer's shared-memory slots and how to write a pair out of them (``{"slots": ...}``,
     sent once per layout; the file is unlinked once mapped: a killed trainer leaves none behind)."""
@@ -81,7 +91,8 @@ class _Slots:
         only until uploaded then cost the disk (and a file system journal) nothing."""
         size, fast = self.layout["size"] + 2 * 4096, self._fast_spool()  # data and, at most, headers
         with self.lock:
-            fast = fast if fast is not None and self.fast_bytes + size <= self.layout["fast_spool_bytes"] else None
+            fast = fast if fast is not None and self.fast_bytes + size <= self.layout["fast_spool_bytes"] \
+                and leaves_half_free(fast, size) else None
             self.fast_bytes += size if fast is not None else 0
         if fast is not None:
             try:
