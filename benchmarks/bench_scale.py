@@ -201,8 +201,9 @@ class _Loop:
         self.ema_params = list(self.ema.parameters()) if own_ema else []
         self.params = list(self.model.parameters())
         self.opt = torch.optim.Adam(self.params, lr=1e-3)
-        self.step, self.seconds, self.logger, self.client = 0, 0.0, None, MlflowClient(uri)
+        self.step, self.seconds, self.logger = 0, 0.0, None
         if with_logger:
+            self.client = MlflowClient(uri)
             self.run_id = self.client.create_run(task["experiment_id"]).info.run_id
             self.logger = CheckpointLogger(task["spec"], every=50, tracking_uri=uri, run_id=self.run_id, ema=self.ema)
 
@@ -371,7 +372,9 @@ def _settle(idle: float = 0.9, timeout: float = 120.0) -> float:
 
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        (i0, a0), _, (i1, a1) = ticks(), time.sleep(1.0), ticks()
+        i0, a0 = ticks()
+        time.sleep(1.0)
+        i1, a1 = ticks()
         if (i1 - i0) >= idle * max(1, a1 - a0):
             break
     waited = time.monotonic() - t0

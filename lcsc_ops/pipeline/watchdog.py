@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+from lcsc_ops.processes import pid_alive
+
 STORAGE_ENV, URI_ENV = "LCSC_OPS_WATCHDOG_STORAGE", "LCSC_OPS_WATCHDOG_TRACKING_URI"
 
 
@@ -32,23 +34,9 @@ def start(study: str, storage: str, run_id: str, tracking_uri: str) -> subproces
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (dead, not yet reaped by its parent) is dead
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def watch(pid: int, study_name: str, storage: str, run_id: str, tracking_uri: str) -> str:
     """Wait for ``pid`` to end, then clean up after it; returns what was done."""
-    while _alive(pid):
+    while pid_alive(pid):
         time.sleep(1.0)
     from lcsc_ops.search.study import SearchStudy
     from lcsc_ops.search.workers import GRACE_PERIOD_S

@@ -33,6 +33,7 @@ from lcsc_ops.checkpoints import (CHECKPOINT_DIR, FRAGMENT_DIR, MANIFEST_FORMAT,
                                   safetensors_layout, sha256_file, write_checkpoint)
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.ema import EmaPlan, ema_decay_at
+from lcsc_ops.processes import pid_alive
 from lcsc_ops.redact import mask_credentials
 from lcsc_ops.spec import ModelSpec
 from lcsc_ops.store.upload_worker import leaves_half_free
@@ -236,28 +237,21 @@ def sweep_shared_memory() -> list[str]:
     with contextlib.suppress(OSError):
         for name in os.listdir(SHM_DIR):
             match, path = _SHM_ENTRY.match(name), os.path.join(SHM_DIR, name)
-            if match is None or _alive(int(match.group(1))):
+            if match is None or pid_alive(int(match.group(1))):
                 continue
             with contextlib.suppress(OSError):
                 if os.lstat(path).st_uid != os.getuid():
                     continue
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
                 removed.append(path)
     return removed
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and is not a zombie (killed, not yet reaped)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
+def _writable(folder: str) -> bool:
+    return os.path.isdir(folder) and os.access(folder, os.W_OK)
 
 
 def _slot_file(size: int, folder: str, owner: int) -> tuple[int, str]:
@@ -266,7 +260,7 @@ def _slot_file(size: int, folder: str, owner: int) -> tuple[int, str]:
     (and so is one the file would take past half full).
     Its name carries the ``owner`` (the uploader's pid), for :func:`sweep_shared_memory`."""
     for where in (SHM_DIR, folder):
-        if not (os.path.isdir(where) and os.access(where, os.W_OK)):
+        if not _writable(where):
             continue
         if where == SHM_DIR and not leaves_half_free(where, size):  # a container's small /dev/shm
             continue
@@ -325,7 +319,7 @@ class _Slots:
             files.append({"kind": kind, "name": checkpoint_filename(0, kind).split("00000000"),
                           "header": layout.header_around(metadata, "lcsc.step"), "begin": at,
                           "end": at + layout.nbytes, "entry": extras[kind]["entry"]})
-        fast = SHM_DIR if os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK) else None
+        fast = SHM_DIR if _writable(SHM_DIR) else None
         return {"slots": self.path, "size": self.size, "spool": spool, "files": files, "fast_spool": fast,
                 "fast_spool_bytes": FAST_SPOOL_BYTES,
                 "fragment": {"format": MANIFEST_FORMAT, "name": fragment_filename(0, "raw+ema").split("00000000")},

@@ -91,9 +91,11 @@ class _Slots:
         only until uploaded then cost the disk (and a file system journal) nothing."""
         size, fast = self.layout["size"] + 2 * 4096, self._fast_spool()  # data and, at most, headers
         with self.lock:
-            fast = fast if fast is not None and self.fast_bytes + size <= self.layout["fast_spool_bytes"] \
-                and leaves_half_free(fast, size) else None
-            self.fast_bytes += size if fast is not None else 0
+            if fast is not None and self.fast_bytes + size <= self.layout["fast_spool_bytes"] \
+                    and leaves_half_free(fast, size):
+                self.fast_bytes += size
+            else:
+                fast = None
         if fast is not None:
             try:
                 return {**self._write(step, slot, fast), "fast_bytes": size}
