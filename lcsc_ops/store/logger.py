@@ -51,6 +51,9 @@ FRAGMENT_PATH = f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}"
 # A snapshot pair up to this size is copied into a shared-memory slot that the uploader process writes
 # out; a larger one is written by a thread of the training process, straight from its snapshot.
 SLOT_BYTES = 8 << 20
+# Slots: as many as fit in 2 * SLOT_BYTES, from 2 to MAX_SLOTS; with several free, the loop reads the
+# uploader's answers once every few checkpoints, not at each.
+MAX_SLOTS = 8
 SHM_DIR = "/dev/shm"
 # Written-out small pairs wait for their upload in shared memory up to this many bytes, and while half
 # of it stays free (then on disk).
@@ -129,6 +132,7 @@ class _UploadProcess:
         self.pending: dict[int, int] = {}  # step -> bytes, in order
         self._lock = threading.Lock()  # pending: a large pair is handed over by the writer thread
         self._fd, self._buf, self._eof = self.proc.stdout.fileno(), b"", False
+        self._stdin = self.proc.stdin.fileno()
         os.set_blocking(self._fd, False)
         self._answers: collections.deque = collections.deque()
         self._free: collections.deque = collections.deque()  # shared-memory slots written out
@@ -157,9 +161,9 @@ class _UploadProcess:
             else:
                 self._answers.append(answer)
 
-    def reset_slots(self) -> None:
-        """Both shared-memory slots are free (a new pair of them)."""
-        self._free = collections.deque([0, 1])
+    def reset_slots(self, count: int) -> None:
+        """Every shared-memory slot is free (a new set of them)."""
+        self._free = collections.deque(range(count))
 
     def free_slot(self, timeout: float) -> int | None:
         """A slot the uploader has written out; None if none within ``timeout`` or it exited."""
@@ -169,13 +173,21 @@ class _UploadProcess:
 
     def send(self, job: dict[str, Any], size: int = 0) -> None:
         """Hand over a job; ``size``: the bytes it holds in the spool until it is confirmed (a step's)."""
-        if "step" in job:
+        self._write(json.dumps(job).encode() + b"\n", job.get("step"), size)
+
+    def send_slot(self, step: int, slot: int, size: int) -> None:
+        """:meth:`send` of ``{"step", "slot"}``, formatted by hand: ``json.dumps`` costs the loop
+        more than the system call."""
+        self._write(b'{"step": %d, "slot": %d}\n' % (step, slot), step, size)
+
+    def _write(self, line: bytes, step: int | None, size: int) -> None:
+        if step is not None:
             with self._lock:
-                self.pending[job["step"]] = size
+                self.pending[step] = size
         try:
-            self.proc.stdin.write(json.dumps(job).encode() + b"\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, ValueError):
+            while line:  # unbuffered: one system call for a job
+                line = line[os.write(self._stdin, line):]
+        except OSError:
             raise LcscError(self._exited()) from None
 
     def pending_bytes(self) -> int:
@@ -277,9 +289,9 @@ def _slot_file(size: int, folder: str, owner: int) -> tuple[int, str]:
 
 
 class _Slots:
-    """Two shared-memory slots for small snapshot pairs of one layout: the loop copies a pair into
-    a free slot (one fused copy, a few microseconds) and the uploader process writes the files
-    out of it, so serialising, hashing and writing stay off the training process."""
+    """Shared-memory slots (2 to ``MAX_SLOTS``) for small snapshot pairs of one layout: the loop
+    copies a pair into a free slot (one fused copy, a few microseconds) and the uploader process
+    writes the files out of it, so serialising, hashing and writing stay off the training process."""
 
     def __init__(self, folder: str, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor],
                  owner: int) -> None:
@@ -287,14 +299,15 @@ class _Slots:
         self.raw, self.ema = safetensors_layout(raw), safetensors_layout(ema)
         self.ema_at = _align(self.raw.nbytes)
         self.size = max(8, _align(self.ema_at + self.ema.nbytes))
-        fd, self.path = _slot_file(2 * self.size, folder, owner)  # the uploader unlinks it once mapped
+        self.count = max(2, min(MAX_SLOTS, 2 * SLOT_BYTES // self.size))
+        fd, self.path = _slot_file(self.count * self.size, folder, owner)  # the uploader unlinks it once mapped
         try:
-            self.mm = mmap.mmap(fd, 2 * self.size)
+            self.mm = mmap.mmap(fd, self.count * self.size)
         finally:
             os.close(fd)
         buf = torch.frombuffer(self.mm, dtype=torch.uint8)
         self.views = [self._views(buf, k * self.size, raw, self.raw) + self._views(buf, k * self.size + self.ema_at,
-                                                                                 ema, self.ema) for k in (0, 1)]
+                                                                                 ema, self.ema) for k in range(self.count)]
 
     @staticmethod
     def _views(buf: torch.Tensor, base: int, state: Mapping[str, torch.Tensor],
@@ -347,7 +360,7 @@ class CheckpointLogger:
     the EMA. They are spooled (a small pair through a shared-memory slot that the uploader
     process writes out into shared memory, up to ``FAST_SPOOL_BYTES``, else to local disk; a
     larger one to local disk by a writer thread) and uploaded by that separate
-    process, so the loop waits only while both slots or the previous large snapshot (at most
+    process, so the loop waits only while every slot or the previous large snapshot (at most
     one pair in memory) are still being written, or while more than ``max_spool_bytes`` wait
     for a slow server, and MLflow's calls do not compete with the loop for the interpreter lock.
     Under ``accelerate`` pass the ``accelerator``: only the main process keeps an EMA and logs.
@@ -475,12 +488,12 @@ class CheckpointLogger:
         """Copy the pair into a free slot; the uploader writes its files, then uploads them."""
         slot = self._free_slot()
         self._slots.copy_(slot, raw, ema)
-        self._sender.send({"step": step, "slot": slot}, self._slots.bytes_per_pair)
+        self._sender.send_slot(step, slot, self._slots.bytes_per_pair)
 
     def _new_slots(self, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> None:
         """Slots for this layout, once the uploader has written out the old ones."""
         if self._slots is not None:
-            for _ in range(2):  # both slots back: the uploader is done with the old file
+            for _ in range(self._slots.count):  # every slot back: the uploader is done with the old file
                 self._free_slot()
             self._slots.close()
         else:
@@ -488,7 +501,7 @@ class CheckpointLogger:
         self._slots = _Slots(self._spool.name, raw, ema, self._sender.proc.pid)
         extras = {kind: {"metadata": self._extra(kind), "entry": self._entry_extra(kind)} for kind in ("raw", "ema")}
         self._sender.send(self._slots.describe(self._spool.name, self._spec_json, extras))
-        self._sender.reset_slots()
+        self._sender.reset_slots(self._slots.count)
 
     def _free_slot(self) -> int:
         while True:
@@ -521,8 +534,8 @@ class CheckpointLogger:
 
     def _wait_spool(self) -> None:
         """Raise a failed upload; wait while the spool holds more than ``max_spool_bytes``. The
-        answers are read here for a large pair; for small ones, when a slot is needed (every
-        other checkpoint): a system call costs the loop more than the rest of a save."""
+        answers are read here for a large pair; for small ones, when no slot is left free (every
+        few checkpoints): a system call costs the loop more than the rest of a save."""
         while self._confirm(block=False, read=self._slots is None):
             pass
         while self._sender.pending and self._sender.pending_bytes() > self.max_spool_bytes:
