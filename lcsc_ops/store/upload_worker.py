@@ -16,6 +16,7 @@ steps it had not handed over.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import mmap
@@ -241,6 +242,7 @@ def main(run_id: str) -> int:
     except Exception as exc:  # noqa: BLE001 - reported to the trainer as one line
         _answer({"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "step": None})
         return 1
+    gc.freeze()  # mlflow's objects, for good: else a full collection every ~80 uploads takes ~120 ms
     _answer({"ready": True})
     jobs: queue.Queue = queue.Queue()
     slots = _Slots()
