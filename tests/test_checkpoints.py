@@ -121,7 +121,7 @@ def test_ema_snapshots_follow_the_ema_recursion(store):
 
 def test_ema_warmup_follows_the_diffusers_schedule(store):
     decay = 0.3
-    run_id, raws, emas = _logged_ema_run(store, "ema-warmup", 5, ema_decay=decay)  # warm-up on by default
+    run_id, raws, emas = _logged_ema_run(store, "ema-warmup", 7, ema_decay=decay)  # warm-up on by default
     expected = raws[0]
     for n, (raw, ema) in enumerate(zip(raws[1:], emas[1:]), start=1):
         d = min(decay, (1 + n) / (10 + n))  # 2/11, 3/12, 4/13 (< 0.3), then 0.3

@@ -388,7 +388,7 @@ class CheckpointLogger:
             raise LcscError(f"model_name must be a non-empty string, got {model_name!r}")
         self.spec, self.every, self.ema_decay = spec, int(every), float(ema_decay)
         self._spec_json = spec.to_json()
-        self.ema_warmup, self._ema_updates = bool(ema_warmup), 0
+        self.ema_warmup, self._ema_updates, self._ema_decay_now = bool(ema_warmup), 0, None
         self.start_step, self.max_spool_bytes = int(start_step), int(max_spool_bytes)
         self.accelerator = accelerator
         self.is_main = accelerator is None or accelerator.is_main_process
@@ -442,10 +442,14 @@ class CheckpointLogger:
             self._ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
             self._plan_ema(net)
             return
-        if any(t.data_ptr() != ptr for t, ptr in self._ema_watch):  # a weight moved or was cast
+        if [t.data_ptr() for t in self._ema_watch] != self._ema_watch_ptrs:  # a weight moved or was cast
             self._plan_ema(net)
         self._ema_updates += 1
-        self._ema_plan.apply_(ema_decay_at(self.ema_decay, self._ema_updates, self.ema_warmup))
+        decay = self._ema_decay_now
+        if decay is None:  # still warming up; then fixed: no call per step
+            decay = ema_decay_at(self.ema_decay, self._ema_updates, self.ema_warmup)
+            self._ema_decay_now = decay if decay == self.ema_decay else None
+        self._ema_plan.apply_(decay)
 
     def _plan_ema(self, net: torch.nn.Module, state: Mapping[str, torch.Tensor] | None = None) -> None:
         """The EMA's plan: views of the weights, so a step costs one fused update and no
@@ -454,7 +458,8 @@ class CheckpointLogger:
         state = net.state_dict() if state is None else state
         self._ema_plan = EmaPlan(self._ema, state)
         self._ema_ptrs = [v.data_ptr() for v in state.values()]
-        self._ema_watch = [(t, t.data_ptr()) for t in itertools.chain(net.parameters(), net.buffers())]
+        self._ema_watch = list(itertools.chain(net.parameters(), net.buffers()))
+        self._ema_watch_ptrs = [t.data_ptr() for t in self._ema_watch]
 
     @torch.no_grad()
     def save(self, model: torch.nn.Module, step: int) -> None:

@@ -181,7 +181,7 @@ def _log_fragment(client, run_id: str, first: dict, spools: list, fragment: dict
         return
 
 
-def _lines(fd: int = 0, quiet: float = 1.0, tick: float = 0.005):
+def _lines(fd: int = 0, quiet: float = 1.0, tick: float = 0.002):
     """The lines on ``fd``, polled every ``tick`` s while they keep coming and waited for after
     ``quiet`` s without one: a reader blocked on the pipe costs each write of the training loop a
     wake-up of this process (tens of microseconds in a VM)."""
