@@ -139,6 +139,8 @@ class CheckpointEntry:
     sha256: str
     bytes: int
     path: Path  # verified local copy
+    source: str = ""  # where in the run it came from (artifact path; default: checkpoints/<file>)
+    source_sha256: str = ""  # that artifact's sha256 (a foreign file converted here: not the file's)
 
     def load(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         return load_file(str(self.path), device=str(device))
@@ -158,6 +160,7 @@ class CheckpointWindow:
     training_ema: CheckpointEntry | None  # EMA snapshot at the last step of the window
     steps: tuple[int, ...]
     complete: bool = True  # False: the run has no end marker (still training, or it died)
+    layout: str = "lcsc"  # the reader that found it (lcsc_ops.store.sources): "lcsc", "lightning", ...
 
     def indices(self, *kinds: str) -> list[int]:
         """Positions of the entries of the given kinds (all kinds when none are given)."""

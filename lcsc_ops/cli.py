@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import inspect
 import json
-import logging
 import os
 import sys
 import typing
@@ -17,29 +17,40 @@ from typing import Annotated, Any, Callable, Optional
 import click
 import typer
 
+from lcsc_ops import interrupts
 from lcsc_ops.errors import LcscError
 from lcsc_ops.options import parse_json_object
+from lcsc_ops.quiet import configure as configure_libraries
 from lcsc_ops.pipeline.config import OptimizeConfig
 from lcsc_ops.pipeline.report import ReportConfig
 from lcsc_ops.training import TrainConfig
 
 # Progress bars on every artifact download would drown the one-line output a CLI owes its user.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-# No INFO lines (table creation, registration) around ours; set on the logger too, for an mlflow imported before us.
-MLFLOW_LEVEL = os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING").upper()
+
 
 class Commands(typer.core.TyperGroup):
-    """The one place an LcscError becomes a one-line message (``LCSC_OPS_DEBUG=1``: the traceback)."""
+    """The one place an LcscError becomes a one-line message (``LCSC_OPS_DEBUG=1``: the traceback),
+    and SIGINT/SIGTERM one line saying what was ended, with exit status 130/143. MLflow's and
+    Optuna's own lines stay out unless ``--verbose`` (:mod:`lcsc_ops.quiet`)."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        logging.getLogger("mlflow").setLevel(MLFLOW_LEVEL)
-        try:
-            return super().invoke(ctx)
-        except LcscError as exc:
-            if os.environ.get("LCSC_OPS_DEBUG"):
-                raise
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from None
+        configure_libraries()  # before any command imports mlflow or optuna; --verbose: _verbose()
+        with interrupts.handled():
+            try:
+                return super().invoke(ctx)
+            except LcscError as exc:
+                if os.environ.get("LCSC_OPS_DEBUG"):
+                    raise
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from None
+            except KeyboardInterrupt as exc:
+                if os.environ.get("LCSC_OPS_DEBUG"):
+                    raise
+                done = getattr(exc, "done", "") or "before anything was started; the same command starts again"
+                typer.echo(f"interrupted ({getattr(exc, 'name', 'SIGINT')}) {done}", err=True)
+                gc.freeze()  # everything is ended: no final collection at exit (seconds, with mlflow and torch loaded)
+                raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
 
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -114,15 +125,24 @@ def _extra(name: str, kind: Any, default: Any, *flags: str, **info: Any) -> insp
 
 TRACKING = _extra("tracking_uri", Optional[str], None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
                   help="MLflow tracking URI (default: MLflow's own, sqlite:///mlflow.db with artifacts in ./mlruns).")
+VERBOSE = _extra("verbose", bool, False, "--verbose",
+                 help="Also show MLflow's and Optuna's own log lines and warnings (LCSC_OPS_DEBUG=1 too).")
 
 
-@config_command("train", TrainConfig, [TRACKING], "Train a digits DDPM or consistency model, logging raw + EMA checkpoints to MLflow. "
+def _verbose(values: dict[str, Any]) -> None:
+    """``--verbose``: the libraries' own lines back in (this process and the ones it starts)."""
+    if values.pop("verbose", False):
+        configure_libraries(verbose_flag=True)
+
+
+@config_command("train", TrainConfig, [TRACKING, VERBOSE], "Train a digits DDPM or consistency model, logging raw + EMA checkpoints to MLflow. "
                             "Prints the run id (last line). Multi-process: accelerate launch pipelines/train.py "
                             "takes the same options.")
 def train(**values: Any) -> None:
     from lcsc_ops.pipeline.progress import make_progress
     from lcsc_ops.training import train as run_training
 
+    _verbose(values)
     cfg = config_from(TrainConfig, values)
     with make_progress(quiet=cfg.quiet) as progress:
         run_id = run_training(cfg, progress=progress)
@@ -131,7 +151,7 @@ def train(**values: Any) -> None:
 
 
 @config_command("optimize", OptimizeConfig, [
-    TRACKING,
+    TRACKING, VERBOSE,
     _extra("as_json", bool, False, "--json", help="Print the results as JSON instead of a table."),
     _extra("report", Optional[Path], None, help="Also write the results JSON to this file."),
 ], "Search merge coefficients for a training run's checkpoints and register the winning merge.")
@@ -142,6 +162,7 @@ def optimize(*, as_json: bool = False, report: Optional[Path] = None, **values: 
 
     from lcsc_ops.pipeline.distributed import launched_rank, launched_world_size, run_distributed
 
+    _verbose(values)
     cfg = config_from(OptimizeConfig, values)
     launched = launched_world_size() > 1  # under accelerate launch / torchrun: every FID sharded over them
     # Several workers write to stderr from several processes: plain lines, each with its [worker i].
@@ -162,7 +183,7 @@ def optimize(*, as_json: bool = False, report: Optional[Path] = None, **values: 
         Console(width=160).print(render_table(result))
 
 
-@config_command("report", ReportConfig, [TRACKING],
+@config_command("report", ReportConfig, [TRACKING, VERBOSE],
                 "Write an optimization's report (search curve, coefficients, samples from the same noise, the results "
                 "table in Markdown) and log it under report/ of its parent run; the table becomes the registered "
                 "version's description. optimize does this at its end too.")
@@ -170,6 +191,7 @@ def report(**values: Any) -> None:
     from lcsc_ops.pipeline.progress import stderr_writer
     from lcsc_ops.pipeline.report import run_report
 
+    _verbose(values)
     result = run_report(config_from(ReportConfig, values), log=stderr_writer())
     typer.echo(result["artifact_uri"])
 
@@ -183,7 +205,8 @@ def runs(
     as_json: AsJson = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """List training runs (checkpoints, size, model spec) and optimize runs (source, status, registered version)."""
+    """List runs holding checkpoints (ours and other tools', with their layout, size, model spec) and optimize runs
+    (source, status, registered version)."""
     from lcsc_ops.store.fetch import resolve_tracking_uri
     from lcsc_ops.store.listing import list_runs
 
@@ -195,14 +218,14 @@ def runs(
     from rich.table import Table
 
     train = Table(title="training runs", title_justify="left")
-    for col in ("run id", "name", "experiment", "kind", "status", "checkpoints", "size", "last step", "factory",
-                "sampler", "data"):
+    for col in ("run id", "name", "experiment", "kind", "layout", "status", "checkpoints", "size", "last step",
+                "factory", "sampler", "data"):
         train.add_column(col, justify="right" if col in ("checkpoints", "size", "last step") else "left",
                          no_wrap=col == "run id", min_width=32 if col == "run id" else None)
     for r in found["training"]:
         sampler = f"{r['sampler']} × {r['sampler_steps']}" if r["sampler_steps"] else str(r["sampler"] or "—")
         count = f"{r['checkpoints']}" + ("" if r["complete"] else " (partial)")
-        train.add_row(r["run_id"], r["name"] or "", r["experiment"] or "", r["kind"], r["status"], count,
+        train.add_row(r["run_id"], r["name"] or "", r["experiment"] or "", r["kind"], r["layout"], r["status"], count,
                       _size(r["bytes"]), str(r["last_step"] if r["last_step"] is not None else "—"),
                       r["factory"] or "—", sampler, r["dataset"] or "—")
     opt = Table(title="optimize runs", title_justify="left")
@@ -223,26 +246,29 @@ def checkpoints(
     as_json: AsJson = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """List a run's checkpoints: step, kind, bytes, sha256 (from its manifest; per-step fragments while it trains)."""
+    """List a run's checkpoints and its layout (lcsc, lightning, ...): step, kind, bytes, sha256, where in the run."""
     from lcsc_ops.store.fetch import resolve_tracking_uri
     from lcsc_ops.store.listing import checkpoint_entries
 
-    entries, complete = checkpoint_entries(run_id, resolve_tracking_uri(tracking_uri))
+    entries, complete, layout = checkpoint_entries(run_id, resolve_tracking_uri(tracking_uri))
     if as_json:
-        typer.echo(json.dumps({"run_id": run_id, "complete": complete, "checkpoints": entries}, indent=2))
+        typer.echo(json.dumps({"run_id": run_id, "layout": layout, "complete": complete, "checkpoints": entries},
+                              indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    console.print(f"checkpoints of run {run_id}" + ("" if complete else " (partial: no complete manifest yet: still "
-                                                                         "training, or stopped)"), highlight=False)
+    console.print(f"checkpoints of run {run_id} (layout: {layout})"
+                  + ("" if complete else " (partial: no complete manifest yet: still training, or stopped)"),
+                  highlight=False)
     table = Table()
-    for col in ("step", "kind", "bytes", "sha256"):
+    for col in ("step", "kind", "bytes", "sha256", "in the run"):
         table.add_column(col, justify="right" if col in ("step", "bytes") else "left")
     for e in entries:
-        table.add_row(str(e["step"]), e["kind"], f"{e['bytes']:,}", e["sha256"][:12] + "…")
-    table.caption = f"{len(entries)} checkpoints, {_size(sum(e['bytes'] for e in entries))}"
+        table.add_row(str(e["step"]), e["kind"], f"{e['bytes']:,}" if e["bytes"] is not None else "—",
+                      e["sha256"][:12] + "…" if e["sha256"] else "— (hashed when fetched)", e.get("path", e["file"]))
+    table.caption = f"{len(entries)} checkpoints, {_size(sum(e['bytes'] or 0 for e in entries))}"
     console.print(table)
 
 
@@ -322,8 +348,10 @@ def import_(
     model_name: Annotated[Optional[str], typer.Option(help="Registered model name optimize will use by default.",
                                                       rich_help_panel="MLflow")] = None,
     tracking_uri: TrackingUri = None,
+    verbose: Annotated[bool, typer.Option(help="Also show MLflow's own log lines and warnings.")] = False,
 ) -> None:
     """Turn a folder of saved checkpoints into an MLflow run that optimize accepts. Prints the run id (last line)."""
+    _verbose({"verbose": verbose})
     from lcsc_ops.spec import ModelSpec
     from lcsc_ops.importers.diffusers import find_diffusers_layout, import_diffusers
     from lcsc_ops.importers.files import import_checkpoints

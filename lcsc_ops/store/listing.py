@@ -1,21 +1,21 @@
 """What the tracking store holds, for ``lcsc-ops runs`` and ``lcsc-ops checkpoints``: plain dicts.
 
-Training runs (``lcsc.kind`` ``training`` or ``import``) with their checkpoint count and size
-(from the run's ``checkpoints/`` artifacts) and a summary of their model spec (tag
-``lcsc.spec``); optimize runs with their source run, status and registered version; one run's
-checkpoints from its manifest (or, while it is still training, from its manifest fragments).
+Training runs: ours (``lcsc.kind`` ``training`` or ``import``) with their checkpoint count and size
+(from the run's ``checkpoints/`` artifacts) and a summary of their model spec (tag ``lcsc.spec``),
+and every other run holding checkpoints in a layout a reader knows (Lightning, ...), with its
+layout; optimize runs with their source run, status and registered version; one run's
+checkpoints as its layout's reader lists them (:mod:`lcsc_ops.store.sources`).
 """
 from __future__ import annotations
 
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from lcsc_ops.checkpoints import (CHECKPOINT_DIR, FRAGMENT_DIR, KINDS, MANIFEST_NAME, SHA256, checkpoint_filename,
-                                  validate_run_id)
+from lcsc_ops.checkpoints import CHECKPOINT_DIR, MANIFEST_NAME
 from lcsc_ops.errors import LcscError
+from lcsc_ops.store.sources import RunContext, list_checkpoints, reader_for
 
 CHECKPOINT_FILE = re.compile(r"step(\d{8})-(raw|ema)\.safetensors")
 SOURCE_KINDS = ("training", "import")
@@ -37,10 +37,12 @@ def _experiments(client: Any, name: str | None) -> dict[str, str]:
     return {e.experiment_id: e.name for e in client.search_experiments()}
 
 
-def _runs(client: Any, experiment_ids: list[str], kind: str) -> Iterator[Any]:
+def _runs(client: Any, experiment_ids: list[str], kind: str | None) -> Iterator[Any]:
+    """The runs tagged ``lcsc.kind`` = ``kind`` (None: every run), newest first."""
     token = None
+    where = f"tags.`lcsc.kind` = '{kind}'" if kind is not None else ""
     while experiment_ids:
-        page = client.search_runs(experiment_ids, filter_string=f"tags.`lcsc.kind` = '{kind}'", max_results=1000,
+        page = client.search_runs(experiment_ids, filter_string=where, max_results=1000,
                                   order_by=["attributes.start_time DESC"], page_token=token)
         yield from page
         token = page.token
@@ -76,11 +78,9 @@ def list_runs(experiment: str | None = None, tracking_uri: str | None = None) ->
     training = []
     for kind in SOURCE_KINDS:
         for r in _runs(client, ids, kind):
-            info, tags = r.info, r.data.tags
-            training.append({"run_id": info.run_id, "name": info.run_name, "experiment": names.get(info.experiment_id),
-                             "kind": kind, "status": info.status, "start_time": info.start_time,
-                             "train_steps": _int(r.data.params.get("steps")), **_spec_summary(tags.get("lcsc.spec")),
-                             **_checkpoint_files(client, info.run_id)})
+            training.append(_row(r, names, kind, "lcsc", _spec_summary(r.data.tags.get("lcsc.spec")),
+                                 _checkpoint_files(client, r.info.run_id)))
+    training += _foreign_rows(client, ids, names, tracking_uri)
     training.sort(key=lambda row: row["start_time"] or 0, reverse=True)
     optimize = []
     for r in _runs(client, ids, "optimize"):
@@ -91,55 +91,52 @@ def list_runs(experiment: str | None = None, tracking_uri: str | None = None) ->
     return {"training": training, "optimize": optimize}
 
 
+def _row(r: Any, names: dict[str, str], kind: str, layout: str, spec: dict[str, Any], files: dict[str, Any]
+         ) -> dict[str, Any]:
+    info = r.info
+    return {"run_id": info.run_id, "name": info.run_name, "experiment": names.get(info.experiment_id), "kind": kind,
+            "layout": layout, "status": info.status, "start_time": info.start_time,
+            "train_steps": _int(r.data.params.get("steps")), **spec, **files}
+
+
+def _foreign_rows(client: Any, ids: list[str], names: dict[str, str], tracking_uri: str | None) -> list[dict]:
+    """Runs without an ``lcsc.kind`` tag that hold checkpoints in a layout a reader knows (a run of
+    another tool, or one an older CheckpointLogger wrote), with what the reader lists."""
+    rows = []
+    for r in _runs(client, ids, None):
+        if "lcsc.kind" in r.data.tags:
+            continue
+        ctx = RunContext(r.info.run_id, tracking_uri, run=r)
+        try:
+            reader = reader_for(ctx)
+        except LcscError:
+            continue
+        note = None
+        try:
+            listing = reader.list_entries(ctx)
+            entries, complete = listing.entries, listing.complete
+        except LcscError as exc:  # e.g. one file overwritten in place: listed, with why it cannot be optimized
+            entries, complete, note = (), False, str(exc)
+        spec = _spec_summary(r.data.tags.get("lcsc.spec")) if reader.name == "lcsc" else _spec_summary(None)
+        files = {"checkpoints": len(entries), "bytes": sum(e.bytes or 0 for e in entries),
+                 "last_step": max((e.step for e in entries), default=None), "complete": complete}
+        row = _row(r, names, "training" if reader.name == "lcsc" else "foreign", reader.name, spec, files)
+        rows.append({**row, "note": note} if note else row)
+    return rows
+
+
 def _int(text: str | None) -> int | None:
     return int(text) if text is not None and text.isdigit() else None
 
 
-def _checked(entry: Any, where: str) -> dict[str, Any]:
-    """A manifest entry with the fields the listing shows, each checked (the manifest is untrusted)."""
-    if not isinstance(entry, dict):
-        raise LcscError(f"{where} must be a JSON object")
-    step, kind, sha, size = (entry.get(k) for k in ("step", "kind", "sha256", "bytes"))
-    ok = (isinstance(step, int) and step >= 0 and kind in KINDS and isinstance(sha, str) and SHA256.fullmatch(sha)
-          and isinstance(size, int) and size >= 0 and entry.get("file") == checkpoint_filename(step, kind))
-    if not ok:
-        raise LcscError(f"{where} is malformed (step, kind, file, sha256 or bytes)")
-    return {"step": step, "kind": kind, "bytes": size, "sha256": sha, "file": entry["file"]}
-
-
-def checkpoint_entries(run_id: str, tracking_uri: str | None = None) -> tuple[list[dict[str, Any]], bool]:
-    """The checkpoints of run ``run_id`` by step and kind, and whether its manifest is complete (a run
-    still training, or killed, has only per-step fragments). LcscError: unknown run, none logged."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    validate_run_id(run_id)
-    client = _client(tracking_uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        raise LcscError(f"unknown run id {run_id!r} in tracking store {tracking_uri or mlflow.get_tracking_uri()}") \
-            from None
-    names = {Path(f.path).name for f in client.list_artifacts(run_id, CHECKPOINT_DIR)}
-    complete = MANIFEST_NAME in names
-    if not complete and FRAGMENT_DIR not in names:
-        raise LcscError(f"run {run_id} has no checkpoints (no {CHECKPOINT_DIR}/{MANIFEST_NAME} artifact)")
-    path = f"{CHECKPOINT_DIR}/{MANIFEST_NAME if complete else FRAGMENT_DIR}"
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
-                                                         tracking_uri=tracking_uri))
-        docs = [local] if complete else sorted(local.glob("*.json"))
-        entries = [_checked(e, f"run {run_id}: {CHECKPOINT_DIR}/{p.name} entry {i}")
-                   for p in docs for i, e in enumerate(_entries_of(p, run_id))]
-    return sorted(entries, key=lambda e: (e["step"], KINDS.index(e["kind"]))), complete
-
-
-def _entries_of(path: Path, run_id: str) -> list[Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise LcscError(f"run {run_id}: {CHECKPOINT_DIR}/{path.name} is not valid JSON") from None
-    entries = doc.get("entries") if isinstance(doc, dict) else None
-    if not isinstance(entries, list):
-        raise LcscError(f"run {run_id}: {CHECKPOINT_DIR}/{path.name} has no list of entries")
-    return entries
+def checkpoint_entries(run_id: str, tracking_uri: str | None = None) -> tuple[list[dict[str, Any]], bool, str]:
+    """The checkpoints of run ``run_id`` by step and kind, whether the run finished logging them, and its
+    layout (the reader that found them: ``lcsc``, ``lightning``, ...). LcscError: unknown run, none logged."""
+    listing = list_checkpoints(run_id, tracking_uri)
+    rows = []
+    for e in listing.entries:
+        row = {"step": e.step, "kind": e.kind, "file": e.file, "sha256": e.sha256, "bytes": e.bytes}
+        if e.path != f"{CHECKPOINT_DIR}/{e.file}":
+            row["path"] = e.path
+        rows.append(row)
+    return rows, listing.complete, listing.layout
