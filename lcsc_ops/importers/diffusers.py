@@ -34,7 +34,7 @@ from lcsc_ops.models.diffusers_unet import (DEFAULT_SCHEDULER, FACTORY, MODEL_CL
 from lcsc_ops.spec import Conditioning, ModelSpec
 from lcsc_ops.checkpoints import KINDS
 from lcsc_ops.importers.files import (PlannedFile, check_finite, check_inside, check_layout, compile_step_pattern,
-                                     read_checkpoint, write_import_run)
+                                     model_shapes, read_checkpoint, write_import_run)
 
 CHECKPOINT_STEP_PATTERN = r"checkpoint-(\d+)"
 CHECKPOINT_SUBFOLDERS = (("unet", "raw"), ("unet_ema", "ema"))
@@ -257,10 +257,10 @@ def import_diffusers(folder: str | Path, *, steps: int = 10, scheduler: str = DE
                                             log=notes.append)
     spec = diffusers_spec(folder, config, steps=steps, scheduler=scheduler, dataset=dataset,
                           image_shape=image_shape, conditioning=conditioning, log=notes.append)
-    model = {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
+    layouts = [read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle, layout_only=True)[0] for p in planned]
+    model = model_shapes(spec, [(p.path, layout) for p, layout in zip(planned, layouts)], partial=False)
     first = None
-    for p in planned:
-        layout, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle, layout_only=True)
+    for p, layout in zip(planned, layouts):
         check_layout(p.label, layout, model, first, partial=False)
         first = first or (p.label, layout)
     for p in planned:

@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from lcsc_ops.checkpoints import CheckpointEntry, CheckpointWindow
 from lcsc_ops.errors import LcscError
+from lcsc_ops.layouts import check_checkpoints
 
 
 def first_nonfinite(entry: CheckpointEntry) -> str | None:
@@ -38,3 +39,22 @@ def drop_nonfinite(window: CheckpointWindow, log: Callable[[str], None]) -> Chec
     ema = window.training_ema if window.training_ema in keep else None
     return dataclasses.replace(window, entries=keep, training_ema=ema,
                                steps=tuple(sorted({e.step for e in keep})))
+
+
+def check_window(window: CheckpointWindow, log: Callable[[str], None]) -> None:
+    """Every checkpoint of the window (the training EMA too) against the spec, before anything is
+    built for real: the model's size against the checkpoints' bytes, then each file's tensor
+    names, shapes and dtypes from its header; the first mismatch is one LcscError naming the
+    file and the tensor."""
+    entries = {e.file: e for e in (*window.entries, *([window.training_ema] if window.training_ema else []))}
+    files = [(e.file, e.path, e.bytes) for e in entries.values()]
+    if not check_checkpoints(window.spec, files, f"run {window.run_id}'s model spec",
+                             f"run {window.run_id}: checkpoint "):
+        log(f"run {window.run_id}'s model factory {window.spec.factory!r} does not build on the meta device: "
+            "its size is not checked, only its checkpoints' layouts against each other")
+
+
+def checked_window(window: CheckpointWindow, log: Callable[[str], None]) -> CheckpointWindow:
+    """:func:`check_window`, then :func:`drop_nonfinite`: the window as it may be scored."""
+    check_window(window, log)
+    return drop_nonfinite(window, log)

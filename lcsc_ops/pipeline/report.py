@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from lcsc_ops.errors import LcscError
 from lcsc_ops.options import option
 from lcsc_ops.pipeline.candidates import FINAL_SEED_BASE, Candidate, merged_state, paired
+from lcsc_ops.pipeline.checks import check_window
 from lcsc_ops.spec import ModelSpec, parse_module_prefixes
 
 BASELINE_ORDER = ("last", "training_ema", "ema_star", "uniform")
@@ -559,6 +560,7 @@ def run_report(cfg: ReportConfig, log: Callable[[str], None]) -> dict[str, Any]:
     if list(window.steps) != steps:
         raise LcscError(f"run {results['source_run_id']}'s checkpoints no longer match the optimization's window "
                         f"(steps {steps[0]}..{steps[-1]})")
+    check_window(window, log)
     nfe, guidance = results.get("nfe") or {}, results.get("guidance") or {}
     spec = window.spec
     if nfe.get("used") and nfe.get("used") != nfe.get("default"):
