@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.interrupts import interrupted
 from lcsc_ops.options import option, parse_json_object
 from lcsc_ops.pipeline.progress import PlainProgress, SilentProgress, stderr_writer
 from lcsc_ops.spec import Conditioning, ModelSpec
@@ -172,17 +173,35 @@ def train(cfg: TrainConfig, progress: Any = None) -> str | None:
     if accelerator.is_main_process:
         run, logger = _open_run(cfg, spec, accelerator)
     progress = _progress(cfg, progress) if accelerator.is_main_process else SilentProgress()
-    status = "FAILED"
+    status, at = "FAILED", [0]
     try:
-        _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run, progress, spec.conditioning)
+        _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run, progress, spec.conditioning,
+              at)
         status = "FINISHED"
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM (lcsc_ops.interrupts): the run ends KILLED, partial
+        status = "KILLED"
+        raise interrupted(exc, _stopped(cfg, at[0], _end(logger, run, status), run)) from None
     finally:
-        if logger is not None:
-            logger.close(complete=status == "FINISHED")  # a run that failed stays partial
-        if run is not None:
-            run.end(status)
+        if status != "KILLED":
+            _end(logger, run, status)
     accelerator.wait_for_everyone()
     return run.run_id if run is not None else None
+
+
+def _end(logger: Any, run: Any, status: str) -> int:
+    """Wait for the uploads, end the run with ``status``; returns how many checkpoints it holds."""
+    if logger is not None:
+        logger.close(complete=status == "FINISHED")  # a run that failed or was stopped stays partial
+    if run is not None:
+        run.end(status)
+    return len(logger.entries) if logger is not None else 0
+
+
+def _stopped(cfg: TrainConfig, step: int, logged: int, run: Any) -> str:
+    if run is None:
+        return f"at step {step} of {cfg.steps}"
+    return (f"at step {step} of {cfg.steps}: run {run.run_id} KILLED with {logged} checkpoints (a partial run "
+            "optimize can use); the same command trains again, in a new run")
 
 
 def _progress(cfg: TrainConfig, progress: Any) -> Any:
@@ -246,7 +265,9 @@ def _dropped_labels(labels: torch.Tensor, conditioning: Conditioning, dropout: f
 
 
 def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger, run, progress,
-          conditioning=None) -> None:
+          conditioning=None, at=None) -> None:
+    """The training loop; ``at[0]`` follows the step (what an interrupted run says it reached)."""
+    at = at if at is not None else [0]
     step, t0, loss_sum, loss_n = 0, time.perf_counter(), torch.zeros((), device=accelerator.device), 0
     progress.stage("train", cfg.steps, unit="steps", every=10 * cfg.log_every)
     model.train()
@@ -261,6 +282,7 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            at[0] = step
             loss_sum += loss.detach()
             loss_n += 1
             if logger is not None:

@@ -20,12 +20,14 @@ from lcsc_ops.checkpoints import CheckpointWindow, default_cache_dir
 from lcsc_ops.errors import LcscError
 from lcsc_ops.evaluation.evaluators import Evaluators, build_evaluators, resolve_device
 from lcsc_ops.evaluation.score_cache import ScoreCache
+from lcsc_ops.interrupts import deferred
 from lcsc_ops.math.encoding import AffineEncoding, partition_by_kind
 from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, embed
 from lcsc_ops.pipeline.candidates import (Candidate, average_coefficients, baselines,
                                           centre_in_basis, finite_baselines, merged_state, restrict)
-from lcsc_ops.pipeline.checks import checked_window
+from lcsc_ops.pipeline.checks import drop_nonfinite
 from lcsc_ops.pipeline.config import BASIS_KINDS, OptimizeConfig
+from lcsc_ops.pipeline import stopping
 from lcsc_ops.pipeline.progress import PlainProgress, Progress, SilentProgress
 from lcsc_ops.pipeline.report import build_report, class_accuracy_metrics, publish_report, save_plots, seeds_used
 from lcsc_ops.pipeline.scoring import Scorer
@@ -103,7 +105,7 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None, progre
     source = fetch.get_run_or_fail(cfg.run_id, uri)
     SearchStudy.check_storage(cfg.storage or default_storage(uri))  # a database that refuses us: before any download
     trust = Trust(factory=tuple(cfg.trust_factory), remote_code=cfg.trust_remote_code)
-    window = checked_window(fetch.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
+    window = drop_nonfinite(fetch.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
                                                tracking_uri=uri, cache_dir=cache_dir, trust=trust), log)
     spec = window.spec if cfg.nfe is None else window.spec.with_sampler(steps=cfg.nfe)
     if cfg.guidance is not None:
@@ -181,8 +183,12 @@ def _setup(job: Job, study: SearchStudy, storage: str) -> dict[str, Any]:
     centre = centre_in_basis(base, job.basis)
     coeffs = restrict(centre, job.basis)
     run = _parent_run(job, study, storage, None)
-    log_baselines(job, run, base)
-    study.add_start(_encoding(job, coeffs), centre.search_fid, centre.name)
+    try:
+        log_baselines(job, run, base)
+        study.add_start(_encoding(job, coeffs), centre.search_fid, centre.name)
+    except KeyboardInterrupt:
+        run.end("KILLED")  # not yet the study's: a rerun makes its own
+        raise
     return {"baselines": [c.to_dict() for c in base], "centre": centre.name, "coefficients": list(coeffs),
             "parent_run_id": run.run_id}
 
@@ -231,7 +237,8 @@ def run_search(job: Job, search: Search, stop_below: float | None = None) -> flo
         rungs = prune_rungs(job) if job.cfg.prune else None
         ticker = SearchTicker(job, search)
         ran = study.run(search.encoding, lambda c: job.search_score(job.dense(c)), job.cfg.n_trials,
-                        lambda t: (trial_logger(t, study.name), ticker(t)), rungs=rungs, stop_below=stop_below)
+                        lambda t: (trial_logger(t, study.name), ticker(t)), rungs=rungs, stop_below=stop_below,
+                        on_wait=_waiting_for_trials(job.log))
         seconds = time.perf_counter() - t0
         trial_logger.flush()
         _backfill(study, trial_logger)  # a worker that died during the search
@@ -242,6 +249,17 @@ def run_search(job: Job, search: Search, stop_below: float | None = None) -> flo
             + (f", {study.n_pruned} more pruned" if study.n_pruned else "") + f") in {seconds:.1f} s; "
             f"best search {metric} {best.value:.3f} (trial {best.number})")
     return seconds
+
+
+def _waiting_for_trials(log: Log) -> Callable[[int], None]:
+    """The budget is claimed by other workers' running trials: one line each time their number changes."""
+    said: list[int] = []
+
+    def note(n: int) -> None:
+        if not said or said[-1] != n:
+            log(f"search: the budget is claimed; waiting for {n} running trials (a failed one reopens a place)")
+            said.append(n)
+    return note
 
 
 class SearchTicker:
@@ -358,9 +376,10 @@ def register(job: Job, search: Search, winner: Candidate, report: dict[str, Any]
         return {"name": name, "version": same, "existing": True}
     # Checkpoints may hold only part of the model (adapters): the factory's base fills the rest.
     model = load_checkpoint_state(job.spec.build(), merged_state(job.window, winner))
-    version = register_model(model, name=name, spec=job.spec.to_dict(), tags=tags, run_id=search.run.run_id,
-                             tracking_uri=job.tracking_uri)
-    search.run.set_tag("lcsc.registered_model", f"{name}/{version}")
+    with deferred():  # SIGINT/SIGTERM wait for the version and its tag: a rerun then finds it, never half
+        version = register_model(model, name=name, spec=job.spec.to_dict(), tags=tags, run_id=search.run.run_id,
+                                 tracking_uri=job.tracking_uri)
+        search.run.set_tag("lcsc.registered_model", f"{name}/{version}")
     job.log(f"registered {name} version {version} ({winner.name})")
     return {"name": name, "version": version}
 
@@ -460,10 +479,12 @@ def write_report(job: Job, search: Search, report: dict[str, Any]) -> None:
 
 def run_optimize(cfg: OptimizeConfig, *, log: Log = print, cache_dir: Path | None = None,
                  stop_below: float | None = None, progress: Progress | None = None,
-                 watchdog: bool = False) -> dict[str, Any]:
+                 watchdog: bool = False, others_done: Callable[[], None] | None = None) -> dict[str, Any]:
     """Run (or join, or resume) the whole optimization; returns the report (also logged as
-    ``results.json``). The parent run ends FINISHED, or FAILED on an error. ``stop_below``
-    ends the search early. With ``cfg.workers > 1`` the other local workers run as processes.
+    ``results.json``). The parent run ends FINISHED, FAILED on an error, KILLED on SIGINT/SIGTERM
+    (:class:`~lcsc_ops.interrupts.Interrupted` says what was ended; ``others_done`` waits for
+    this command's other workers first). ``stop_below`` ends the search early (every worker's).
+    With ``cfg.workers > 1`` the other local workers run as processes.
     ``progress`` shows the stages (default: plain lines through ``log``; every worker's are plain);
     ``cfg.quiet`` silences both. ``watchdog`` (the CLI's choice) starts a process that cleans
     up after this one if it is killed (:mod:`lcsc_ops.pipeline.watchdog`)."""
@@ -475,15 +496,25 @@ def run_optimize(cfg: OptimizeConfig, *, log: Log = print, cache_dir: Path | Non
         cfg.validate()
         return run_workers(cfg, run_optimize, log=log, cache_dir=cache_dir, stop_below=stop_below,
                            watchdog=watchdog)
-    job = prepare(cfg, log, cache_dir, progress)
-    search, base = open_search(job)
-    if watchdog:
-        from lcsc_ops.pipeline import watchdog as dog
-
-        dog.start(search.study.name, search.storage, search.run.run_id, job.tracking_uri)
+    stage = "fetching the checkpoints"
+    try:  # SIGINT/SIGTERM: lcsc_ops.interrupts; each stage ends what it holds (pipeline/stopping.py)
+        job = prepare(cfg, log, cache_dir, progress)
+        stage = "scoring the baselines"
+        search, base = open_search(job)
+    except KeyboardInterrupt as exc:
+        raise stopping.before_search(exc, stage) from None
+    stage = "the search"
     try:
+        if watchdog:
+            from lcsc_ops.pipeline import watchdog as dog
+
+            dog.start(search.study.name, search.storage, search.run.run_id, job.tracking_uri)
         with search.study.worker_heartbeat():
-            report = conclude(job, search, base, run_search(job, search, stop_below))
+            seconds = run_search(job, search, stop_below)
+            stage = "the final evaluation"
+            report = conclude(job, search, base, seconds)
+    except KeyboardInterrupt as exc:
+        raise stopping.after_search_began(exc, search, cfg.n_trials, stage, others_done) from None
     except BaseException:
         search.run.end("FAILED")
         raise

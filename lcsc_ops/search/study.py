@@ -10,18 +10,19 @@ import contextlib
 import os
 import socket
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import optuna
 from optuna.trial import TrialState
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.encoding import AffineEncoding
+from lcsc_ops.quiet import verbose
 from lcsc_ops.records import TrialRecord
 from lcsc_ops.search.storage import check_storage, is_journal_path, make_storage, storage_error
 from lcsc_ops.search.strategies import make_strategy
-from lcsc_ops.search.trials import (START_ATTR, NonFiniteScore, RungPruner, Rungs, add_start_trial, completed, pruned,
-                                    run_trials, searched)
+from lcsc_ops.search.trials import (INTERRUPTED_ATTR, START_ATTR, NonFiniteScore, RungPruner, Rungs, add_start_trial,
+                                    completed, pruned, run_trials, searched)
 from lcsc_ops.search.workers import GRACE_PERIOD_S, WORKER_TRIAL_ATTR, Beat, fail_stale_trials, once, worker_id
 
 WORKER_ATTR = "lcsc.worker."
@@ -40,12 +41,13 @@ class SearchStudy:
 
     def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
         self._study, self._storage = study, storage
+        self.interrupted_trials: list[int] = []  # this worker's trials a signal ended FAILED
 
     @classmethod
     def open(cls, name: str, storage: str, *, prune: bool = False) -> "SearchStudy":
         """Create or load study ``name`` in ``storage`` (minimising; the rung pruner with ``prune``).
         Several workers may open the same study at once."""
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(optuna.logging.WARNING if verbose() else optuna.logging.ERROR)
         try:
             backend = make_storage(storage)
             study = optuna.create_study(study_name=name, storage=backend,
@@ -95,21 +97,51 @@ class SearchStudy:
 
     def run(self, encoding: AffineEncoding, score: Callable[[list[float]], float], n_trials: int,
             on_trial: Callable[[TrialRecord], None] | None = None, rungs: Rungs | None = None,
-            stop_below: float | None = None) -> int:
+            stop_below: float | None = None, on_wait: Callable[[int], None] | None = None) -> int:
         """Run trials until ``n_trials`` searched ones are finished (by this and any other worker),
-        or one scores below ``stop_below``; returns how many this process finished."""
+        or one (of any worker) scores below ``stop_below``; returns how many this process finished.
+        ``on_wait(n)``: the budget is claimed, this worker waits for ``n`` running trials.
+        On SIGINT/SIGTERM this worker's trials in flight end FAILED (:attr:`interrupted_trials`)."""
         callbacks = [lambda study, trial: on_trial(record(trial))] if on_trial is not None else []
         stop = None if stop_below is None else (lambda t: t.value is not None and t.value < stop_below)
         try:
             return run_trials(self._study, encoding, score, n_trials, callbacks, rungs=rungs, storage=self._storage,
-                              should_stop=stop)
+                              should_stop=stop, on_wait=on_wait)
         except NonFiniteScore as exc:
             raise LcscError(f"search stopped: {exc}; check the checkpoints and the evaluator") from None
+        except KeyboardInterrupt:
+            self.interrupted_trials = self._end_own_trials()
+            raise
 
-    def worker_heartbeat(self) -> contextlib.AbstractContextManager:
-        """Keep study attribute ``lcsc.worker.<host>-<pid>`` fresh while this worker runs."""
+    def _end_own_trials(self) -> list[int]:
+        """FAIL this worker's trials still RUNNING (a signal between Optuna's ask and tell); returns
+        them and the trial the signal stopped (Optuna FAILed it), by number."""
+        me, ended = worker_id(), []
+        study_id = self._storage.get_study_id_from_name(self.name)
+        for t in self._study.get_trials(deepcopy=False):
+            if t.user_attrs.get(WORKER_TRIAL_ATTR) != me:
+                continue
+            if t.state == TrialState.RUNNING:
+                trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    self._storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
+                    self._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                ended.append(t.number)
+            elif t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR):
+                ended.append(t.number)
+        return ended
+
+    @contextlib.contextmanager
+    def worker_heartbeat(self) -> Iterator[None]:
+        """Keep study attribute ``lcsc.worker.<host>-<pid>`` fresh while this worker runs; cleared
+        when it stops (finished, failed or interrupted), so the others know it is gone at once."""
         key = f"{WORKER_ATTR}{worker_id()}"
-        return Beat(lambda: self._study.set_user_attr(key, time.time()))
+        try:
+            with Beat(lambda: self._study.set_user_attr(key, time.time())):
+                yield
+        finally:
+            with contextlib.suppress(Exception):  # a store gone away: the beat just grows old
+                self._study.set_user_attr(key, 0.0)
 
     def other_live_workers(self) -> list[str]:
         """Live workers other than this process."""

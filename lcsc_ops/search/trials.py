@@ -7,6 +7,7 @@ same count. Pruned trials teach the strategies nothing (see :mod:`.strategies`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from typing import Callable, Iterator, Sequence
@@ -106,6 +107,24 @@ class Rungs:
 
 NONFINITE_ATTR = "lcsc.nonfinite"
 SURPLUS_ATTR = "lcsc.surplus"
+INTERRUPTED_ATTR = "lcsc.interrupted"
+
+
+class _OwnFailures(logging.Filter):
+    """Optuna logs every FAILed trial with all its parameters and a traceback. A surplus trial and
+    one stopped by SIGINT/SIGTERM are ours to say, once and in one line: their records go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        words = record.getMessage().split(maxsplit=2)
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (SurplusTrial, KeyboardInterrupt)) and len(words) > 1:
+            self.numbers.add(words[1])
+            return False
+        return not (len(words) > 2 and words[1] in self.numbers and words[2].startswith("failed with value"))
 
 
 class NonFiniteScore(Exception):
@@ -116,10 +135,14 @@ class SurplusTrial(Exception):
     """Another worker already claimed the last trial of the budget: this one FAILs unscored."""
 
 
+optuna.logging.get_logger("optuna.study._optimize").addFilter(_OwnFailures())
+
+
 def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[list[float]], float],
                n_trials: int, callbacks: Sequence[Callable] = (), *, rungs: Rungs | None = None,
                storage: optuna.storages.BaseStorage | None = None,
-               should_stop: Callable[[optuna.trial.FrozenTrial], bool] | None = None) -> int:
+               should_stop: Callable[[optuna.trial.FrozenTrial], bool] | None = None,
+               on_wait: Callable[[int], None] | None = None) -> int:
     """Run trials until the study holds ``n_trials`` finished (complete or pruned) ones, not
     counting a start trial (:func:`add_start_trial`); returns how many this process finished.
 
@@ -127,13 +150,15 @@ def run_trials(study: optuna.Study, encoding: AffineEncoding, score: Callable[[l
     coefficients that sum to exactly 1 (stored as the trial's ``coefficients``) and returns
     ``score(coefficients)``; with ``rungs`` it reports each rung's score and asks the pruner.
     Any number of processes may run this on one study: a trial claims its place in the
-    budget before it is scored (a surplus one FAILs at once), a trial scoring NaN or inf
+    budget before it is scored (a surplus one, asked in the same instant as another worker's
+    last, FAILs at once), a trial scoring NaN or inf
     FAILs and is replaced (up to ``n_trials`` in a row), and a trial left RUNNING by a dead
     worker is FAILed after the grace period (``storage``: see :mod:`.workers`) and replaced.
-    ``should_stop(trial)`` ends this process's search after a trial.
+    ``should_stop(trial)`` ends the search after a trial (of any worker). A worker that finds
+    the budget claimed by running trials waits for them, calling ``on_wait(n_running)``.
     """
     runner = TrialRunner(study, encoding, score, n_trials, rungs, storage)
-    runner.should_stop = should_stop
+    runner.should_stop, runner.on_wait = should_stop, on_wait
     return runner.run(callbacks)
 
 
@@ -147,30 +172,46 @@ class TrialRunner:
         self.mine: list[int] = []
         self.stopped = False
         self.should_stop: Callable[[optuna.trial.FrozenTrial], bool] | None = None
+        self.on_wait: Callable[[int], None] | None = None  # called with the number of running trials
 
     def run(self, callbacks: Sequence[Callable]) -> int:
         from lcsc_ops.search.workers import fail_stale_trials
 
-        failures = 0
+        failures, waited = 0, 0.0
         callbacks = [*callbacks, self._watch_stop]
-        while not self.stopped:
+        while not self.stopped and not self._stop_now():
             if self.storage is not None:
                 fail_stale_trials(self.study, self.storage)
             # Other workers' running trials hold their places: claim only what is left, else wait.
-            remaining = self.n_trials - len(budgeted(self.study)) - len(running(self.study))
-            if remaining <= 0:
-                if not running(self.study):
+            others = running(self.study)
+            if self.n_trials - len(budgeted(self.study)) - len(others) <= 0:
+                if not others:
                     break
-                time.sleep(1.0)  # another worker's trials may still fail and reopen the budget
+                waited = self._wait(len(others), waited)
                 continue
+            waited = 0.0
             start = len(self.mine)
-            self.study.optimize(self._objective, n_trials=remaining, callbacks=callbacks, gc_after_trial=False,
+            # One trial per call: the budget is asked again before each (no run of surplus trials).
+            self.study.optimize(self._objective, n_trials=1, callbacks=callbacks, gc_after_trial=False,
                                 catch=(NonFiniteScore, SurplusTrial))
             bad = sum(NONFINITE_ATTR in t.user_attrs for t in self._own(start))
             failures = failures + bad if bad == len(self.mine) - start else bad
             if failures >= self.n_trials:
                 raise NonFiniteScore(f"the last {failures} trials all scored NaN or inf")
         return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in self._own(0))
+
+    def _wait(self, n: int, waited: float) -> float:
+        """The budget is claimed: wait (0.5 s, doubling to 8 s) for the running trials to finish,
+        or to fail and reopen a place; returns the next wait."""
+        if self.on_wait is not None:
+            self.on_wait(n)
+        delay = min(8.0, max(0.5, 2 * waited))
+        time.sleep(delay)
+        return delay
+
+    def _stop_now(self) -> bool:
+        """``should_stop`` met by a trial any worker finished (one worker's early stop ends them all)."""
+        return self.should_stop is not None and any(self.should_stop(t) for t in searched(self.study))
 
     def _own(self, start: int) -> list[optuna.trial.FrozenTrial]:
         numbers = set(self.mine[start:])
@@ -191,8 +232,12 @@ class TrialRunner:
         if not self._claimed(trial.number):
             trial.set_user_attr(SURPLUS_ATTR, True)
             raise SurplusTrial(f"trial {trial.number} is beyond the budget of {self.n_trials}")
-        with self._heartbeat(trial.number):
-            value = self.score(coeffs) if self.rungs is None else _rung_scores(trial, coeffs, self.rungs)
+        try:
+            with self._heartbeat(trial.number):
+                value = self.score(coeffs) if self.rungs is None else _rung_scores(trial, coeffs, self.rungs)
+        except KeyboardInterrupt:  # SIGINT/SIGTERM: Optuna FAILs the trial; it does not count
+            trial.set_user_attr(INTERRUPTED_ATTR, True)
+            raise
         if not math.isfinite(value):
             trial.set_user_attr(NONFINITE_ATTR, repr(value))
             raise NonFiniteScore(f"trial {trial.number} scored {value}")

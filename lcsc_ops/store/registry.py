@@ -1,13 +1,15 @@
 """The MLflow model registry: register a merge with its lineage, find it again, move aliases."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.quiet import verbose
 
 def model_requirements(model: torch.nn.Module) -> list[str]:
     """pip requirements to unpickle ``model``: torch, safetensors, and the installed distribution
@@ -71,8 +73,23 @@ def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any]
         else:
             os.environ["MLFLOW_EXPERIMENT_ID"] = saved
     # The version is created with its lineage tags in one call: a crash cannot leave an untagged version.
-    version = mlflow.register_model(info.model_uri, name, tags=dict(tags)).version
+    with _quiet_registration():
+        version = mlflow.register_model(info.model_uri, name, tags=dict(tags)).version
     return str(version)
+
+
+@contextlib.contextmanager
+def _quiet_registration() -> Iterator[None]:
+    """Without MLflow's "Successfully registered model" and "Created version" lines (printed, not
+    logged): the caller says it once. Kept with ``--verbose`` (:mod:`lcsc_ops.quiet`)."""
+    from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM
+
+    was = MLFLOW_LOGGING_STREAM.enabled
+    MLFLOW_LOGGING_STREAM.enabled = was and verbose()
+    try:
+        yield
+    finally:
+        MLFLOW_LOGGING_STREAM.enabled = was
 
 
 def find_version(name: str, run_id: str, match: Mapping[str, str], *, tracking_uri: str | None = None) -> str | None:
