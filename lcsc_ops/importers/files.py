@@ -26,7 +26,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.interrupts import interrupted
+from lcsc_ops.layouts import check_model_size, spec_layout, state_bytes
 from lcsc_ops.spec import ModelSpec
 from lcsc_ops.checkpoints import CHECKPOINT_DIR, KINDS, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT, checkpoint_filename, sha256_file, write_checkpoint
 
@@ -289,23 +290,41 @@ def plan_import(folders: list[tuple[Path, str]], *, spec: ModelSpec, step_patter
                 partial: bool) -> list[PlannedFile]:
     """Read every file's layout and step and check them all; the files to import, by kind then step."""
     pattern = compile_step_pattern(step_pattern)
-    model = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
+    files = [(path, kind, *read_checkpoint(path, kind=kind, allow_pickle=allow_pickle, layout_only=True))
+             for folder, kind in folders for path in find_checkpoints(folder)]
+    model = model_shapes(spec, [(path, layout) for path, _, layout, _ in files], partial=partial)
     planned: list[PlannedFile] = []
     seen: dict[tuple[str, int], Path] = {}
     first: tuple[str, Layout] | None = None
-    for folder, kind in folders:
-        for path in find_checkpoints(folder):
-            layout, meta = read_checkpoint(path, kind=kind, allow_pickle=allow_pickle, layout_only=True)
-            check_layout(path.name, layout, model, first, partial=partial)
-            first = first or (path.name, layout)
-            step = step_of(path, meta, pattern)
-            if (kind, step) in seen:
-                raise LcscError(f"duplicate step {step} ({kind}): {seen[kind, step].name} and {path.name}")
-            seen[kind, step] = path
-            planned.append(PlannedFile(path, kind, step))
+    for path, kind, layout, meta in files:
+        check_layout(path.name, layout, model, first, partial=partial)
+        first = first or (path.name, layout)
+        step = step_of(path, meta, pattern)
+        if (kind, step) in seen:
+            raise LcscError(f"duplicate step {step} ({kind}): {seen[kind, step].name} and {path.name}")
+        seen[kind, step] = path
+        planned.append(PlannedFile(path, kind, step))
     for p in planned:
         check_finite(p, allow_pickle)
     return sorted(planned, key=lambda p: (KINDS.index(p.kind), p.step))
+
+
+def model_shapes(spec: ModelSpec, files: Sequence[tuple[Path, Layout]], *, partial: bool
+                 ) -> dict[str, tuple[int, ...]]:
+    """The shapes of the spec's model, built on the meta device and refused (one line, both sizes)
+    when its state, at the files' dtypes, is far larger than the largest file; with ``partial``
+    only the tensors the files hold count (the rest is the factory's own base). A factory that
+    cannot build on the meta device is built for real."""
+    built = spec_layout(spec)
+    if built is None:
+        return {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
+    model, counts = built
+    if files:
+        stored = {k: d.itemsize for k, (_, d) in files[0][1].items() if isinstance(d, torch.dtype)}
+        only = set(files[0][1]) if partial else None
+        check_model_size(state_bytes(model, counts, only=only), state_bytes(model, counts, stored, only),
+                         max(path.stat().st_size for path, _ in files), f"model spec {spec.factory!r}")
+    return {k: shape for k, (shape, _) in model.items()}
 
 
 def build_model(spec: ModelSpec) -> torch.nn.Module:

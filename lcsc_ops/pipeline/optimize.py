@@ -25,7 +25,7 @@ from lcsc_ops.math.encoding import AffineEncoding, partition_by_kind
 from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, embed
 from lcsc_ops.pipeline.candidates import (Candidate, average_coefficients, baselines,
                                           centre_in_basis, finite_baselines, merged_state, restrict)
-from lcsc_ops.pipeline.checks import drop_nonfinite
+from lcsc_ops.pipeline.checks import checked_window
 from lcsc_ops.pipeline.config import BASIS_KINDS, OptimizeConfig
 from lcsc_ops.pipeline import stopping
 from lcsc_ops.pipeline.progress import PlainProgress, Progress, SilentProgress
@@ -105,7 +105,7 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None, progre
     source = fetch.get_run_or_fail(cfg.run_id, uri)
     SearchStudy.check_storage(cfg.storage or default_storage(uri))  # a database that refuses us: before any download
     trust = Trust(factory=tuple(cfg.trust_factory), remote_code=cfg.trust_remote_code)
-    window = drop_nonfinite(fetch.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
+    window = checked_window(fetch.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
                                                tracking_uri=uri, cache_dir=cache_dir, trust=trust), log)
     spec = window.spec if cfg.nfe is None else window.spec.with_sampler(steps=cfg.nfe)
     if cfg.guidance is not None:
