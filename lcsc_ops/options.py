@@ -30,6 +30,17 @@ def parse_fractions(text: str) -> tuple[float, ...]:
         raise LcscError(f"expected comma-separated fractions like 0.25,0.5, got {text!r}") from None
 
 
+def parse_image_shape(text: str) -> tuple[int, ...]:
+    """``--image-shape``: C,H,W of one sample, positive integers like ``1,8,8``."""
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise LcscError(f"--image-shape must be positive integers like 1,8,8, got {text!r}")
+    return shape
+
+
 def parse_json_object(text: str | None, what: str = "factory kwargs") -> dict[str, Any]:
     """A JSON object given on the command line (``--factory-kwargs``, ``--cm-settings``)."""
     if not text:

@@ -375,3 +375,20 @@ class Trust:
         self.check(spec.factory, origin=spec.origin)
         self.check_dataset(spec.dataset, origin=spec.origin)
         return dataclasses.replace(spec, origin=None)
+
+
+# The model-spec options' defaults (lcsc-ops import, and optimize of a run that records no spec).
+SPEC_DEFAULTS = {"sampler_steps": 10, "dataset": "digits", "image_shape": (1, 8, 8)}
+
+
+def spec_from_options(factory: str, kwargs: Mapping[str, Any] | None = None, *, sampler_steps: int | None = None,
+                      dataset: str | None = None, image_shape: tuple[int, ...] | None = None,
+                      conditioning: Mapping[str, Any] | None = None) -> ModelSpec:
+    """The model spec the command line describes (``--factory``, ``--factory-kwargs``, ``--sampler-steps``,
+    ``--dataset``, ``--image-shape``, ``--conditioning``): DDIM, the digits and (1, 8, 8) unless
+    told otherwise. The user's own words: trusted (no origin)."""
+    steps = SPEC_DEFAULTS["sampler_steps"] if sampler_steps is None else sampler_steps
+    return ModelSpec(factory=factory, kwargs=dict(kwargs or {}), sampler={"name": "ddim", "steps": steps},
+                     dataset=SPEC_DEFAULTS["dataset"] if dataset is None else dataset,
+                     image_shape=tuple(image_shape or SPEC_DEFAULTS["image_shape"]),
+                     conditioning=dict(conditioning) if conditioning else None)

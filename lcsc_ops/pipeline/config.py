@@ -12,13 +12,16 @@ from typing import Any
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.evaluation.precision import PRECISIONS
-from lcsc_ops.options import check_positive, option, parse_fractions
+from lcsc_ops.options import check_positive, option, parse_fractions, parse_image_shape, parse_json_object
 from lcsc_ops.spec import check_module_prefixes, parse_module_prefixes
 
 # A metric name becomes part of MLflow metric keys (search_<name>.<method>) and tags: no dots.
 METRIC_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,63}")
 BASIS_KINDS = {"raw": ("raw",), "ema": ("ema",), "both": ("raw", "ema")}
 BASIS, SEARCH, EVAL, MLFLOW, TRUST, WORKERS = "Basis", "Search", "Evaluation", "MLflow", "Trust", "Workers"
+SOURCE = "Runs of other tools"
+SOURCE_FIELDS = ("factory", "factory_kwargs", "sampler_steps", "dataset", "image_shape", "conditioning", "key_prefix",
+                 "layout")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,26 @@ class OptimizeConfig:
                                             panel=TRUST, parse=lambda t: parse_module_prefixes(t, ""))
     trust_remote_code: bool = option(False, "Build whatever model factory the run's spec names (runs code chosen "
                                             "by whoever can write to the tracking store).", panel=TRUST)
+    allow_pickle: bool = option(False, "Fully unpickle checkpoint files that need it, e.g. a .ckpt whose "
+                                       "hyper-parameters are objects (runs code from the file: only for runs you "
+                                       "trust).", panel=TRUST)
+    factory: str | None = option(None, "A run another tool logged (Lightning, ...) records no model spec: the model "
+                                       "factory 'module:callable' that rebuilds its network, as for lcsc-ops import "
+                                       "(docs/runs-you-have.md).", panel=SOURCE)
+    factory_kwargs: dict = option(help="With --factory: its kwargs as JSON.", panel=SOURCE, parse=parse_json_object,
+                                  default_factory=dict)
+    sampler_steps: int | None = option(None, "With --factory: DDIM sampling steps (default 10).", panel=SOURCE)
+    dataset: str | None = option(None, "With --factory: reference data set for FID (default digits).", panel=SOURCE)
+    image_shape: tuple[int, ...] | None = option(None, "With --factory: C,H,W of one sample (default 1,8,8).",
+                                                 panel=SOURCE, parse=parse_image_shape)
+    conditioning: dict = option(help="With --factory: a class-conditional model, JSON of num_classes, null_label, "
+                                     "guidance, label_keyword.", panel=SOURCE,
+                                parse=lambda t: parse_json_object(t, "--conditioning"), default_factory=dict)
+    key_prefix: str | None = option(None, "The prefix of the weights' keys in the run's files, e.g. 'net.' "
+                                          "(default: the one prefix that maps them onto the factory's model).",
+                                    panel=SOURCE)
+    layout: str | None = option(None, "Read the run as this layout: lcsc, lightning, ... (default: detected).",
+                                panel=SOURCE)
     quiet: bool = option(False, "No progress bars or lines and no log lines on stderr: only the result "
                                 "(stdout) and errors. Not part of the run's params.")
     tracking_uri: str | None = option(None, cli=False)
@@ -109,6 +132,9 @@ class OptimizeConfig:
             key["search_precision"] = self.search_precision
         for name in ("metric_name", "evaluator_version", "guidance"):  # absent when unset, for the same reason
             if getattr(self, name) is not None:
+                key[name] = getattr(self, name)
+        for name in SOURCE_FIELDS:  # a run another tool logged: the spec and reading given here
+            if getattr(self, name) not in (None, {}):
                 key[name] = getattr(self, name)
         return key
 
@@ -134,6 +160,11 @@ class OptimizeConfig:
         if self.storage:
             check_storage(self.storage)
         self._validate_evaluators()
+        if self.factory is None:
+            given = [f"--{n.replace('_', '-')}" for n in SOURCE_FIELDS[1:6] if getattr(self, n) not in (None, {})]
+            if given:
+                raise LcscError(f"{', '.join(given)} describe the model of a run that records no model spec: "
+                                f"give --factory too")
         if self.nfe is not None and self.evaluator:
             raise LcscError("--nfe applies to the built-in FID only; a custom evaluator samples by itself")
         if self.guidance is not None:

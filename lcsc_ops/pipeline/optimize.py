@@ -36,7 +36,7 @@ from lcsc_ops.search.evolution import seed_points_from_profiles
 from lcsc_ops.search.storage import default_storage, study_name
 from lcsc_ops.search.study import SearchStudy
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.store import fetch
+from lcsc_ops.store import sources, tracking
 from lcsc_ops.store.registry import find_version, register_model, to_json_tag
 from lcsc_ops.store.runs import OptimizeRun, TrialRunLogger
 
@@ -100,13 +100,14 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None, progre
     from lcsc_ops.spec import Trust
 
     cfg.validate()
-    uri = fetch.resolve_tracking_uri(cfg.tracking_uri)
+    uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
     cache_dir = cache_dir or default_cache_dir()
-    source = fetch.get_run_or_fail(cfg.run_id, uri)
+    source = tracking.get_run_or_fail(cfg.run_id, uri)
     SearchStudy.check_storage(cfg.storage or default_storage(uri))  # a database that refuses us: before any download
     trust = Trust(factory=tuple(cfg.trust_factory), remote_code=cfg.trust_remote_code)
-    window = checked_window(fetch.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
-                                               tracking_uri=uri, cache_dir=cache_dir, trust=trust), log)
+    window = checked_window(sources.fetch_window(cfg.run_id, window=cfg.window, end_step=cfg.end_step,
+                                                 tracking_uri=uri, cache_dir=cache_dir, trust=trust,
+                                                 options=source_options(cfg, log)), log)
     spec = window.spec if cfg.nfe is None else window.spec.with_sampler(steps=cfg.nfe)
     if cfg.guidance is not None:
         if spec.conditioning is None:
@@ -136,6 +137,19 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None, progre
             "the final evaluation and the registered model in full precision")
     return Job(cfg, log, uri, source, window, spec, basis, evaluators, scorer, cache,
                progress if progress is not None else PlainProgress(log))
+
+
+def source_options(cfg: OptimizeConfig, log: Log) -> sources.SourceOptions:
+    """What the options say about the source run: for a run another tool logged (no model spec of
+    its own), the spec from --factory and friends, the key prefix, the layout; the pickle option."""
+    from lcsc_ops.spec import spec_from_options
+
+    spec = None
+    if cfg.factory is not None:
+        spec = spec_from_options(cfg.factory, cfg.factory_kwargs, sampler_steps=cfg.sampler_steps, dataset=cfg.dataset,
+                                 image_shape=cfg.image_shape, conditioning=cfg.conditioning)
+    return sources.SourceOptions(spec=spec, key_prefix=cfg.key_prefix, allow_pickle=cfg.allow_pickle,
+                                 layout=cfg.layout, log=log)
 
 
 def score_baselines(job: Job) -> list[Candidate]:
@@ -397,6 +411,11 @@ def lineage_tags(cfg: OptimizeConfig, report: dict[str, Any], winner: Candidate,
         "lcsc.checkpoints": to_json_tag([e.file for e in entries]),
         "lcsc.coefficients": to_json_tag([float(c) for c in winner.coeffs]),
         "lcsc.checkpoint_sha256": to_json_tag([e.sha256 for e in entries]),
+        "lcsc.source_layout": report.get("source", {}).get("layout", "lcsc"),
+        # each merged checkpoint's artifact in the source run and that artifact's sha256 (a foreign
+        # file was converted: its own hash, not the converted file's)
+        "lcsc.source_artifacts": to_json_tag([[e.source or f"checkpoints/{e.file}", e.source_sha256 or e.sha256]
+                                              for e in entries]),
         f"lcsc.search_{m}": repr(winner.search_fid),
         f"lcsc.final_{m}": repr(methods[winner.name]["final_mean"]),
         f"lcsc.baseline_{m}s": to_json_tag({n: r["final_mean"] for n, r in methods.items() if r["kind"] == "baseline"}),

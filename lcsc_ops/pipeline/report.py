@@ -27,6 +27,15 @@ def seeds_used(cfg: Any) -> dict[str, list[int]]:
     return {"search": list(range(cfg.search_seeds)), "final": [FINAL_SEED_BASE + i for i in range(cfg.final_seeds)]}
 
 
+def source_of(cfg: Any, window: Any) -> dict[str, Any]:
+    """How the source run was read: its layout and, for a run that records no model spec (another
+    tool's), the spec and key prefix the options gave, so ``lcsc-ops report`` reads it again."""
+    source: dict[str, Any] = {"layout": getattr(window, "layout", "lcsc")}
+    if getattr(cfg, "factory", None) is not None:
+        source.update(spec=window.spec.to_dict(), key_prefix=cfg.key_prefix)
+    return source
+
+
 def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequence[Candidate], centre: Candidate,
                  *, metric: str, search_seconds: float, trials: int, study: str, storage: str,
                  parent_run_id: str, default_nfe: int | None = None, second_metric: str | None = None,
@@ -50,6 +59,7 @@ def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequen
                     and best_lcsc.second_mean > strongest.second_mean)
     report = {
         "source_run_id": cfg.run_id, "parent_run_id": parent_run_id, "metric": metric,
+        "source": source_of(cfg, window),
         "window_steps": list(window.steps), "basis": cfg.basis, "strategy": cfg.strategy,
         "trials": trials, "search_seconds": search_seconds, "study": study, "storage": storage,
         "search_samples": cfg.search_samples, "search_seeds": cfg.search_seeds,
@@ -227,6 +237,8 @@ class ReportConfig:
                                                 "LCSC_OPS_TRUST_FACTORY).",
                                             parse=lambda t: parse_module_prefixes(t, ""))
     trust_remote_code: bool = option(False, "Build whatever model factory the source run's spec names.")
+    allow_pickle: bool = option(False, "Fully unpickle the source run's checkpoint files that need it (as for "
+                                       "optimize; runs code from the files).")
     tracking_uri: str | None = option(None, cli=False)
 
 
@@ -538,12 +550,27 @@ def check_results(results: dict[str, Any], run_id: str) -> None:
             raise LcscError(f"{where}: method {name} needs as many numeric coefficients as checkpoints")
 
 
+def _source_options(results: dict[str, Any], trust: Any, cfg: ReportConfig, log: Callable[[str], None]) -> Any:
+    """How the optimization read its source run (``results["source"]``): the same layout, and for a run
+    that records no spec the one the optimization used (read from the store: vouched for by ``trust``)."""
+    from lcsc_ops.spec import ModelSpec
+    from lcsc_ops.store.sources import SourceOptions
+
+    source = results.get("source") if isinstance(results.get("source"), dict) else {}
+    spec = source.get("spec")
+    if spec is not None:
+        spec = trust.vouch(ModelSpec.from_dict(spec, origin=f"optimize run {cfg.run_id}"))
+    prefix = source.get("key_prefix")
+    return SourceOptions(spec=spec, key_prefix=prefix if isinstance(prefix, str) else None,
+                         allow_pickle=cfg.allow_pickle, layout=source.get("layout"), log=log)
+
+
 def run_report(cfg: ReportConfig, log: Callable[[str], None]) -> dict[str, Any]:
     """``lcsc-ops report``: rebuild the report of a finished optimization from its results.json, its
     trials' child runs and the source run's checkpoints (fetched and verified under ``cfg``'s trust)."""
     from lcsc_ops.evaluation.evaluators import resolve_device
     from lcsc_ops.spec import Trust
-    from lcsc_ops.store import fetch, reports
+    from lcsc_ops.store import fetch, reports, sources
 
     if cfg.samples < 1:
         raise LcscError(f"--samples must be >= 1, got {cfg.samples}")
@@ -555,8 +582,8 @@ def run_report(cfg: ReportConfig, log: Callable[[str], None]) -> dict[str, Any]:
     results = reports.load_results(cfg.run_id, uri)
     check_results(results, cfg.run_id)
     steps = results["window_steps"]
-    window = fetch.fetch_window(results["source_run_id"], window=len(steps), end_step=steps[-1], tracking_uri=uri,
-                                trust=trust)
+    window = sources.fetch_window(results["source_run_id"], window=len(steps), end_step=steps[-1], tracking_uri=uri,
+                                  trust=trust, options=_source_options(results, trust, cfg, log))
     if list(window.steps) != steps:
         raise LcscError(f"run {results['source_run_id']}'s checkpoints no longer match the optimization's window "
                         f"(steps {steps[0]}..{steps[-1]})")
