@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import statistics
 import sys
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 from lcsc_ops.cli import app
 from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec, Trust
+from lcsc_ops.store.reports import load_results
 from tests.conftest import tiny_optimize_config
 from tests.test_trust import _crafted_run, _one_line_error, _optimize, _spec_dict, cache  # noqa: F401
 
@@ -236,6 +238,25 @@ def _mlp_config(store, run_id, **overrides):
     return tiny_optimize_config(run_id, store, **{**settings, **overrides})
 
 
+def _check_seed_split(results):
+    """results.json: the choice made on the selection seeds' scores, Δ from the test seeds' scores only."""
+    from lcsc_ops.pipeline.candidates import paired
+
+    m, seeds = results["methods"], results["seeds"]
+    assert seeds["selection"] and seeds["test"] and not set(seeds["selection"]) & set(seeds["test"])
+    assert not set(seeds["search"]) & set(seeds["selection"] + seeds["test"])
+    assert all(len(r["final"]) == len(seeds["test"]) and len(r["selection"]) == len(seeds["selection"])
+               for r in m.values())
+    base = {n: r for n, r in m.items() if r["kind"] == "baseline"}
+    assert results["strongest_baseline"] == min(base, key=lambda n: statistics.fmean(base[n]["selection"]))
+    assert results["winner"] == min(m, key=lambda n: statistics.fmean(m[n]["selection"]))
+    diff, se = paired(m[results["best_lcsc"]]["final"], m[results["strongest_baseline"]]["final"])
+    assert results["paired"]["diff_mean"] == pytest.approx(diff)
+    assert results["paired"]["diff_se"] == pytest.approx(se, nan_ok=True)
+    for r in m.values():
+        assert r["final_mean"] == pytest.approx(statistics.fmean(r["final"]))
+
+
 def test_a_non_image_model_is_optimized_with_a_custom_evaluator(store, mlp_run):
     from lcsc_ops.pipeline.optimize import run_optimize
     from lcsc_ops.pipeline.report import render_markdown
@@ -245,9 +266,10 @@ def test_a_non_image_model_is_optimized_with_a_custom_evaluator(store, mlp_run):
     _me().CALLS.clear()
     report = run_optimize(_mlp_config(store, mlp_run), log=lambda m: None)
     # 6. the seeds used, and the evaluator was called with exactly those
-    assert report["seeds"] == {"search": [0, 1], "final": [10_000, 10_001, 10_002]}
+    assert report["seeds"] == {"search": [0, 1], "selection": [10_003, 10_004], "test": [10_000, 10_001, 10_002]}
     assert {s for n, s in _calls("energy") if n == 5} == {0, 1}
-    assert {s for n, s in _calls("energy") if n == 7} == {10_000, 10_001, 10_002}
+    assert {s for n, s in _calls("energy") if n == 7} == {10_000, 10_001, 10_002, 10_003, 10_004}
+    _check_seed_split(load_results(report["parent_run_id"], store["uri"]))
     # 3. metric names follow the evaluator: "score" for a custom one
     parent = client.get_run(report["parent_run_id"])
     assert report["metric"] == "score"

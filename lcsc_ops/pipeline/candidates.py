@@ -2,7 +2,9 @@
 
 The protocol (LCSC paper, Sec. 4): every candidate is scored by the same evaluator on the
 same fixed noise; the strongest baseline becomes the centre of the search space; the best
-candidates and every baseline are re-evaluated on fresh seeds, paired across methods.
+candidates and every baseline are re-evaluated on fresh seeds, paired across methods. The fresh
+seeds are split: the strongest baseline and the winner are chosen on the selection seeds, every
+reported figure comes from the test seeds, which the choice never saw.
 """
 from __future__ import annotations
 
@@ -22,6 +24,13 @@ from lcsc_ops.math.profiles import ema_decay_grid, ema_profile, embed, one_hot, 
 FINAL_SEED_BASE = 10_000  # final seeds never overlap the search seeds (0, 1, ...)
 
 
+def fresh_seeds(test: int, selection: int) -> dict[str, list[int]]:
+    """The fresh seeds of the final evaluation: ``test`` seeds ``10000 + i`` (the reported figures),
+    then ``selection`` more (the choice of the strongest baseline and the winner); disjoint."""
+    return {"selection": [FINAL_SEED_BASE + test + i for i in range(selection)],
+            "test": [FINAL_SEED_BASE + i for i in range(test)]}
+
+
 @dataclass
 class Candidate:
     """A merge: coefficients over some entries of the window (indices into ``window.entries``)."""
@@ -32,7 +41,8 @@ class Candidate:
     kind: str  # "baseline" or "lcsc"
     search_fid: float | None = None
     note: str = ""
-    final: list[float] = field(default_factory=list)
+    final: list[float] = field(default_factory=list)  # per test seed
+    selection: list[float] = field(default_factory=list)  # per selection seed (the choice only)
     second: list[float] = field(default_factory=list)
     final_default_nfe: list[float] = field(default_factory=list)  # baselines at the spec's NFE and guidance scale
     class_accuracy: list[float] = field(default_factory=list)  # per class, mean over the final seeds (conditional)
@@ -56,6 +66,10 @@ class Candidate:
     def final_std(self) -> float:
         """Standard deviation across the final seeds (NaN if a score is not finite)."""
         return _stdev(self.final) if len(self.final) > 1 else 0.0
+
+    @property
+    def selection_mean(self) -> float:
+        return statistics.fmean(self.selection) if self.selection else math.nan
 
     @property
     def second_mean(self) -> float | None:
@@ -120,6 +134,15 @@ def average_coefficients(vectors: Sequence[Sequence[float]]) -> list[float]:
     """Mean of several coefficient vectors (still sums to 1): shrinks the winner's curse."""
     n = len(vectors)
     return quantise([sum(col) / n for col in zip(*vectors)])
+
+
+def choose(base: Sequence[Candidate], cands: Sequence[Candidate]) -> tuple[Candidate, Candidate, Candidate]:
+    """The strongest baseline, the best LCSC candidate and the winner (best of all), each by its
+    mean on the selection seeds only (a non-finite mean ranks last): the test seeds stay unseen."""
+    def key(c: Candidate) -> float:
+        return c.selection_mean if math.isfinite(c.selection_mean) else math.inf
+
+    return min(base, key=key), min(cands, key=key), min([*base, *cands], key=key)
 
 
 def paired(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:

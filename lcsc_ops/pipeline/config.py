@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.pipeline.candidates import FINAL_SEED_BASE
 from lcsc_ops.evaluation.precision import PRECISIONS
 from lcsc_ops.options import check_positive, option, parse_fractions, parse_image_shape, parse_json_object
 from lcsc_ops.spec import check_module_prefixes, parse_module_prefixes
@@ -53,7 +54,10 @@ class OptimizeConfig:
     search_samples: int = option(1000, "Samples per search evaluation.", panel=EVAL)
     search_seeds: int = option(1, "Fixed noise seeds averaged per search evaluation.", panel=EVAL)
     final_samples: int = option(2000, "Samples per final evaluation.", panel=EVAL)
-    final_seeds: int = option(5, "Fresh paired seeds for the final evaluation.", panel=EVAL)
+    final_seeds: int = option(5, "Fresh paired test seeds: every final figure (mean ± std, the paired "
+                                 "difference) comes from these only.", panel=EVAL)
+    selection_seeds: int = option(2, "More fresh paired seeds, disjoint from the test seeds, on which the "
+                                     "strongest baseline and the winner are chosen (never reported).", panel=EVAL)
     top_k: int = option(3, "Best trials re-evaluated (plus their average).", panel=EVAL)
     ema_grid: int = option(12, "Post-hoc EMA rates tried for the EMA* baseline.", panel=EVAL)
     nfe: int | None = option(None, "Sample with N function evaluations instead of the spec's.", panel=EVAL)
@@ -146,7 +150,10 @@ class OptimizeConfig:
         if self.basis not in BASIS_KINDS:
             raise LcscError(f"unknown basis {self.basis!r} (use raw, ema or both)")
         check_positive(self, ("workers", "window", "n_trials", "search_samples", "search_seeds", "final_samples", "final_seeds",
-                              "top_k", "ema_grid", "batch_size", "blocks", "nfe"))
+                              "selection_seeds", "top_k", "ema_grid", "batch_size", "blocks", "nfe"))
+        if self.search_seeds > FINAL_SEED_BASE:
+            raise LcscError(f"--search-seeds must be at most {FINAL_SEED_BASE} (the fresh final seeds start at "
+                            f"{FINAL_SEED_BASE}), got {self.search_seeds}")
         if not (math.isfinite(self.radius) and self.radius > 0):
             raise LcscError(f"--radius must be a finite number > 0, got {self.radius}")
         if self.max_stack_memory is not None and not (math.isfinite(self.max_stack_memory) and self.max_stack_memory > 0):

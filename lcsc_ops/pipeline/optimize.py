@@ -347,13 +347,14 @@ def pick_candidates(job: Job, search: Search) -> list[Candidate]:
 
 
 def final_evaluation(job: Job, cands: Sequence[Candidate]) -> None:
-    """Every candidate on the same fresh seeds (paired), never used in the search, in full precision.
-
-    With ``--nfe`` (``--guidance``) the baselines are also scored at the spec's default NFE
-    (guidance scale), the figure a merged model at fewer steps must match. A conditional
-    model's candidates also get the per-class accuracy of the classifier on their samples."""
+    """Every candidate on the same fresh seeds (paired), never used in the search, in full precision:
+    the test seeds (every reported figure) and the selection seeds (the choice of the strongest baseline
+    and the winner), from one merge. With ``--nfe`` (``--guidance``) the baselines are also scored at
+    the spec's default NFE (guidance scale), the figure a merged model at fewer steps must match; a
+    conditional model's candidates also get the classifier's per-class accuracy (test seeds only)."""
     cfg, ev = job.cfg, job.evaluators
-    seeds, n = seeds_used(cfg)["final"], cfg.final_samples
+    fresh, n = seeds_used(cfg), cfg.final_samples
+    seeds, k = [*fresh["test"], *fresh["selection"]], len(fresh["test"])
     job.scorer.full_precision()
     at_default = None
     if (cfg.nfe is not None and cfg.nfe != job.default_nfe) or \
@@ -363,13 +364,15 @@ def final_evaluation(job: Job, cands: Sequence[Candidate]) -> None:
     for c in cands:
         dense = c.dense(len(job.window.entries))
         if ev.second is not None:
-            c.final, c.second = job.scorer.per_seed_pair(dense, ev.main, ev.second, n, seeds)
+            scores, second = job.scorer.per_seed_pair(dense, ev.main, ev.second, n, seeds)
+            c.second = second[:k]
         else:
-            c.final = job.scorer.per_seed(dense, ev.main, n, seeds)
+            scores = job.scorer.per_seed(dense, ev.main, n, seeds)
+        c.final, c.selection = scores[:k], scores[k:]
         if at_default is not None and c.kind == "baseline":
-            c.final_default_nfe = job.scorer.per_seed(dense, at_default, n, seeds)
+            c.final_default_nfe = job.scorer.per_seed(dense, at_default, n, fresh["test"])
         if ev.classes is not None:
-            per_seed = job.scorer.per_seed_values(dense, ev.classes, n, seeds)
+            per_seed = job.scorer.per_seed_values(dense, ev.classes, n, fresh["test"])
             c.class_accuracy = [statistics.fmean(accs) for accs in zip(*per_seed)]
         job.progress.advance(status=f"{c.name} {c.final_mean:.3f} ± {c.final_std:.3f}")
 

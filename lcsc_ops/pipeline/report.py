@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.options import option
-from lcsc_ops.pipeline.candidates import FINAL_SEED_BASE, Candidate, merged_state, paired
+from lcsc_ops.pipeline.candidates import FINAL_SEED_BASE, Candidate, choose, fresh_seeds, merged_state, paired
 from lcsc_ops.pipeline.checks import check_window
 from lcsc_ops.spec import ModelSpec, parse_module_prefixes
 
@@ -22,9 +22,10 @@ BASELINE_ORDER = ("last", "training_ema", "ema_star", "uniform")
 
 
 def seeds_used(cfg: Any) -> dict[str, list[int]]:
-    """The noise seeds of an optimization: the fixed search seeds ``0..S-1`` (every candidate of the
-    search sees the same noise) and the fresh final seeds ``10000 + i``, never used in the search."""
-    return {"search": list(range(cfg.search_seeds)), "final": [FINAL_SEED_BASE + i for i in range(cfg.final_seeds)]}
+    """The noise seeds of an optimization, disjoint: the fixed search seeds ``0..S-1`` (every candidate
+    of the search sees the same noise), then fresh seeds never used in the search: the test seeds
+    ``10000 + i`` (every reported final figure) and the selection seeds after them (the choice only)."""
+    return {"search": list(range(cfg.search_seeds)), **fresh_seeds(cfg.final_seeds, cfg.selection_seeds)}
 
 
 def source_of(cfg: Any, window: Any) -> dict[str, Any]:
@@ -43,16 +44,15 @@ def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequen
                  no_classes: str | None = None) -> dict[str, Any]:
     """Everything the table, the JSON output and the lineage tags are made from.
 
-    The strongest baseline is the one with the best mean on the fresh final seeds (the bar
-    the merge must clear); the winner is the best of all candidates on those seeds, so a
-    search that fails to beat the baselines registers the best baseline instead and says so.
+    The strongest baseline (the bar the merge must clear) and the winner (the best of all, so a
+    search that fails to beat the baselines registers the best baseline instead and says so) are
+    chosen on the selection seeds; every mean ± std and the paired difference come from the test
+    seeds, which the choice never saw.
     ``second_metric`` names the second metric; without one, ``no_second`` says why. A conditional
     model (``default_guidance`` given) adds the guidance scales and each method's per-class
     accuracy (``no_classes``: why there is none).
     """
-    strongest = min(base, key=lambda c: c.final_mean)
-    best_lcsc = min(cands, key=lambda c: c.final_mean)
-    winner = min([*base, *cands], key=lambda c: c.final_mean)
+    strongest, best_lcsc, winner = choose(base, cands)
     diff, se = paired(best_lcsc.final, strongest.final)
     search_gain = best_lcsc.search_fid - strongest.search_fid
     second_worse = (best_lcsc.second_mean is not None and strongest.second_mean is not None
@@ -63,7 +63,8 @@ def build_report(cfg: Any, window: Any, base: Sequence[Candidate], cands: Sequen
         "window_steps": list(window.steps), "basis": cfg.basis, "strategy": cfg.strategy,
         "trials": trials, "search_seconds": search_seconds, "study": study, "storage": storage,
         "search_samples": cfg.search_samples, "search_seeds": cfg.search_seeds,
-        "final_samples": cfg.final_samples, "final_seeds": cfg.final_seeds, "seeds": seeds_used(cfg),
+        "final_samples": cfg.final_samples, "final_seeds": cfg.final_seeds,
+        "selection_seeds": cfg.selection_seeds, "seeds": seeds_used(cfg),
         "centre": centre.name, "strongest_baseline": strongest.name, "best_lcsc": best_lcsc.name,
         "winner": winner.name,
         "paired": {"diff_mean": diff, "diff_se": se,
@@ -112,7 +113,8 @@ def sampling_labels(report: dict[str, Any]) -> tuple[str, str] | None:
 
 def _method_row(c: Candidate, window: Any) -> dict[str, Any]:
     return {"kind": c.kind, "search_mean": c.search_fid, "final_mean": c.final_mean, "final_std": c.final_std,
-            "final": c.final, "second_metric_mean": c.second_mean, "note": c.note,
+            "final": c.final, "selection": c.selection, "selection_mean": c.selection_mean,
+            "second_metric_mean": c.second_mean, "note": c.note,
             "checkpoints": [window.entries[i].label for i in c.indices],
             "final_default_nfe_mean": statistics.fmean(c.final_default_nfe) if c.final_default_nfe else None,
             "coefficients": list(c.coeffs)}
@@ -184,10 +186,11 @@ def class_accuracy_cell(accs: Sequence[float] | None) -> str:
 def _caption(report: dict[str, Any]) -> str:
     p, n = report["paired"], report["final_seeds"]
     note, seeds = no_second_note(report), _seed_text(report)
-    return (f"final: {n} fresh paired seeds{f' ({seeds[2:]})' if seeds else ''} × {report['final_samples']} "
+    return (f"search {report['metric']}: {_seed_list(report, 'search')}. {_choice_text(report)} final: {n} "
+            f"fresh paired seeds{f' ({seeds[2:]})' if seeds else ''} × {report['final_samples']} "
             f"samples; ± = standard deviation across the {n} seeds. {report['best_lcsc']} − "
             f"{report['strongest_baseline']} = {_fmt(p['diff_mean'])} ± {_fmt(p['diff_se'])} (paired standard "
-            f"error over the same seeds); search gain {_fmt(report['winners_curse']['search_gain'])}"
+            f"error over the same test seeds); search gain {_fmt(report['winners_curse']['search_gain'])}"
             + ("; ⚠ worse than the strongest baseline on the second metric" if report["second_metric_worse"] else "")
             + (f". {note[0].upper() + note[1:]}." if note else ""))
 
@@ -357,12 +360,14 @@ def render_markdown(results: dict[str, Any]) -> str:
         if reduced:
             cells.insert(4, _cell(row.get("final_default_nfe_mean")))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"± after a final {m}: the standard deviation across the {n_final} final seeds "
+    star = "best mean on the selection seeds" if (results.get("seeds") or {}).get("selection") else "best final mean"
+    lines += ["", f"search {m}: {_seed_list(results, 'search')}. {_choice_text(results)} "
+                  f"± after a final {m}: the standard deviation across the {n_final} final seeds "
                   f"({results['final_samples']} samples each, fresh noise never used in the search"
                   f"{_seed_text(results)}). "
                   f"Δ: the mean of the per-seed differences to the strongest baseline ({strongest}) on the same "
                   f"seeds (paired), ± its standard error (std of the differences / √{n_final}); "
-                  "negative is better. ★: the winner (best final mean)."]
+                  f"negative is better. ★: the winner ({star})."]
     if results.get("second_metric_worse"):
         lines += ["", "⚠ the best LCSC merge is worse than the strongest baseline on the second metric."]
     note = no_second_note(results)
@@ -391,9 +396,34 @@ def _class_accuracy_lines(results: dict[str, Any], order: Sequence[str]) -> list
 
 
 def _seed_text(results: dict[str, Any]) -> str:
-    """``: seeds 10000–10004`` (the final seeds, from results.json's ``seeds``; "" for older reports)."""
-    final = (results.get("seeds") or {}).get("final") or []
-    return f": seeds {final[0]}–{final[-1]}" if len(final) > 1 else (f": seed {final[0]}" if final else "")
+    """``: seeds 10000–10004`` (the test seeds, from results.json's ``seeds``; an older report's
+    ``final`` seeds; "" for reports older still)."""
+    seeds = results.get("seeds") or {}
+    test = seeds.get("test", seeds.get("final")) or []
+    return f": {_seed_range(test)}" if test else ""
+
+
+def _seed_list(results: dict[str, Any], key: str) -> str:
+    seeds = (results.get("seeds") or {}).get(key)
+    return _seed_range(seeds) if seeds else "seeds not recorded"
+
+
+def _seed_range(seeds: Sequence[int]) -> str:
+    """``seeds 10000–10004`` for consecutive seeds, ``seed 7``, else ``seeds 1, 5, 9``."""
+    if len(seeds) == 1:
+        return f"seed {seeds[0]}"
+    if list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"seeds {seeds[0]}–{seeds[-1]}"
+    return "seeds " + ", ".join(map(str, seeds))
+
+
+def _choice_text(results: dict[str, Any]) -> str:
+    """Which seeds chose the strongest baseline and the winner (an older report: the final seeds)."""
+    selection = (results.get("seeds") or {}).get("selection")
+    if not selection:
+        return "The strongest baseline and the winner (★) were chosen on the same final seeds."
+    return (f"The strongest baseline and the winner (★) were chosen by their means on the selection "
+            f"{_seed_range(selection)} (never reported); every final figure comes from the test seeds.")
 
 
 def _summary(results: dict[str, Any]) -> str:
