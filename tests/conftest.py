@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Session fixtures of runs that Lightning, transformers and MLflow 3 logged (built once, on first use).
+pytest_plugins = ["tests.foreign_runs"]
+
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # In-process CLI calls would leave a watchdog per call waiting for pytest to exit; tests that
 # kill a real optimize process turn it back on (LCSC_OPS_WATCHDOG=1 in its environment).

@@ -47,6 +47,9 @@ __all__ = ["BUILTIN", "READERS", "Listing", "RunContext", "RunReader", "SourceEn
 BUILTIN = (
     "lcsc_ops.store.sources.lcsc:LcscReader",
     "lcsc_ops.store.sources.lightning:LightningReader",
+    "lcsc_ops.store.sources.autolog:AutologReader",
+    "lcsc_ops.store.sources.transformers:TransformersReader",
+    "lcsc_ops.store.sources.mlflow3:LoggedModelReader",
 )
 READERS: dict[str, RunReader] = {}
 

@@ -1,0 +1,108 @@
+"""MLflow 3 LoggedModels of a run, as the readers of the transformers and ``log_model(..., step=)`` layouts
+see them: which models the run logged (``search_logged_models(filter_string="source_run_id='<run>'")``,
+every page), the step each carries (the run's ``outputs.model_outputs``), their files, one file downloaded.
+
+An entry's path is ``<model id>/<path in the model>``; :class:`ModelFiles` downloads such paths (and the
+run's own artifacts) for :func:`~lcsc_ops.store.sources.convert.fetch_converted`.
+"""
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lcsc_ops.errors import LcscError
+from lcsc_ops.spec import brief_repr
+from lcsc_ops.store.sources.base import RunContext, check_artifact_path
+
+MODEL_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PAGE = 100
+_CACHE: "weakref.WeakKeyDictionary[RunContext, dict]" = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class LoggedModelRef:
+    """One LoggedModel of the run: id, name, the step the run's outputs record for it (None: none)."""
+
+    model_id: str
+    name: str
+    step: int | None
+    artifact_location: str
+
+
+def _cache(ctx: RunContext) -> dict:
+    return _CACHE.setdefault(ctx, {})
+
+
+def run_models(ctx: RunContext) -> list[LoggedModelRef]:
+    """Every LoggedModel whose source is the run, oldest first (cached on ``ctx``)."""
+    cache = _cache(ctx)
+    if "models" not in cache:
+        steps = {o.model_id: o.step for o in (getattr(ctx.run.outputs, "model_outputs", None) or [])}
+        found, token = {}, None
+        while True:
+            page = ctx.client.search_logged_models([ctx.run.info.experiment_id], max_results=PAGE, page_token=token,
+                                                   filter_string=f"source_run_id='{ctx.run_id}'")
+            for m in page:
+                if not MODEL_ID.fullmatch(str(m.model_id)):
+                    raise LcscError(f"run {ctx.run_id}: refusing the logged model id {brief_repr(m.model_id)}")
+                found[m.model_id] = (m.creation_timestamp or 0, LoggedModelRef(m.model_id, str(m.name),
+                                                                              steps.get(m.model_id),
+                                                                              m.artifact_location))
+            token = page.token
+            if not token:
+                break
+        cache["models"] = [ref for _, ref in sorted(found.values(), key=lambda t: (t[0], t[1].model_id))]
+    return cache["models"]
+
+
+def model_files(ctx: RunContext, model: LoggedModelRef, path: str = "") -> list[Any]:
+    """The files and folders directly under ``path`` in the model's artifacts (``FileInfo``, cached)."""
+    cache = _cache(ctx).setdefault("files", {})
+    key = (model.model_id, path)
+    if key not in cache:
+        if path:
+            check_artifact_path(path, ctx.run_id)
+        cache[key] = list(ctx.client.list_logged_model_artifacts(model.model_id, path or None))
+    return cache[key]
+
+
+def entry_path(model: LoggedModelRef, path: str) -> str:
+    """An entry's path: ``<model id>/<path in the model>``."""
+    return f"{model.model_id}/{check_artifact_path(path, model.model_id)}"
+
+
+def download_model_file(ctx: RunContext, model: LoggedModelRef, path: str, dst: str) -> Path:
+    """One file of the model's artifacts into ``dst`` (LcscError if missing or not a plain file there)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    check_artifact_path(path, ctx.run_id)
+    try:
+        got = get_artifact_repository(model.artifact_location).download_artifacts(path, dst)
+    except (MlflowException, OSError):
+        raise LcscError(f"run {ctx.run_id}: logged model {model.model_id} ({model.name}) has no file {path}") from None
+    local = Path(got)
+    if not (local.is_file() and not local.is_symlink() and local.resolve().is_relative_to(Path(dst).resolve())):
+        raise LcscError(f"run {ctx.run_id}: {model.model_id}/{path} is not a file in the logged model's artifacts")
+    return local
+
+
+class ModelFiles:
+    """``ctx`` for :func:`~lcsc_ops.store.sources.convert.fetch_converted` where entries are files of the
+    run's LoggedModels (``<model id>/<path>``): the same run, options and log, another ``download``."""
+
+    def __init__(self, ctx: RunContext, models: list[LoggedModelRef]) -> None:
+        self._ctx = ctx
+        self._models = {m.model_id: m for m in models}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ctx, name)
+
+    def download(self, path: str, dst: str) -> Path:
+        model_id, _, inner = path.partition("/")
+        if model_id not in self._models or not inner:
+            raise LcscError(f"run {self._ctx.run_id}: {brief_repr(path)} is no file of the run's logged models")
+        return download_model_file(self._ctx, self._models[model_id], inner, dst)

@@ -1,0 +1,122 @@
+"""transformers' layout: ``Trainer`` with ``MLflowCallback`` (``report_to=["mlflow"]``) and
+``HF_MLFLOW_LOG_ARTIFACTS=1``.
+
+Checked against transformers 5.25 (``integrations/integration_utils.py``, ``MLflowCallback.on_save``) and
+MLflow 3.17: each save calls ``mlflow.pyfunc.log_model("checkpoint-<step>", artifacts={"model_path":
+<output_dir>/checkpoint-<step>}, python_model=PythonModel())``, which on MLflow 3 makes one LoggedModel
+per save, named ``checkpoint-<step>``, recorded in the run's ``outputs.model_outputs`` with step 0 (no
+step is passed). Its artifacts hold the whole checkpoint folder under ``artifacts/checkpoint-<step>/``:
+``model.safetensors`` (the weights, keys as the ``PreTrainedModel`` names them, e.g. ``net.``),
+``config.json``, ``trainer_state.json`` (``global_step``), and ``optimizer.pt``, ``scheduler.pt``,
+``rng_state.pth`` and ``training_args.bin`` (a pickle), beside the pyfunc's ``python_model.pkl``.
+
+Only ``model.safetensors`` and ``trainer_state.json`` are ever downloaded. The step is
+``trainer_state.json``'s ``global_step`` (the name's ``<step>`` must agree). A sharded checkpoint
+(``model.safetensors.index.json``) is refused with one line.
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Sequence
+
+from lcsc_ops.checkpoints import CheckpointEntry
+from lcsc_ops.errors import LcscError
+from lcsc_ops.spec import ModelSpec
+from lcsc_ops.store.sources.base import Listing, RunContext, RunReader, SourceEntry
+from lcsc_ops.store.sources.convert import fetch_converted, no_window_error
+from lcsc_ops.store.sources.logged_models import (LoggedModelRef, ModelFiles, download_model_file, entry_path,
+                                                  model_files, run_models)
+from lcsc_ops.weightfiles import first_line
+
+NAME = re.compile(r"checkpoint-(\d+)")
+WEIGHTS, STATE, SHARDED = "model.safetensors", "trainer_state.json", "model.safetensors.index.json"
+MAX_STATE_BYTES = 16 << 20
+HOW = "log every checkpoint: TrainingArguments(save_steps=N, save_total_limit=None) with HF_MLFLOW_LOG_ARTIFACTS=1"
+
+
+def _candidates(ctx: RunContext) -> list[LoggedModelRef]:
+    return [m for m in run_models(ctx) if NAME.fullmatch(m.name)]
+
+
+def _folder(ctx: RunContext, model: LoggedModelRef) -> dict[str, Any] | None:
+    """The checkpoint folder inside the model's ``artifacts/``: file name -> FileInfo; None if it has none."""
+    for d in model_files(ctx, model, "artifacts"):
+        if d.is_dir:
+            files = {PurePosixPath(f.path).name: f for f in model_files(ctx, model, d.path) if not f.is_dir}
+            if WEIGHTS in files or SHARDED in files:
+                return files
+    return None
+
+
+def load_safetensors(path: Path, name: str, allow_pickle: bool) -> dict:
+    """A ``model.safetensors`` file's tensors (plain data: nothing to unpickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LcscError(f"cannot read {name}: {first_line(exc)}") from None
+
+
+class TransformersReader(RunReader):
+    """Runs whose LoggedModels ``checkpoint-<step>`` hold a transformers checkpoint folder."""
+
+    name = "transformers"
+    priority = 40
+    description = "transformers Trainer + MLflowCallback (HF_MLFLOW_LOG_ARTIFACTS=1): checkpoint-<step> models"
+
+    def detect(self, ctx: RunContext) -> bool:
+        found = _candidates(ctx)
+        return bool(found) and _folder(ctx, found[-1]) is not None
+
+    def list_entries(self, ctx: RunContext) -> Listing:
+        rows = []
+        for model in _candidates(ctx):
+            files = _folder(ctx, model)
+            if files is None:
+                continue
+            if WEIGHTS not in files:
+                raise LcscError(f"run {ctx.run_id}: {model.name} is sharded ({SHARDED}); lcsc-ops reads one "
+                                f"{WEIGHTS} per checkpoint (save with a larger max_shard_size)")
+            rows.append((model, files))
+        if len(rows) < 2:
+            raise no_window_error(ctx.run_id, self.name, rows[0][0].name if rows else "checkpoint-<step>", HOW)
+        entries, seen = [], {}
+        for model, files in rows:
+            step = _step(ctx, model, files.get(STATE))
+            if step in seen:
+                raise LcscError(f"run {ctx.run_id}: two checkpoints of step {step}: {seen[step]} and {model.model_id}")
+            seen[step] = model.model_id
+            weights = files[WEIGHTS]
+            entries.append(SourceEntry(step=step, kind="raw", path=entry_path(model, weights.path),
+                                       bytes=weights.file_size, extra={"model": model.name}))
+        return Listing(self.name, tuple(entries), complete=ctx.run.info.status == "FINISHED").sorted()
+
+    def fetch(self, ctx: RunContext, entries: Sequence[SourceEntry], root: Path, spec: ModelSpec
+              ) -> list[CheckpointEntry]:
+        return fetch_converted(ModelFiles(ctx, run_models(ctx)), entries, root, spec, loader=load_safetensors,
+                               note="model.safetensors only (never optimizer.pt, scheduler.pt, training_args.bin)")
+
+
+def _step(ctx: RunContext, model: LoggedModelRef, state: Any) -> int:
+    """``global_step`` from the checkpoint's ``trainer_state.json``; the name's step if it has none."""
+    named = int(NAME.fullmatch(model.name).group(1))
+    if state is None:
+        return named
+    if (state.file_size or 0) > MAX_STATE_BYTES:
+        raise LcscError(f"run {ctx.run_id}: {model.name}/{STATE} is {state.file_size} bytes, not a trainer state")
+    with tempfile.TemporaryDirectory(prefix="lcsc-hf-state-") as tmp:
+        local = download_model_file(ctx, model, state.path, tmp)
+        try:
+            step = json.loads(local.read_text()).get("global_step")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            step = None
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        raise LcscError(f"run {ctx.run_id}: {model.name}/{STATE} records no global_step")
+    if step != named:
+        raise LcscError(f"run {ctx.run_id}: {model.name}'s {STATE} records global_step {step}")
+    return step
