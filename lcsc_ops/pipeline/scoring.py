@@ -13,12 +13,50 @@ from lcsc_ops.evaluation.score_cache import ScoreCache, code_identity, runtime_i
 from lcsc_ops.math.streaming import StreamingMerger, make_merger, stack_nbytes
 
 
+def free_memory(device: str) -> int | None:
+    """Bytes free on ``device`` now: CUDA's free memory, or the host's ``MemAvailable`` (None if unknown)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# Without --max-stack-memory, the stack may take this share of the free memory: the rest is for the
+# model, sampling and features, and whatever else runs on the machine.
+AUTO_STACK_FRACTION = 0.5
+
+
+def auto_stack_limit(device: str) -> int | None:
+    """The stack's byte limit when the user gives none: half the free memory (None: unknown, no limit)."""
+    free = free_memory(device)
+    return None if free is None else int(AUTO_STACK_FRACTION * free)
+
+
+def describe_choice(mode: str, dtype: torch.dtype, need: int, limit: int | None, given: bool) -> str:
+    """One log line: which merger, in which dtype, and the limit it was held against."""
+    gib = 2 ** 30
+    what = "--max-stack-memory" if given else f"half the free memory, {2 * limit / gib:.1f} GiB free" \
+        if limit is not None else "free memory unknown, no limit"
+    name = str(dtype).replace("torch.", "")
+    if mode == "stacked":
+        return f"merge: stacked {name}, {need / gib:.2f} GiB (limit {'none' if limit is None else f'{limit / gib:.1f} GiB'}: {what})"
+    return (f"merge: streaming from the checkpoint files (a {name} stack would take {need / gib:.2f} GiB, over "
+            f"{limit / gib:.1f} GiB: {what})")
+
+
 class Scorer:
     """Scores coefficient vectors over the whole window with one merge per call.
 
     The window is stacked once (one pass over the stack per merge) unless the stack would
     exceed ``max_stack_memory`` GiB; then each merge streams from the memory-mapped
-    checkpoint files, with a peak of about two model copies (``mode`` says which).
+    checkpoint files, with a peak of about two model copies (``mode`` says which). Without
+    ``max_stack_memory`` the limit is half the device's free memory now (:func:`free_memory`);
+    ``choice`` says what was chosen and why, for the log.
 
     ``precision`` (a key of ``PRECISIONS``) sets the stack's dtype and the context every
     evaluation runs in (:meth:`evaluating`). :meth:`full_precision` switches to ``fp32``
@@ -32,7 +70,9 @@ class Scorer:
         if precision not in PRECISIONS:
             raise LcscError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
         self._entries, self._factory, self.device = window.entries, model_factory, device
-        self._limit = None if max_stack_memory is None else int(max_stack_memory * 2**30)
+        self._given = max_stack_memory is not None
+        self._limit = int(max_stack_memory * 2**30) if self._given else auto_stack_limit(device)
+        self.choice = ""
         self.precision = precision
         # Scores of evaluators that carry an ``identity`` (the built-in FID; a user's evaluator:
         # its import path, version and source hash, see UserEvaluator) are looked up in
@@ -48,10 +88,13 @@ class Scorer:
 
     def _build(self) -> None:
         dtype = PRECISIONS[self.precision].stack_dtype
-        if self._limit is not None and stack_nbytes(self._entries, dtype) > self._limit:
+        need = stack_nbytes(self._entries, dtype)
+        if self._limit is not None and need > self._limit:
             dtype = torch.float32  # it will stream
         self.merger = make_merger(self._entries, device=self.device, dtype=dtype, max_stack_bytes=self._limit)
         self.mode = "streaming" if isinstance(self.merger, StreamingMerger) else "stacked"
+        self.choice = describe_choice(self.mode, PRECISIONS[self.precision].stack_dtype, need, self._limit,
+                                      self._given)
         self.model = self.merger.bind(self._factory().to(self.device).eval())
 
     def full_precision(self) -> None:
