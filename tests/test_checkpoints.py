@@ -342,14 +342,14 @@ def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, m
     FAST_SPOOL_BYTES (here about two), the others on disk; no file is left in /dev/shm."""
     import glob
 
-    from lcsc_ops.store import logger as logger_mod
+    from lcsc_ops.store import shared_memory as shm_mod
 
     mlflow.set_tracking_uri(store["uri"])
     mlflow.set_experiment("layouts")
     spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
     model = spec.build()
-    monkeypatch.setattr(logger_mod, "SHM_DIR", shm)
-    monkeypatch.setattr(logger_mod, "FAST_SPOOL_BYTES", 20000)
+    monkeypatch.setattr(shm_mod, "SHM_DIR", shm)
+    monkeypatch.setattr(shm_mod, "FAST_SPOOL_BYTES", 20000)
     before = set(glob.glob("/dev/shm/lcsc-*"))
     expected = {}
     with mlflow.start_run() as run:
@@ -358,7 +358,7 @@ def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, m
                 if step == 3:
                     model.double()  # another layout: new slots
                 if step == 5:  # another layout, too large for a slot: the writer thread
-                    monkeypatch.setattr(logger_mod, "SLOT_BYTES", 0)
+                    monkeypatch.setattr(shm_mod, "SLOT_BYTES", 0)
                     model.float()
                 with torch.no_grad():
                     model.weight.add_(step)
@@ -378,32 +378,37 @@ def test_a_new_layout_gets_new_slots_and_a_large_pair_the_writer_thread(store, m
         assert state["weight"].dtype == (torch.float64 if entry.step in (3, 4) else torch.float32)
 
 
-def test_a_new_logger_sweeps_what_killed_uploaders_left_in_shared_memory(store, monkeypatch, tmp_path):
-    """Slot files and spool folders carry their uploader's pid: a logger's first slots remove
-    those whose process is gone (both killed with -9) and leave live ones and other files."""
-    import subprocess
-
-    from lcsc_ops.store import logger as logger_mod
+def test_a_new_logger_sweeps_what_dead_owners_left_in_shared_memory(store, monkeypatch, tmp_path):
+    """Slot files and spool folders carry their logger's owner token: a logger's first slots
+    remove those whose owner lock is free (trainer and uploader killed with -9), and leave a live
+    owner's, entries without a lock file (older versions', pid-named) and other files."""
+    from lcsc_ops.store import shared_memory as shm_mod
 
     shm = tmp_path / "shm"
     shm.mkdir()
-    monkeypatch.setattr(logger_mod, "SHM_DIR", str(shm))
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (shm / f"lcsc-spool-{dead.pid}-ab12").mkdir()
-    (shm / f"lcsc-spool-{dead.pid}-ab12" / "step00000005").mkdir()
-    (shm / f"lcsc-snapshots-{dead.pid}-cd34").write_bytes(b"x" * 64)
-    kept = {f"lcsc-spool-{os.getpid()}-ef56", "lcsc-snapshots-notapid", "other-file"}
+    monkeypatch.setattr(shm_mod, "SHM_DIR", str(shm))
+    dead, alive = "0123456789abcdef", "fedcba9876543210"
+    (shm / f"lcsc-owner-{dead}.lock").write_text("")  # nobody holds it
+    (shm / f"lcsc-spool-{dead}-ab12").mkdir()
+    (shm / f"lcsc-spool-{dead}-ab12" / "step00000005").mkdir()
+    (shm / f"lcsc-snapshots-{dead}-cd34").write_bytes(b"x" * 64)
+    live = shm_mod.ShmOwner()  # another job's logger, alive
+    kept = {f"lcsc-spool-{live.token}-ef56", f"lcsc-spool-{alive}-ab12", "lcsc-spool-12345-ab12",
+            "lcsc-snapshots-notatoken", "other-file"}
     for name in kept:
         (shm / name).write_text("")
     mlflow.set_tracking_uri(store["uri"])
     mlflow.set_experiment("sweep")
     spec = ModelSpec(factory="torch.nn:Linear", kwargs={"in_features": 3, "out_features": 2})
-    with mlflow.start_run():
-        with CheckpointLogger(spec, every=1) as ckpt:
-            ckpt.step(spec.build(), 1)
-            ckpt.wait()
-    assert {p.name for p in shm.iterdir()} == kept
+    try:
+        with mlflow.start_run():
+            with CheckpointLogger(spec, every=1) as ckpt:
+                ckpt.step(spec.build(), 1)
+                ckpt.wait()
+        left = {p.name for p in shm.iterdir()}
+        assert left - {f"lcsc-owner-{ckpt._owner.token}.lock"} == kept | {f"lcsc-owner-{live.token}.lock"}
+    finally:
+        live.release(remove=True)
 
 
 def test_a_fragment_that_cannot_be_written_in_shared_memory_is_written_in_the_next_spool(tmp_path):
@@ -481,18 +486,20 @@ def test_shared_memory_is_used_only_while_half_of_it_stays_free(tmp_path):
 def test_small_pairs_get_more_slots_within_the_same_memory(tmp_path, mib, count):
     """As many slots as fit in 2 x SLOT_BYTES, from 2 to MAX_SLOTS: the loop then reads the
     uploader's answers once every few checkpoints, and the slots never take more memory."""
-    from lcsc_ops.store import logger as logger_mod
+    from lcsc_ops.store import shared_memory as shm_mod
 
     numel = max(1, (mib << 20) // 8)  # two float32 tensors of `mib` MiB together
     raw = {"w": torch.zeros(numel)}
-    slots = logger_mod._Slots(str(tmp_path), raw, {"w": torch.zeros(numel)}, os.getpid())
+    owner = shm_mod.ShmOwner()
+    slots = shm_mod.Slots(str(tmp_path), raw, {"w": torch.zeros(numel)}, owner)
     try:
         assert slots.count == count and len(slots.views) == count
-        assert slots.mm.size() == count * slots.size <= 2 * logger_mod.SLOT_BYTES
+        assert slots.mm.size() == count * slots.size <= 2 * shm_mod.SLOT_BYTES
         slots.copy_(count - 1, raw, {"w": torch.ones(numel)})
         assert torch.equal(slots.views[count - 1][1], torch.ones(numel))
     finally:
         slots.close()
+        owner.release(remove=True)
 
 
 def test_the_uploader_polls_its_input_while_jobs_come_and_waits_once_they_stop(monkeypatch):

@@ -285,17 +285,44 @@ def _train_args(store, experiment: str) -> list[str]:
 STEPS = (5, 10, 15, 20)  # the steps whose fragments were logged before the kill
 
 
+def _dead_owners_entries(before: set[str]) -> list[str]:
+    """The loggers' entries in /dev/shm made since ``before`` whose owner lock is free or gone: a
+    dead job's (other jobs on this machine may be alive and keep theirs)."""
+    import fcntl
+    import re
+
+    dead = []
+    for path in sorted(set(glob.glob("/dev/shm/lcsc-*")) - before):
+        match = re.match(r"lcsc-(?:owner|spool|snapshots)-([0-9a-f]{16})", os.path.basename(path))
+        if match is None:
+            continue
+        try:
+            fd = os.open(f"/dev/shm/lcsc-owner-{match.group(1)}.lock", os.O_RDWR)
+        except FileNotFoundError:
+            dead.append(path)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            dead.append(path)
+        except BlockingIOError:
+            pass  # its owner lives
+        finally:
+            os.close(fd)
+    return dead
+
+
 def test_kill_9_during_a_checkpoint_upload_keeps_the_logged_checkpoints_and_a_partial_run(store, tmp_path):
     shm_before = set(glob.glob("/dev/shm/lcsc-*"))
     note = _kill_at(tmp_path, DIE_BEFORE_FRAGMENT.format(n=5), _train_args(store, "faults-train"), uploader=True)
     assert "step00000025" in note  # step 25's files were uploaded, its fragment was not
-    deadline = time.monotonic() + 10  # the killed uploader may take a moment to be gone
-    while True:  # what the next logger does: the killed pair's shared-memory files go
-        sweep_shared_memory()
-        if set(glob.glob("/dev/shm/lcsc-*")) <= shm_before:
+    deadline, removed = time.monotonic() + 10, []  # the killed uploader may take a moment to be gone
+    while True:  # what the next logger does: the killed pair's shared-memory files go, live jobs' stay
+        removed += sweep_shared_memory()
+        if not _dead_owners_entries(shm_before):
             break
         assert time.monotonic() < deadline, "the killed pair's shared-memory files were not swept"
         time.sleep(0.2)
+    assert [p for p in removed if os.path.basename(p).startswith("lcsc-owner-")], "the killed pair's lock stayed"
     client = mlflow.tracking.MlflowClient(store["uri"])
     [run] = client.search_runs([client.get_experiment_by_name("faults-train").experiment_id])
     run_id = run.info.run_id

@@ -9,34 +9,25 @@ separate process (:mod:`lcsc_ops.store.upload_worker`), not in the training proc
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import itertools
 import json
-import mmap
-import os
-import re
-import select
-import shutil
-import subprocess
-import sys
 import tempfile
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-from lcsc_ops.checkpoints import (CHECKPOINT_DIR, FRAGMENT_DIR, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT,
-                                  SafetensorsLayout, checkpoint_filename, checkpoint_metadata, fragment_filename,
-                                  safetensors_layout, sha256_file, write_checkpoint)
+from lcsc_ops.checkpoints import (CHECKPOINT_DIR, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT, checkpoint_filename,
+                                  fragment_filename, sha256_file, write_checkpoint)
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.ema import EmaPlan, ema_decay_at
-from lcsc_ops.processes import pid_alive
-from lcsc_ops.redact import mask_credentials
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.store.upload_worker import leaves_half_free
+from lcsc_ops.store.shared_memory import FRAGMENT_PATH, ShmOwner, Slots, _layout_key, sweep_shared_memory
+from lcsc_ops.store.upload_process import UploadProcess
+
+__all__ = ["CheckpointLogger", "CheckpointUploader", "FRAGMENT_PATH", "sweep_shared_memory", "upload_job",
+           "write_fragment"]
 
 
 def _unwrap(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Module:
@@ -45,19 +36,6 @@ def _unwrap(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module  # DataParallel / DistributedDataParallel
     return getattr(model, "_orig_mod", model)  # torch.compile
-
-
-FRAGMENT_PATH = f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}"
-# A snapshot pair up to this size is copied into a shared-memory slot that the uploader process writes
-# out; a larger one is written by a thread of the training process, straight from its snapshot.
-SLOT_BYTES = 8 << 20
-# Slots: as many as fit in 2 * SLOT_BYTES, from 2 to MAX_SLOTS; with several free, the loop reads the
-# uploader's answers once every few checkpoints, not at each.
-MAX_SLOTS = 8
-SHM_DIR = "/dev/shm"
-# Written-out small pairs wait for their upload in shared memory up to this many bytes, and while half
-# of it stays free (then on disk).
-FAST_SPOOL_BYTES = 64 << 20
 
 
 def write_fragment(folder: Path, entries: list[dict[str, Any]]) -> Path:
@@ -120,238 +98,6 @@ class CheckpointUploader:
         self.client.set_terminated(self.run_id, status)
 
 
-class _UploadProcess:
-    """The uploader process of one run and the steps handed to it, not yet confirmed. Its answers
-    are read when the loop looks for them (no reader thread: nothing else in the training process
-    wants the interpreter lock)."""
-
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
-        worker = Path(__file__).with_name("upload_worker.py")  # the URI in its environment: no password in `ps`
-        self.proc = subprocess.Popen([sys.executable, "-u", str(worker), run_id], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri})
-        self.pending: dict[int, int] = {}  # step -> bytes, in order
-        self._lock = threading.Lock()  # pending: a large pair is handed over by the writer thread
-        self._fd, self._buf, self._eof = self.proc.stdout.fileno(), b"", False
-        self._stdin = self.proc.stdin.fileno()
-        os.set_blocking(self._fd, False)
-        self._answers: collections.deque = collections.deque()
-        self._free: collections.deque = collections.deque()  # shared-memory slots written out
-        while not self._answers and not self._eof:  # mlflow imported, the run found: training may go on
-            self._read(None)
-        answer = self._answers.popleft() if self._answers else {}
-        if "ready" not in answer:
-            self.stop()
-            why = answer.get("error", "it exited")
-            raise LcscError(mask_credentials(f"the checkpoint uploader could not start: {why}"))
-
-    def _read(self, timeout: float | None) -> None:
-        """Take in the answers that came, waiting up to ``timeout`` s (None: until one comes)."""
-        if self._eof or not select.select([self._fd], [], [], timeout)[0]:
-            return
-        try:
-            chunk = os.read(self._fd, 1 << 16)
-        except BlockingIOError:
-            return
-        self._eof = not chunk
-        *lines, self._buf = (self._buf + chunk).split(b"\n")
-        for line in lines:
-            answer = json.loads(line)
-            if "freed" in answer:
-                self._free.append(answer["freed"])
-            else:
-                self._answers.append(answer)
-
-    def reset_slots(self, count: int) -> None:
-        """Every shared-memory slot is free (a new set of them)."""
-        self._free = collections.deque(range(count))
-
-    def free_slot(self, timeout: float) -> int | None:
-        """A slot the uploader has written out; None if none within ``timeout`` or it exited."""
-        if not self._free:
-            self._read(timeout)
-        return self._free.popleft() if self._free else None
-
-    def send(self, job: dict[str, Any], size: int = 0) -> None:
-        """Hand over a job; ``size``: the bytes it holds in the spool until it is confirmed (a step's)."""
-        self._write(json.dumps(job).encode() + b"\n", job.get("step"), size)
-
-    def send_slot(self, step: int, slot: int, size: int) -> None:
-        """:meth:`send` of ``{"step", "slot"}``, formatted by hand: ``json.dumps`` costs the loop
-        more than the system call."""
-        self._write(b'{"step": %d, "slot": %d}\n' % (step, slot), step, size)
-
-    def _write(self, line: bytes, step: int | None, size: int) -> None:
-        if step is not None:
-            with self._lock:
-                self.pending[step] = size
-        try:
-            while line:  # unbuffered: one system call for a job
-                line = line[os.write(self._stdin, line):]
-        except OSError:
-            raise LcscError(self._exited()) from None
-
-    def pending_bytes(self) -> int:
-        with self._lock:
-            return sum(self.pending.values())
-
-    def take(self, block: bool, read: bool = True) -> list[dict[str, Any]] | None:
-        """The entries of the next confirmed step (with their hashes); None if none is confirmed
-        yet (``block=False``). ``read=False``: only what was read already (no system call)."""
-        if read:
-            self._read(0)
-        while block and not self._answers and not self._eof:
-            self._read(None)
-        if not self._answers:
-            if self._eof:
-                raise LcscError(self._exited())
-            return None
-        answer = self._answers.popleft()
-        if "error" in answer:
-            first, last = answer["step"], answer.get("last_step", answer["step"])
-            steps = f"step {first}" if first == last else f"steps {first}-{last}"
-            why = f"the checkpoint upload of {steps} failed: {answer['error']}"
-            raise LcscError(mask_credentials(why))
-        with self._lock:
-            self.pending.pop(answer["done"])
-        return answer["entries"]
-
-    def _exited(self) -> str:
-        code = self.proc.wait()
-        return f"the checkpoint uploader exited (code {code}) with {len(self.pending)} step(s) not uploaded"
-
-    def stop(self) -> None:
-        """End of input: the worker uploads what it received and exits by itself (reaped in the
-        background: its interpreter's shutdown need not hold up the training process)."""
-        if not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        threading.Thread(target=self.proc.wait, name="lcsc-ckpt-reap", daemon=True).start()
-
-
-def _align(n: int) -> int:
-    return -(-n // 8) * 8
-
-
-def _layout_key(state: Mapping[str, torch.Tensor]) -> tuple:
-    return tuple((k, v.dtype, v.shape) for k, v in state.items())
-
-
-_SHM_ENTRY = re.compile(r"lcsc-(?:snapshots|spool)-(\d+)-")
-
-
-def sweep_shared_memory() -> list[str]:
-    """Remove the slot files and spool folders (``lcsc-snapshots-<pid>-*``, ``lcsc-spool-<pid>-*``)
-    that an uploader process left in ``SHM_DIR`` when it was killed with its trainer (kill -9 of
-    both): their names carry its pid, and only entries of this user whose process is gone go."""
-    removed = []
-    with contextlib.suppress(OSError):
-        for name in os.listdir(SHM_DIR):
-            match, path = _SHM_ENTRY.match(name), os.path.join(SHM_DIR, name)
-            if match is None or pid_alive(int(match.group(1))):
-                continue
-            with contextlib.suppress(OSError):
-                if os.lstat(path).st_uid != os.getuid():
-                    continue
-                if os.path.isdir(path) and not os.path.islink(path):
-                    shutil.rmtree(path)
-                else:
-                    os.unlink(path)
-                removed.append(path)
-    return removed
-
-
-def _writable(folder: str) -> bool:
-    return os.path.isdir(folder) and os.access(folder, os.W_OK)
-
-
-def _slot_file(size: int, folder: str, owner: int) -> tuple[int, str]:
-    """A file of ``size`` bytes for the slots, in shared memory (``SHM_DIR``) or else in the spool
-    ``folder``, its space reserved now: a full ``/dev/shm`` is a fallback here, not a SIGBUS later
-    (and so is one the file would take past half full).
-    Its name carries the ``owner`` (the uploader's pid), for :func:`sweep_shared_memory`."""
-    for where in (SHM_DIR, folder):
-        if not _writable(where):
-            continue
-        if where == SHM_DIR and not leaves_half_free(where, size):  # a container's small /dev/shm
-            continue
-        fd, path = tempfile.mkstemp(prefix=f"lcsc-snapshots-{owner}-", dir=where)
-        try:
-            os.posix_fallocate(fd, 0, size)
-            return fd, path
-        except OSError as exc:
-            os.close(fd)
-            os.unlink(path)
-            if where == folder:
-                raise LcscError(f"no room for a checkpoint snapshot ({size} bytes) in {folder}: {exc}") from None
-    raise LcscError(f"the checkpoint spool {folder} is not writable")
-
-
-class _Slots:
-    """Shared-memory slots (2 to ``MAX_SLOTS``) for small snapshot pairs of one layout: the loop
-    copies a pair into a free slot (one fused copy, a few microseconds) and the uploader process
-    writes the files out of it, so serialising, hashing and writing stay off the training process."""
-
-    def __init__(self, folder: str, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor],
-                 owner: int) -> None:
-        self.key = (_layout_key(raw), _layout_key(ema))
-        self.raw, self.ema = safetensors_layout(raw), safetensors_layout(ema)
-        self.ema_at = _align(self.raw.nbytes)
-        self.size = max(8, _align(self.ema_at + self.ema.nbytes))
-        self.count = max(2, min(MAX_SLOTS, 2 * SLOT_BYTES // self.size))
-        fd, self.path = _slot_file(self.count * self.size, folder, owner)  # the uploader unlinks it once mapped
-        try:
-            self.mm = mmap.mmap(fd, self.count * self.size)
-        finally:
-            os.close(fd)
-        buf = torch.frombuffer(self.mm, dtype=torch.uint8)
-        self.views = [self._views(buf, k * self.size, raw, self.raw) + self._views(buf, k * self.size + self.ema_at,
-                                                                                 ema, self.ema) for k in range(self.count)]
-
-    @staticmethod
-    def _views(buf: torch.Tensor, base: int, state: Mapping[str, torch.Tensor],
-               layout: SafetensorsLayout) -> list[torch.Tensor]:
-        return [buf[base + b:base + e].view(state[n].dtype).view(state[n].shape)
-                for n, (b, e) in zip(layout.names, layout.spans)]
-
-    @staticmethod
-    def fits(raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> bool:
-        size = sum(v.numel() * v.element_size() for state in (raw, ema) for v in state.values())
-        return size <= SLOT_BYTES and safetensors_layout(raw) is not None and safetensors_layout(ema) is not None
-
-    def copy_(self, slot: int, raw: Mapping[str, torch.Tensor], ema: Mapping[str, torch.Tensor]) -> None:
-        torch._foreach_copy_(self.views[slot], [raw[n] for n in self.raw.names] + [ema[n] for n in self.ema.names])
-
-    def describe(self, spool: str, spec_json: str, extras: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        """What the uploader needs once, to write out a pair and list it from ``{"step", "slot"}``:
-        each file's name and header around the step, and where its data sits in a slot."""
-        files = []
-        for kind, layout, at in (("raw", self.raw, 0), ("ema", self.ema, self.ema_at)):
-            metadata = checkpoint_metadata(0, kind, spec_json, extras[kind]["metadata"])
-            files.append({"kind": kind, "name": checkpoint_filename(0, kind).split("00000000"),
-                          "header": layout.header_around(metadata, "lcsc.step"), "begin": at,
-                          "end": at + layout.nbytes, "entry": extras[kind]["entry"]})
-        fast = SHM_DIR if _writable(SHM_DIR) else None
-        return {"slots": self.path, "size": self.size, "spool": spool, "files": files, "fast_spool": fast,
-                "fast_spool_bytes": FAST_SPOOL_BYTES,
-                "fragment": {"format": MANIFEST_FORMAT, "name": fragment_filename(0, "raw+ema").split("00000000")},
-                "files_path": CHECKPOINT_DIR, "fragment_path": FRAGMENT_PATH}
-
-    @property
-    def bytes_per_pair(self) -> int:
-        return self.raw.nbytes + self.ema.nbytes + 2 * 4096  # data and, at most, headers
-
-    def close(self) -> None:
-        self.views = []
-        try:
-            self.mm.close()
-        except BufferError:  # a view still alive: the mapping goes with it
-            pass
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
 class CheckpointLogger:
     """Log raw and EMA checkpoints of a model as artifacts of an MLflow run, from any training loop.
 
@@ -397,7 +143,7 @@ class CheckpointLogger:
             raise LcscError(f"ema must be a module or a callable returning a state dict, got {type(ema).__name__}")
         self._user_ema = ema.state_dict if isinstance(ema, torch.nn.Module) else ema
         self._written: Future | None = None
-        self._slots: _Slots | None = None
+        self._slots: Slots | None = None
         self._wrapped = self._net = None
         self.run_id = None
         if self.is_main:
@@ -422,7 +168,12 @@ class CheckpointLogger:
         self._uploader = CheckpointUploader(client, run_id, self.spec)
         self._spool = tempfile.TemporaryDirectory(prefix="lcsc-spool-")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcsc-ckpt-write")
-        self._sender = _UploadProcess(client.tracking_uri, run_id)
+        self._owner = ShmOwner()  # before the uploader: it inherits the owner's lock
+        try:
+            self._sender = UploadProcess(client.tracking_uri, run_id, self._owner)
+        except BaseException:
+            self._owner.release(remove=True)
+            raise
 
     # -- training-loop side -------------------------------------------------------------
     def step(self, model: torch.nn.Module, step: int) -> None:
@@ -482,7 +233,7 @@ class CheckpointLogger:
                             "pass the averaged module itself, e.g. AveragedModel(...).module")
         if self._slots is not None and self._slots.key == (_layout_key(raw), _layout_key(ema)):
             self._send_slot(step, raw, ema)
-        elif _Slots.fits(raw, ema):
+        elif Slots.fits(raw, ema):
             self._new_slots(raw, ema)
             self._send_slot(step, raw, ema)
         else:
@@ -503,7 +254,7 @@ class CheckpointLogger:
             self._slots.close()
         else:
             sweep_shared_memory()
-        self._slots = _Slots(self._spool.name, raw, ema, self._sender.proc.pid)
+        self._slots = Slots(self._spool.name, raw, ema, self._owner)
         extras = {kind: {"metadata": self._extra(kind), "entry": self._entry_extra(kind)} for kind in ("raw", "ema")}
         self._sender.send(self._slots.describe(self._spool.name, self._spec_json, extras))
         self._sender.reset_slots(self._slots.count)
@@ -568,6 +319,7 @@ class CheckpointLogger:
             if self._slots is not None:
                 self._slots.close()
             self._spool.cleanup()
+            self._owner.release()
         if complete:
             self._uploader.finish()
 

@@ -16,6 +16,7 @@ steps it had not handed over.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
@@ -45,6 +46,15 @@ def _answer(message: dict) -> None:
             print(json.dumps(message), flush=True)
         except (BrokenPipeError, ValueError):
             sys.stdout = open(os.devnull, "w")
+
+
+# The trainer's shared-memory owner lock (see lcsc_ops.store.shared_memory), held here too through an
+# inherited descriptor; this process outlives the trainer's hold, so it removes the file when it exits.
+OWNER_ENV = "LCSC_OPS_SHM_OWNER"
+
+
+def owner_lock_path(folder: str, token: str) -> str:
+    return os.path.join(folder, f"lcsc-owner-{token}.lock")
 
 
 def leaves_half_free(folder: str, size: int) -> bool:
@@ -80,10 +90,11 @@ class _Slots:
 
     def _fast_spool(self) -> str | None:
         """This process's spool folder in shared memory (``layout["fast_spool"]``), made once and named
-        with its pid (see the logger's ``sweep_shared_memory``)."""
-        if self.fast is None and self.layout.get("fast_spool"):
+        with the trainer's owner token (see ``lcsc_ops.store.shared_memory``)."""
+        if self.fast is None and self.layout.get("fast_spool") and self.layout.get("owner"):
             try:
-                self.fast = tempfile.mkdtemp(prefix=f"lcsc-spool-{os.getpid()}-", dir=self.layout["fast_spool"])
+                self.fast = tempfile.mkdtemp(prefix=f"lcsc-spool-{self.layout['owner']}-",
+                                             dir=self.layout["fast_spool"])
             except OSError:
                 self.layout["fast_spool"] = None
         return self.fast
@@ -252,6 +263,9 @@ def main(run_id: str) -> int:
     finally:
         if slots.fast is not None:
             shutil.rmtree(slots.fast, ignore_errors=True)
+        if os.environ.get(OWNER_ENV):  # after the spool: a lock file without entries is harmless
+            with contextlib.suppress(OSError):
+                os.unlink(os.environ[OWNER_ENV])
 
 
 def _upload_all(client, run_id: str, jobs: queue.Queue, slots: _Slots) -> int:
