@@ -43,13 +43,23 @@ class Generator:
     """
 
     def __init__(self, model: torch.nn.Module, spec: ModelSpec, *, device: str = "cpu", batch_size: int = 64,
-                 max_samples: int = MODEL_CONFIG["max_samples"]) -> None:
+                 max_samples: int = MODEL_CONFIG["max_samples"], name: str = "this model") -> None:
         from lcsc_ops.models.diffusion import make_sampler
 
         if int(batch_size) < 1:
             raise LcscError(f"batch_size must be at least 1, got {batch_size}")
         self.model, self.spec, self.sampler = model.to(device).eval(), spec, make_sampler(spec.sampler)
         self.device, self.batch_size, self.max_samples = torch.device(device), int(batch_size), int(max_samples)
+        self.name = name
+
+    def check_samplable(self) -> None:
+        """LcscError (one line, what to use instead) for a model no built-in sampler can sample: one
+        registered without a sample shape (``image_shape=None``, e.g. scored by a custom evaluator)."""
+        if self.spec.image_shape is None:
+            raise LcscError(f"{self.name} has no sample shape (its spec's image_shape is null: a model scored by a "
+                            "custom evaluator), so no built-in sampler can sample it; load the network with "
+                            "mlflow.pytorch.load_model(uri) (or lcsc_ops.load(uri).model) and sample it with your "
+                            "own sampler")
 
     def sample(self, num_samples: int, seed: int = 0, *, label: int | None = None,
                guidance: float | None = None) -> torch.Tensor:
@@ -59,6 +69,7 @@ class Generator:
         scale ``guidance`` (None: the spec's)."""
         from lcsc_ops.evaluation.fid import make_noise, sample_batch
 
+        self.check_samplable()
         num_samples, seed = _count(num_samples, "num_samples"), _seed(seed)
         noise = make_noise(num_samples, self.spec.image_shape, seed)
         cond = self._guidance(num_samples, seed, label, guidance)
@@ -98,6 +109,7 @@ class Generator:
         from mlflow.exceptions import MlflowException
 
         try:
+            self.check_samplable()
             conditional = self.spec.conditioning is not None
             rows = _records(model_input, conditional)
             requests = [(_count(r.get("num_samples"), "num_samples"), _seed(r.get("seed")), _label(r.get("label")))
@@ -215,8 +227,9 @@ def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> Ge
 
 
 def load_local(path: str, *, device: str = "cpu", batch_size: int = 64,
-               max_samples: int = MODEL_CONFIG["max_samples"]) -> Generator:
-    """The lcsc-ops model saved in directory ``path`` (its ``pytorch`` flavor and spec)."""
+               max_samples: int = MODEL_CONFIG["max_samples"], name: str | None = None) -> Generator:
+    """The lcsc-ops model saved in directory ``path`` (its ``pytorch`` flavor and spec); ``name``
+    (its URI) is what messages call it."""
     import mlflow.pytorch
     from mlflow.models import Model
 
@@ -226,7 +239,7 @@ def load_local(path: str, *, device: str = "cpu", batch_size: int = 64,
         raise LcscError(f"model at {path} has no lcsc_spec in its metadata: not registered by lcsc-ops")
     spec = ModelSpec.from_dict(data, origin=f"model {path}")  # read only for its sampler and shape, never built
     return Generator(mlflow.pytorch.load_model(path), spec, device=device, batch_size=batch_size,
-                     max_samples=max_samples)
+                     max_samples=max_samples, name=f"model {name or path}")
 
 
 def load(model_uri: str, *, device: str = "cpu", batch_size: int = 64, tracking_uri: str | None = None) -> Generator:
@@ -245,4 +258,4 @@ def load(model_uri: str, *, device: str = "cpu", batch_size: int = 64, tracking_
     except MlflowException as exc:
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise LcscError(f"cannot load model {model_uri!r}: {first}") from None
-    return load_local(path, device=device, batch_size=batch_size)
+    return load_local(path, device=device, batch_size=batch_size, name=repr(model_uri))
