@@ -62,8 +62,10 @@ def test_one_child_run_per_trial_with_coefficients(store, optimized):
     parent = client.get_run(report["parent_run_id"])
     assert parent.info.status == "FINISHED"
     assert {"search_fid.last", "final_fid.uniform"} <= set(parent.data.metrics)
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/search_history.png", "plots/coefficients.png"} <= artifacts
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "plots" not in artifacts  # one set of plots: the report's
+    report_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/search_curve.png", "report/coefficients.png", "report/results.md"} <= report_files
 
 
 def test_registered_promoted_model_is_the_recomputed_merge(store, tiny_run, optimized):

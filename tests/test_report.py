@@ -147,7 +147,7 @@ def test_search_curve_draws_each_baseline_in_its_own_colour_with_a_legend(tmp_pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lcsc_ops.pipeline.report import plot_search_curve
+    from lcsc_ops.pipeline.plots import plot_search_curve
 
     monkeypatch.setattr(plt, "close", lambda fig=None: None)  # keep the figure to look at it
     baselines = {"last": 3.0, "uniform": 3.0, "ema_star": 2.9, "training_ema": 2.8}

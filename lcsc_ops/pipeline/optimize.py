@@ -10,7 +10,6 @@ import dataclasses
 import hashlib
 import math
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from lcsc_ops.pipeline.checks import checked_window
 from lcsc_ops.pipeline.config import BASIS_KINDS, OptimizeConfig
 from lcsc_ops.pipeline import stopping
 from lcsc_ops.pipeline.progress import PlainProgress, Progress, SilentProgress
-from lcsc_ops.pipeline.report import build_report, class_accuracy_metrics, publish_report, save_plots, seeds_used
+from lcsc_ops.pipeline.report import build_report, class_accuracy_metrics, publish_report, seeds_used
 from lcsc_ops.pipeline.scoring import Scorer
 from lcsc_ops.redact import mask_credentials
 from lcsc_ops.search.evolution import seed_points_from_profiles
@@ -443,16 +442,11 @@ def make_report(job: Job, search: Search, base: Sequence[Candidate], cands: Sequ
     return report
 
 
-def log_results(job: Job, search: Search, report: dict[str, Any], cands: Sequence[Candidate], base: Sequence[Candidate],
-                winner: Candidate) -> None:
+def log_results(job: Job, search: Search, report: dict[str, Any]) -> None:
     run = search.run
     run.log_metrics({f"final_{job.evaluators.metric}.{n}": r["final_mean"] for n, r in report["methods"].items()})
     run.log_metrics(class_accuracy_metrics(report))
-    run.log_json(report, "results.json")
-    with tempfile.TemporaryDirectory() as tmp:
-        for path in save_plots(search.study.records(), base, cands, winner, job.window, Path(tmp),
-                               metric=job.evaluators.metric):
-            run.log_artifact(path, "plots")
+    run.log_json(report, "results.json")  # the plots are the report's (report/), written at the end
 
 
 def conclude(job: Job, search: Search, base: Sequence[Candidate], seconds: float) -> dict[str, Any]:
@@ -481,7 +475,7 @@ def _conclude(job: Job, search: Search, base: Sequence[Candidate], seconds: floa
     winner = next(c for c in [*base, *cands] if c.name == report["winner"])
     if job.cfg.register:
         report["registered_model"] = register(job, search, winner, report)
-    log_results(job, search, report, cands, base, winner)
+    log_results(job, search, report)
     write_report(job, search, report)
     return report
 

@@ -16,6 +16,7 @@ from lcsc_ops.errors import LcscError
 from lcsc_ops.options import option
 from lcsc_ops.pipeline.candidates import FINAL_SEED_BASE, Candidate, choose, fresh_seeds, merged_state, paired
 from lcsc_ops.pipeline.checks import check_window
+from lcsc_ops.pipeline.plots import plot_coefficients, plot_samples, plot_search_curve
 from lcsc_ops.spec import ModelSpec, parse_module_prefixes
 
 BASELINE_ORDER = ("last", "training_ema", "ema_star", "uniform")
@@ -195,34 +196,8 @@ def _caption(report: dict[str, Any]) -> str:
             + (f". {note[0].upper() + note[1:]}." if note else ""))
 
 
-def save_plots(trials: Sequence[Any], base: Sequence[Candidate], cands: Sequence[Candidate], winner: Candidate,
-               window: Any, out: Path, *, metric: str) -> list[Path]:
-    """Search history (each trial, best so far, baselines) and the winner's coefficients, as PNGs."""
-    plt = _pyplot()
-    scores = [(t.number, t.value) for t in trials if t.value is not None and not t.pruned]
-    start = next((t.start for t in trials if getattr(t, "start", None)), None)
-    paths = [plot_search_curve(scores, {c.name: c.search_fid for c in base}, out / "search_history.png",
-                               metric=metric, start=start)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    labels = [window.entries[i].label for i in winner.indices]
-    ax.bar(range(len(labels)), winner.coeffs)
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
-    ax.set_ylabel("coefficient")
-    ax.set_title(f"{winner.name}: merge coefficients (sum = 1)")
-    fig.tight_layout()
-    paths.append(out / "coefficients.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-    return paths
-
-
 # --- lcsc-ops report: the search curve, the coefficients, samples, the table in Markdown -------------
 
-# Baselines as horizontal lines: no two share a colour and a line style; the trials and the best so
-# far use neither of these colours.
-LINE_STYLES = [("tab:blue", "--"), ("tab:green", ":"), ("tab:purple", "-."), ("tab:orange", (0, (5, 1, 1, 1))),
-               ("tab:brown", (0, (1, 1))), ("tab:cyan", (0, (3, 1, 1, 1, 1, 1))), ("tab:olive", (0, (8, 2))),
-               ("tab:pink", (0, (2, 2)))]
 REPORT_FILES = ("search_curve.png", "coefficients.png", "samples.png", "results.md")
 SAMPLE_SEED = FINAL_SEED_BASE  # fresh noise, never used in the search
 
@@ -243,91 +218,6 @@ class ReportConfig:
     allow_pickle: bool = option(False, "Fully unpickle the source run's checkpoint files that need it (as for "
                                        "optimize; runs code from the files).")
     tracking_uri: str | None = option(None, cli=False)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_search_curve(trials: Sequence[tuple[int, float]], baselines: dict[str, float], path: Path, *,
-                      metric: str, start: str | None = None) -> Path:
-    """Every trial's score, the best so far, and each baseline as a labelled horizontal line."""
-    plt = _pyplot()
-    trials = sorted((n, v) for n, v in trials if math.isfinite(v))
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    xs, ys = [n for n, _ in trials], [v for _, v in trials]
-    ax.scatter(xs, ys, s=10, color="0.55", alpha=0.7, label="trial", zorder=2)
-    if ys:
-        best = [min(ys[: i + 1]) for i in range(len(ys))]
-        ax.step(xs, best, where="post", color="tab:red", lw=3, alpha=0.6, label=f"best so far ({best[-1]:.4g})",
-                zorder=3)
-    finite = {n: v for n, v in baselines.items() if v is not None and math.isfinite(v)}
-    for i, (name, value) in enumerate(sorted(finite.items(), key=lambda kv: kv[1])):
-        colour, style = LINE_STYLES[i % len(LINE_STYLES)]
-        ax.axhline(value, color=colour, ls=style, lw=1.6, label=f"{name} ({value:.4g})", zorder=4)
-    # The axis shows every baseline and 90% of the trials: a few wild trials must not flatten the rest.
-    p90 = [sorted(ys)[int(0.9 * (len(ys) - 1))]] if ys else []
-    top = max([*finite.values(), *p90], default=None)
-    hidden = sum(v > top * 1.05 for v in ys) if top is not None and top > 0 else 0
-    if hidden:
-        ax.set_ylim(top=top * 1.05)
-    ax.set_xlabel("trial")
-    ax.set_ylabel(f"search {metric}")
-    ax.set_title(f"search: {len(ys)} scored trials" + (f", trial 0 = the start ({start})" if start else "")
-                 + (f"; {hidden} above the top edge" if hidden else ""), fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="lower is better")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_coefficients(labels: Sequence[str], series: dict[str, Sequence[float]], path: Path, *, title: str) -> Path:
-    """Grouped bars: each series' coefficient at every checkpoint (``kind@step``)."""
-    plt = _pyplot()
-    n, k = len(labels), max(1, len(series))
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.32 * n * k), 4.5))
-    width = 0.8 / k
-    for j, ((name, values), colour) in enumerate(zip(series.items(), ("tab:blue", "tab:red", "tab:green"))):
-        ax.bar([i + (j - (k - 1) / 2) * width for i in range(n)], values, width, color=colour, label=name)
-    ax.axhline(0.0, color="0.3", lw=0.8)
-    ax.set_xticks(range(n), labels, rotation=90, fontsize=7 if n <= 40 else 5)
-    ax.set_ylabel("coefficient (each set sums to 1)")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def plot_samples(rows: Sequence[tuple[str, Any]], path: Path, *, title: str) -> Path:
-    """One row of images per model ((N, C, H, W) in [-1, 1]); column j is the same noise in every row."""
-    import torch
-
-    plt = _pyplot()
-    n = max(len(images) for _, images in rows)
-    fig, axes = plt.subplots(len(rows), 1, figsize=(max(4.0, 0.9 * n + 2), 1.2 * len(rows) + 0.6), squeeze=False)
-    for ax, (name, images) in zip(axes[:, 0], rows):
-        x = ((images.detach().float().cpu().clamp(-1, 1) + 1) / 2)
-        x = x[:, :3] if x.shape[1] >= 3 else x[:, :1]
-        pad = torch.full((x.shape[0], x.shape[1], x.shape[2], max(1, x.shape[3] // 4)), 0.5)  # grey gaps
-        strip = torch.cat([t for img, sep in zip(x, pad) for t in (img, sep)][:-1], dim=2)
-        ax.imshow(strip.permute(1, 2, 0).numpy().squeeze(), cmap="gray" if x.shape[1] == 1 else None,
-                  vmin=0, vmax=1, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def _cell(x: Any, digits: int = 3, sign: bool = False) -> str:
