@@ -6,12 +6,13 @@ LCSC   := $(VENV)/bin/lcsc-ops
 STAMP  := $(VENV)/.installed
 
 # Demo recipe = the quality benchmark's (benchmarks/RESULTS.md): ~2 min of training on 2 CPU cores, then a
-# 100-trial CMA-ES search over 40 checkpoint steps (raw + EMA, 8 blocks per kind) scored on 2 fixed seeds.
+# 100-trial search with the default strategy (evolution, OptimizeConfig.strategy) over 40 checkpoint steps (raw + EMA,
+# 8 blocks per kind) scored on 2 fixed seeds.
 DEMO_STEPS  ?= 3000
 DEMO_TRIALS ?= 100
 DEMO_MODEL  ?= digits-ddpm
 
-.PHONY: install demo test test-ui bench bench-quality bench-prune bench-scale bench-cm bench-nfe bench-strategies bench-conditional clean
+.PHONY: install demo test test-ui docs docs-serve bench bench-quality bench-prune bench-scale bench-cm bench-nfe bench-strategies bench-conditional clean
 
 install: $(STAMP)
 
@@ -35,6 +36,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The documentation site (mkdocs.yml, docs/): built with --strict (a broken link or a page left out of the nav fails it);
+# `make test` builds it too (tests/test_docs.py). docs-serve rebuilds on every edit, on http://127.0.0.1:8000 only.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs serve --strict -a 127.0.0.1:8000
 
 # The MLflow UI in headless Chromium (Debian's, apt-get installed if missing: run as root): the optimize run,
 # its trial runs and the registered model with its alias; screenshots -> docs/mlflow-ui-runs.png, docs/mlflow-ui-model.png.
@@ -89,4 +98,4 @@ bench-conditional: $(STAMP)
 	$(PY) benchmarks/bench_conditional.py
 
 clean:
-	rm -rf $(VENV) mlflow.db optuna.db optuna.journal .lcsc-demo.json
+	rm -rf $(VENV) mlflow.db optuna.db optuna.journal .lcsc-demo.json site
