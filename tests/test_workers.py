@@ -137,3 +137,58 @@ def test_the_watchdog_cleans_up_after_a_killed_worker_that_nobody_reruns(store, 
     assert client.get_run(parent).info.status == "KILLED"
     study = _study(storage, study.study_name)
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+
+
+BUDGET_WORKER = '''
+import sys, time
+import optuna
+from lcsc_ops.math.encoding import AffineEncoding
+from lcsc_ops.search.storage import make_storage
+from lcsc_ops.search.trials import run_trials
+
+storage = make_storage(sys.argv[1])
+study = optuna.load_study(study_name="budget", storage=storage)
+seconds, waits = float(sys.argv[2]), []
+
+
+def score(coeffs):
+    time.sleep(seconds)
+    return sum(c * c for c in coeffs)
+
+
+print("ready", flush=True)
+sys.stdin.readline()  # both start together: imports take seconds on a busy machine
+ran = run_trials(study, AffineEncoding(centre=(0.5, 0.5)), score, 6, storage=storage, on_wait=waits.append)
+print(ran, len(waits), flush=True)
+'''
+
+
+def test_a_worker_that_finds_the_budget_claimed_waits_instead_of_failing_surplus_trials(tmp_path):
+    """Two real processes on one study, one trial of one of them 4x slower than the other's: the
+    fast worker finds the last places claimed by the slow one's running trial and waits (it is told
+    how many run) instead of asking and FAILing surplus trials; at most one surplus trial each."""
+    from lcsc_ops.search.trials import SURPLUS_ATTR
+
+    journal = str(tmp_path / "budget.journal")
+    optuna.create_study(study_name="budget", storage=make_storage(journal))
+    script = tmp_path / "budget_worker.py"
+    script.write_text(BUDGET_WORKER)
+    procs = [subprocess.Popen([sys.executable, str(script), journal, s], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True) for s in ("0.3", "1.2")]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    study = _study(journal, "budget")
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6
+    assert not [s for s in states if s == optuna.trial.TrialState.RUNNING]
+    fails = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert all(t.user_attrs.get(SURPLUS_ATTR) for t in fails)
+    per_worker = [sum(t.user_attrs.get("lcsc.worker") == w for t in fails)
+                  for w in {t.user_attrs.get("lcsc.worker") for t in fails}]
+    assert max(per_worker, default=0) <= 1, per_worker
+    assert sum(int(o[0]) for o in outs) == 6  # every trial finished counts once
+    assert int(outs[0][1]) >= 1  # the fast worker waited for the slow one's last trial
