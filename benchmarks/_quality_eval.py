@@ -18,7 +18,7 @@ from lcsc_ops.checkpoints import CheckpointEntry, CheckpointWindow, sha256_file,
 from lcsc_ops.math.ema import ema_decay_at, ema_update_
 from lcsc_ops.math.merge import merge_state_dicts
 from lcsc_ops.math.profiles import quantise
-from lcsc_ops.pipeline.candidates import FINAL_SEED_BASE
+from lcsc_ops.pipeline.candidates import FINAL_SEED_BASE, fresh_seeds
 from lcsc_ops.pipeline.config import OptimizeConfig
 from lcsc_ops.pipeline.scoring import Scorer
 from lcsc_ops.store import logger as ckpt_mod
@@ -92,7 +92,8 @@ class ProtocolScorer:
     """Scores fixed state dicts exactly as ``lcsc-ops optimize`` scores its candidates.
 
     Search: mean FID over search seeds ``0..S-1`` at ``search_samples``; final: FID and the
-    second metric from one set of samples per fresh seed ``10000 + i`` at ``final_samples``.
+    second metric from one set of samples per fresh test seed ``10000 + i`` at ``final_samples``;
+    selection: FID on the selection seeds after them.
     """
 
     def __init__(self, cfg: OptimizeConfig, spec: Any, entries: Sequence[CheckpointEntry], cache_dir: Path) -> None:
@@ -121,6 +122,11 @@ class ProtocolScorer:
         if self.second is None:
             return self.scorer.per_seed(dense, self.first, self.cfg.final_samples, seeds), []
         return self.scorer.per_seed_pair(dense, self.first, self.second, self.cfg.final_samples, seeds)
+
+    def selection(self, dense: Sequence[float]) -> list[float]:
+        """FID on the optimize run's selection seeds (after its test seeds): what a choice is made on."""
+        seeds = fresh_seeds(self.cfg.final_seeds, self.cfg.selection_seeds)["selection"]
+        return self.scorer.per_seed(dense, self.first, self.cfg.final_samples, seeds)
 
 
 def posthoc_ema_state(raw: Sequence[CheckpointEntry], decay_per_step: float, warmup: bool = True
