@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 
 from mkdocs.structure.files import File
@@ -25,11 +26,17 @@ def _cell(text: object) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _first_sentence(text: str) -> str:
+    return re.split(r"(?<=[a-z]{3})\. ", text, maxsplit=1)[0].rstrip(".")
+
+
 def _default(param) -> str:
     if param.required:
         return "required"
-    if param.is_flag and param.secondary_opts:
-        return " ".join(param.opts if param.default else param.secondary_opts)
+    if param.is_flag:
+        if param.secondary_opts:
+            return f"`{(param.opts if param.default else param.secondary_opts)[0]}`"
+        return "on" if param.default else "off"
     return "" if param.default is None else f"`{param.default}`"
 
 
@@ -78,7 +85,7 @@ def cli_reference() -> str:
              "`optimize` and `report` and their defaults come from `TrainConfig`, `OptimizeConfig` and "
              "`ReportConfig`, so this page cannot drift from the code. `lcsc-ops COMMAND --help` prints the same.",
              "", _cell(group.help or ""), ""]
-    lines += [f"- [`{name}`](#lcsc-ops-{name}): {_cell((cmd.help or '').split('. ')[0])}"
+    lines += [f"- [`{name}`](#lcsc-ops-{name}): {_cell(_first_sentence(cmd.help or ''))}"
               for name, cmd in group.commands.items()]
     lines.append("")
     for name, command in group.commands.items():
