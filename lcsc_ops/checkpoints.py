@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,11 +65,21 @@ def checkpoint_metadata(step: int, kind: str, spec: ModelSpec | str,
 def write_checkpoint(path: Path, state: Mapping[str, torch.Tensor], *, step: int, kind: str,
                      spec: ModelSpec | str, extra: Mapping[str, str] | None = None) -> None:
     """Write a state dict as safetensors with step, kind and spec (or its JSON) in the metadata
-    (atomic rename)."""
+    (atomic rename). The same state and metadata give the same bytes (safetensors' own writer
+    orders the metadata differently in every process): a file converted again hashes the same."""
     tmp = path.with_suffix(".tmp")
-    # safetensors refuses tensors that share memory; a snapshot made with clone() never does.
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
-              metadata=checkpoint_metadata(step, kind, spec, extra))
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    metadata = checkpoint_metadata(step, kind, spec, extra)
+    layout = safetensors_layout(state)
+    if layout is None:  # safetensors refuses tensors that share memory; a clone() never does
+        save_file(state, str(tmp), metadata=metadata)
+    else:
+        header = layout.header_text(metadata).encode()
+        header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
+            for name in layout.names:
+                f.write(state[name].cpu().reshape(-1).view(torch.uint8).numpy())
     os.replace(tmp, path)
 
 

@@ -10,9 +10,9 @@ transformers ``model.safetensors``) goes through three steps here:
    ``state_dict`` / ``current_model_state`` under ``WeightAveraging``, ema-pytorch's
    ``ema_model.`` / ``online_model.``, timm's ``state_dict_ema``, plain or nested dicts).
 3. :func:`apply_key_prefix`: the keys mapped onto the model's, the prefix found by
-   :func:`find_key_prefix` against the factory's state dict built on the meta device
-   (:func:`model_layout`): exactly one prefix that maps the keys is used; several or none
-   is one error line naming the candidates and ``--key-prefix``.
+   :func:`find_key_prefix` against the factory's state dict (built on the meta device by the
+   caller, :func:`lcsc_ops.layouts.spec_layout`): exactly one prefix that maps the keys is used;
+   several or none is one error line naming the candidates and ``--key-prefix``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from typing import Any, Mapping
 import torch
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.spec import ModelSpec
 
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 _PLAIN_MODULES = ("torch", "collections", "builtins", "copyreg", "_codecs")  # what a pickled state dict needs
@@ -189,24 +188,6 @@ def weight_states(obj: Any, name: str) -> dict[str, dict[str, torch.Tensor]]:
     return states
 
 
-def model_layout(spec: ModelSpec) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Key -> (shape, dtype) of the model ``spec`` builds, built on the meta device (no memory, no
-    initialisation) when the factory allows it, else on the CPU. A failing factory is one line."""
-    try:
-        try:
-            with torch.device("meta"):
-                model = spec.build()
-        except LcscError:
-            raise
-        except Exception:  # a factory that needs real tensors (e.g. it loads something)
-            model = spec.build()
-    except LcscError:
-        raise
-    except Exception as exc:
-        raise LcscError(f"factory {spec.factory!r} failed: {type(exc).__name__}: {first_line(exc)}") from None
-    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-
-
 def prefix_candidates(keys: list[str] | set[str], model_keys: list[str] | set[str]) -> dict[str, int]:
     """Each prefix ``p`` under which some of the model's keys appear in ``keys`` (``p + key``), with
     how many of the model's keys it maps: a prefix mapping all of them fits."""
@@ -250,13 +231,13 @@ def apply_key_prefix(state: Mapping[str, Any], prefix: str, model_keys: list[str
     return {k: state[prefix + k] for k in model_keys if prefix + k in state}
 
 
-def check_states(name: str, state: Mapping[str, torch.Tensor],
-                 layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
-    """LcscError unless ``state`` holds every key of the model, each with its shape, all finite."""
-    missing = sorted(set(layout) - set(state))
+def check_states(name: str, state: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """LcscError unless ``state`` holds every key of the model (``shapes``: key -> shape), each with
+    its shape, all finite."""
+    missing = sorted(set(shapes) - set(state))
     if missing:
         raise LcscError(f"{name}: the model's key {missing[0]!r} is missing ({len(missing)} missing keys)")
-    for key, (shape, _) in layout.items():
+    for key, shape in shapes.items():
         t = state[key]
         if tuple(t.shape) != tuple(shape):
             raise LcscError(f"{name}: {key!r} has shape {tuple(t.shape)}, the model's is {tuple(shape)}")

@@ -21,7 +21,7 @@ runner = CliRunner()
 FACTORY, KWARGS = "lcsc_ops.models.unet:digits_unet", '{"channels": 16}'
 STEPS = (50, 100, 150, 200)
 SEARCH = ["--n-trials", "3", "--search-samples", "48", "--final-samples", "48", "--final-seeds", "2",
-          "--selection-seeds", "1", "--top-k", "1", "--ema-grid", "2", "--batch-size", "48", "--device", "cpu"]
+          "--top-k", "1", "--ema-grid", "2", "--batch-size", "48", "--device", "cpu"]
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -125,3 +125,22 @@ def test_spec_options_are_refused_for_a_run_that_records_its_own(store, tiny_run
     result = _optimize(store, tiny_run)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 1 and len(lines) == 1 and "records its own model spec" in lines[0], result.output
+
+
+def test_a_run_of_the_users_own_loop_is_listed_as_a_training_run(store):
+    """CheckpointLogger in the user's own loop tags the run lcsc.kind=training, so `runs` lists it."""
+    from lcsc_ops.spec import spec_from_options
+    from lcsc_ops.store.logger import CheckpointLogger
+
+    mlflow.set_tracking_uri(store["uri"])
+    mlflow.set_experiment("own-loop-listed")
+    net = digits_unet(channels=8)
+    with mlflow.start_run() as run:
+        with CheckpointLogger(spec_from_options(FACTORY, {"channels": 8}), every=1) as ckpt:
+            for step in (1, 2):
+                ckpt.step(net, step)
+    assert mlflow.tracking.MlflowClient(store["uri"]).get_run(run.info.run_id).data.tags["lcsc.kind"] == "training"
+    runs = runner.invoke(app, ["runs", "--json", "--experiment", "own-loop-listed", "--tracking-uri", store["uri"]])
+    assert runs.exit_code == 0, runs.output
+    row = next(r for r in json.loads(runs.stdout)["training"] if r["run_id"] == run.info.run_id)
+    assert (row["kind"], row["layout"], row["checkpoints"], row["last_step"]) == ("training", "lcsc", 4, 2)

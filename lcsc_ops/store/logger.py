@@ -165,6 +165,8 @@ class CheckpointLogger:
             run_id = active.info.run_id
         self.run_id = run_id
         client = MlflowClient(tracking_uri=tracking_uri or mlflow.get_tracking_uri())
+        if "lcsc.kind" not in client.get_run(run_id).data.tags:  # the user's own loop: a training run to list
+            client.set_tag(run_id, "lcsc.kind", "training")
         self._uploader = CheckpointUploader(client, run_id, self.spec)
         self._spool = tempfile.TemporaryDirectory(prefix="lcsc-spool-")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcsc-ckpt-write")

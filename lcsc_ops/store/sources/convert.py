@@ -8,7 +8,8 @@ model's (:func:`~lcsc_ops.weightfiles.find_key_prefix`), checked, and written as
 ``step<N>-<kind>.safetensors`` beside a record (``sources.json``) of what each came from: the
 artifact's path, size and sha256. A rerun reuses a converted file only if its own sha256 still
 matches the record (the cache verifies what it downloaded) and the run still lists the artifact
-at the recorded size.
+at the recorded size; an artifact whose sha256 differs from the one it had when first fetched is
+refused (a run's file changed in place: merges and lineage would mix two files under one name).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from lcsc_ops.checkpoints import CheckpointEntry, sha256_file, write_checkpoint
 from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec
 from lcsc_ops.store.sources.base import RunContext, SourceEntry, inside
-from lcsc_ops.weightfiles import (apply_key_prefix, check_states, find_key_prefix, load_torch_file, model_layout,
+from lcsc_ops.layouts import spec_layout
+from lcsc_ops.weightfiles import (apply_key_prefix, check_states, find_key_prefix, first_line, load_torch_file,
                                   weight_states)
 
 RECORD = "sources.json"
@@ -86,9 +88,23 @@ class _Record:
                 for kind, f in sorted(rec["files"].items(), key=lambda kv: kv[0] != "raw")]
 
 
+def model_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the model ``spec`` builds: on the meta device (no memory, no initialisation)
+    when the factory allows it, else on the CPU; a failing factory is one line."""
+    built = spec_layout(spec)
+    if built is not None:
+        return {k: shape for k, (shape, _) in built[0].items()}
+    try:
+        return {k: tuple(v.shape) for k, v in spec.build().state_dict().items()}
+    except LcscError:
+        raise
+    except Exception as exc:
+        raise LcscError(f"factory {spec.factory!r} failed: {type(exc).__name__}: {first_line(exc)}") from None
+
+
 def _conversion_key(layout: Mapping[str, Any], spec: ModelSpec, key_prefix: str | None) -> str:
     """What a converted file depends on beyond the artifact: the model's keys and shapes, the prefix option."""
-    text = json.dumps([spec.factory, sorted((k, list(s)) for k, (s, _) in layout.items()), key_prefix])
+    text = json.dumps([spec.factory, sorted((k, list(s)) for k, s in layout.items()), key_prefix])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -98,7 +114,7 @@ def fetch_converted(ctx: RunContext, entries: Sequence[SourceEntry], root: Path,
     ``root``), checked against the sizes the run lists, converted to safetensors; the bytes to
     download are logged first (``note`` says why they are what they are). An EMA found inside a
     file asked for its raw weights comes back too (kind ``ema``, same step): the file is whole."""
-    layout = model_layout(spec)
+    layout = model_shapes(spec)
     key = _conversion_key(layout, spec, ctx.options.key_prefix)
     groups: dict[str, list[SourceEntry]] = {}
     for e in entries:
@@ -110,15 +126,19 @@ def fetch_converted(ctx: RunContext, entries: Sequence[SourceEntry], root: Path,
         ctx.log(f"run {ctx.run_id}: downloading {len(todo)} checkpoint file(s), {mb(total)}"
                 + (f"; {note}" if note else ""))
     for path in todo:
-        record.data[path] = _convert(ctx, path, groups[path], root, spec, layout, loader)
+        before = record.data.get(path)
+        known = before.get("sha256") if isinstance(before, dict) else None
+        record.data[path] = _convert(ctx, path, groups[path], root, spec, layout, loader, known)
         record.data[path]["key"] = key
         record.save()
     return [c for p, es in groups.items() for c in record.entries(p, es[0].step, root)]
 
 
 def _convert(ctx: RunContext, path: str, entries: Sequence[SourceEntry], root: Path, spec: ModelSpec,
-             layout: Mapping[str, Any], loader: Loader) -> dict[str, Any]:
-    """Download one artifact, verify it, write the safetensors of each of its entries; their record."""
+             layout: Mapping[str, Any], loader: Loader, known: str | None) -> dict[str, Any]:
+    """Download one artifact, verify it (against the size the run lists, the sha256 it records, and
+    the sha256 it had when first fetched: ``known``), write the safetensors of each of its entries;
+    their record."""
     run_id = ctx.run_id
     with tempfile.TemporaryDirectory(dir=root, prefix="download-") as tmp:
         got = ctx.download(path, tmp)
@@ -130,6 +150,9 @@ def _convert(ctx: RunContext, path: str, entries: Sequence[SourceEntry], root: P
         if entries[0].sha256 is not None and digest != entries[0].sha256:
             raise LcscError(f"run {run_id}: {path} fails its sha256 check (expected {entries[0].sha256[:12]}…, "
                             f"got {digest[:12]}…)")
+        if known is not None and digest != known:
+            raise LcscError(f"run {run_id}: {path} changed since it was first fetched (sha256 {known[:12]}… then, "
+                            f"{digest[:12]}… now); refusing it (remove {root} to start over if the change is meant)")
         states = weight_states(loader(got, path, ctx.options.allow_pickle), path)
     files = {}
     asked = {e.kind for e in entries}
