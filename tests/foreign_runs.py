@@ -9,8 +9,10 @@ runs once per session (``pytest_plugins`` in conftest.py registers these fixture
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import mlflow
 import pytest
@@ -217,6 +219,116 @@ def make_transformers_run(uri: str, tmp: Path) -> str:
         trainer.train()
         run_id = mlflow.last_active_run().info.run_id
     return run_id
+
+
+# ---- the same layouts written with plain mlflow, for the contract suite (tests/test_sources.py) ----------
+# Each writes a run whose checkpoint at step s holds state_of(s) (keys under "net."), fast enough to make per test.
+
+StateOf = Callable[[int], dict]
+
+
+def _run(uri: str, name: str) -> tuple[Any, str, str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sources-contract")
+    exp_id = exp.experiment_id if exp else client.create_experiment("sources-contract")
+    return client, exp_id, client.create_run(exp_id, run_name=name).info.run_id
+
+
+def _prefixed(state: dict) -> dict:
+    return {"net." + k: v for k, v in state.items()}
+
+
+def write_autolog_layout(uri: str, tmp: Path, steps: list[int], state_of: StateOf) -> tuple[str, dict[int, str]]:
+    """``checkpoints/epoch_<i>/checkpoint.pth`` (Lightning's dict) + ``checkpoint_metrics.json``, as autolog."""
+    client, _, run_id = _run(uri, "autolog")
+    paths = {}
+    for epoch, step in enumerate(steps):
+        folder = tmp / f"epoch_{epoch}"
+        folder.mkdir()
+        torch.save({"state_dict": _prefixed(state_of(step)), "global_step": step, "epoch": epoch,
+                    "optimizer_states": [{"state": {}}]}, folder / "checkpoint.pth")
+        (folder / "checkpoint_metrics.json").write_text(json.dumps({"loss": 0.5, "epoch": epoch, "global_step": step}))
+        client.log_artifacts(run_id, str(folder), f"checkpoints/epoch_{epoch}")
+        paths[step] = f"checkpoints/epoch_{epoch}/checkpoint.pth"
+    client.set_tag(run_id, "mlflow.latest_checkpoint_artifact", paths[steps[-1]])
+    client.set_terminated(run_id)
+    return run_id, paths
+
+
+def _logged_model(client, exp_id: str, run_id: str, name: str, folder: Path, step: int) -> str:
+    from mlflow.entities import LoggedModelOutput
+
+    model = client.create_logged_model(exp_id, name=name, source_run_id=run_id)
+    client.log_model_artifacts(model.model_id, str(folder))
+    client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+    return model.model_id
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def write_transformers_layout(uri: str, tmp: Path, steps: list[int], state_of: StateOf) -> tuple[str, dict[int, str]]:
+    """LoggedModels ``checkpoint-<s>`` (step 0, as MLflowCallback leaves them) holding the checkpoint folder under
+    ``artifacts/checkpoint-<s>/``, its ``training_args.bin`` a pickle that would run a command if loaded."""
+    import pickle
+
+    from safetensors.torch import save_file
+
+    client, exp_id, run_id = _run(uri, "transformers")
+    paths = {}
+    for step in steps:
+        folder = tmp / f"hf-{step}"
+        ckpt = folder / "artifacts" / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        save_file(_prefixed(state_of(step)), ckpt / "model.safetensors", metadata={"format": "pt"})
+        (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+        (ckpt / "training_args.bin").write_bytes(pickle.dumps(_Evil()))
+        torch.save({"state": {}}, ckpt / "optimizer.pt")
+        model_id = _logged_model(client, exp_id, run_id, f"checkpoint-{step}", folder, 0)
+        paths[step] = f"{model_id}/artifacts/checkpoint-{step}/model.safetensors"
+    client.set_terminated(run_id)
+    return run_id, paths
+
+
+_PT2: dict[tuple[int, str], bytes] = {}  # (step, state digest) -> archive bytes: torch.export takes seconds
+
+
+def _pt2_bytes(step: int, state: dict, tmp: Path) -> bytes:
+    digest = str(sum(float(v.double().sum()) for v in state.values()))
+    if (step, digest) not in _PT2:
+        net = digits_unet(channels=CHANNELS)
+        net.load_state_dict(state)
+        path = tmp / f"export-{step}.pt2"
+        torch.export.save(torch.export.export(_Fixed(net), (torch.zeros(2, 1, 8, 8),)), path)
+        _PT2[step, digest] = path.read_bytes()
+    return _PT2[step, digest]
+
+
+def write_mlflow3_layout(uri: str, tmp: Path, steps: list[int], state_of: StateOf,
+                         serialization_format: str = "pt2") -> tuple[str, dict[int, str]]:
+    """LoggedModels ``checkpoint-<s>`` with step s in the run's outputs, holding ``data/model.pt2`` (a
+    ``torch.export`` archive) or ``data/model.pth`` (the pickled module), as ``mlflow.pytorch.log_model``."""
+    client, exp_id, run_id = _run(uri, f"mlflow3-{serialization_format}")
+    paths = {}
+    for step in steps:
+        folder = tmp / f"m3-{step}"
+        (folder / "data").mkdir(parents=True)
+        if serialization_format == "pt2":
+            (folder / "data" / "model.pt2").write_bytes(_pt2_bytes(step, state_of(step), tmp))
+        else:
+            net = digits_unet(channels=CHANNELS)
+            net.load_state_dict(state_of(step))
+            torch.save(_Fixed(net), folder / "data" / "model.pth")
+        name = "model.pt2" if serialization_format == "pt2" else "model.pth"
+        model_id = _logged_model(client, exp_id, run_id, f"checkpoint-{step}", folder, step)
+        paths[step] = f"{model_id}/data/{name}"
+    client.set_terminated(run_id)
+    return run_id, paths
 
 
 # ---- session fixtures -------------------------------------------------------------------------------

@@ -51,3 +51,14 @@ def download_artifact(run_id: str, path: str, dst: str, tracking_uri: str | None
                                                    tracking_uri=tracking_uri)
     except (MlflowException, OSError):
         return None
+
+
+def download_from(location: str, path: str, dst: str) -> str | None:
+    """Download one file under an artifact location (a LoggedModel's) into ``dst``; None if it is not there."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        return get_artifact_repository(location).download_artifacts(path, dst)
+    except (MlflowException, OSError):
+        return None

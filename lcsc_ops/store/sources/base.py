@@ -87,6 +87,9 @@ class RunContext:
         self.run = run if run is not None else tracking.get_run_or_fail(run_id, tracking_uri)
         self.client = tracking.client(tracking_uri)
         self._listed: dict[str, list[Any]] = {}
+        # The run's MLflow 3 LoggedModels a reader listed (model id -> artifact location): their files are
+        # entries too, as ``<model id>/<path in the model>``, downloaded by :meth:`download` like the run's.
+        self.models: dict[str, str] = {}
 
     @property
     def tags(self) -> Mapping[str, str]:
@@ -113,9 +116,14 @@ class RunContext:
         return found
 
     def download(self, path: str, dst: str) -> Path:
-        """One artifact file of the run into ``dst`` (LcscError if it is missing or not a plain file there)."""
+        """One artifact file of the run into ``dst``, or ``<model id>/<path>`` of one of its LoggedModels in
+        ``models`` (LcscError if it is missing or not a plain file there)."""
         check_artifact_path(path, self.run_id)
-        got = tracking.download_artifact(self.run_id, path, dst, self.tracking_uri)
+        model_id, _, inner = path.partition("/")
+        if model_id in self.models and inner:
+            got = tracking.download_from(self.models[model_id], inner, dst)
+        else:
+            got = tracking.download_artifact(self.run_id, path, dst, self.tracking_uri)
         if got is None:
             raise LcscError(f"run {self.run_id}: checkpoint {path} is listed but missing")
         local = Path(got)

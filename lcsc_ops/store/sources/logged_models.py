@@ -2,8 +2,8 @@
 see them: which models the run logged (``search_logged_models(filter_string="source_run_id='<run>'")``,
 every page), the step each carries (the run's ``outputs.model_outputs``), their files, one file downloaded.
 
-An entry's path is ``<model id>/<path in the model>``; :class:`ModelFiles` downloads such paths (and the
-run's own artifacts) for :func:`~lcsc_ops.store.sources.convert.fetch_converted`.
+An entry's path is ``<model id>/<path in the model>``: listing the models records their artifact locations in
+``ctx.models``, and :meth:`~lcsc_ops.store.sources.base.RunContext.download` fetches such paths like the run's own.
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ def run_models(ctx: RunContext) -> list[LoggedModelRef]:
             if not token:
                 break
         cache["models"] = [ref for _, ref in sorted(found.values(), key=lambda t: (t[0], t[1].model_id))]
+        ctx.models.update({ref.model_id: ref.artifact_location for ref in cache["models"]})
     return cache["models"]
 
 
@@ -69,40 +70,11 @@ def model_files(ctx: RunContext, model: LoggedModelRef, path: str = "") -> list[
     return cache[key]
 
 
-def entry_path(model: LoggedModelRef, path: str) -> str:
-    """An entry's path: ``<model id>/<path in the model>``."""
-    return f"{model.model_id}/{check_artifact_path(path, model.model_id)}"
+def entry_path(ctx: RunContext, model: LoggedModelRef, path: str) -> str:
+    """An entry's path: ``<model id>/<path in the model>`` (:meth:`RunContext.download` fetches it)."""
+    return f"{model.model_id}/{check_artifact_path(path, ctx.run_id)}"
 
 
 def download_model_file(ctx: RunContext, model: LoggedModelRef, path: str, dst: str) -> Path:
     """One file of the model's artifacts into ``dst`` (LcscError if missing or not a plain file there)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-    check_artifact_path(path, ctx.run_id)
-    try:
-        got = get_artifact_repository(model.artifact_location).download_artifacts(path, dst)
-    except (MlflowException, OSError):
-        raise LcscError(f"run {ctx.run_id}: logged model {model.model_id} ({model.name}) has no file {path}") from None
-    local = Path(got)
-    if not (local.is_file() and not local.is_symlink() and local.resolve().is_relative_to(Path(dst).resolve())):
-        raise LcscError(f"run {ctx.run_id}: {model.model_id}/{path} is not a file in the logged model's artifacts")
-    return local
-
-
-class ModelFiles:
-    """``ctx`` for :func:`~lcsc_ops.store.sources.convert.fetch_converted` where entries are files of the
-    run's LoggedModels (``<model id>/<path>``): the same run, options and log, another ``download``."""
-
-    def __init__(self, ctx: RunContext, models: list[LoggedModelRef]) -> None:
-        self._ctx = ctx
-        self._models = {m.model_id: m for m in models}
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._ctx, name)
-
-    def download(self, path: str, dst: str) -> Path:
-        model_id, _, inner = path.partition("/")
-        if model_id not in self._models or not inner:
-            raise LcscError(f"run {self._ctx.run_id}: {brief_repr(path)} is no file of the run's logged models")
-        return download_model_file(self._ctx, self._models[model_id], inner, dst)
+    return ctx.download(entry_path(ctx, model, path), dst)

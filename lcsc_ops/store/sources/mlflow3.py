@@ -25,7 +25,7 @@ from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec
 from lcsc_ops.store.sources.base import Listing, RunContext, RunReader, SourceEntry
 from lcsc_ops.store.sources.convert import fetch_converted, no_window_error, torch_loader
-from lcsc_ops.store.sources.logged_models import LoggedModelRef, ModelFiles, entry_path, model_files, run_models
+from lcsc_ops.store.sources.logged_models import LoggedModelRef, entry_path, model_files, run_models
 from lcsc_ops.store.sources.pt2 import load_pt2_weights
 
 PT2, PICKLED = "model.pt2", "model.pth"
@@ -61,14 +61,15 @@ class LoggedModelReader(RunReader):
         if len(rows) < 2:
             raise no_window_error(ctx.run_id, self.name, rows[0][0].name if rows else "a logged model", HOW)
         steps = _steps(ctx, [m for m, _ in rows])
-        entries = [SourceEntry(step=step, kind="raw", path=entry_path(m, w.path), bytes=w.file_size,
+        entries = [SourceEntry(step=step, kind="raw", path=entry_path(ctx, m, w.path), bytes=w.file_size,
                                extra={"model": m.name})
                    for (m, w), step in zip(rows, steps)]
         return Listing(self.name, tuple(entries), complete=ctx.run.info.status == "FINISHED").sorted()
 
     def fetch(self, ctx: RunContext, entries: Sequence[SourceEntry], root: Path, spec: ModelSpec
               ) -> list[CheckpointEntry]:
-        return fetch_converted(ModelFiles(ctx, run_models(ctx)), entries, root, spec, loader=load_weights)
+        run_models(ctx)  # the models' artifact locations, for ctx.download
+        return fetch_converted(ctx, entries, root, spec, loader=load_weights)
 
 
 def _steps(ctx: RunContext, models: list[LoggedModelRef]) -> list[int]:

@@ -10,15 +10,14 @@ step is passed). Its artifacts hold the whole checkpoint folder under ``artifact
 ``config.json``, ``trainer_state.json`` (``global_step``), and ``optimizer.pt``, ``scheduler.pt``,
 ``rng_state.pth`` and ``training_args.bin`` (a pickle), beside the pyfunc's ``python_model.pkl``.
 
-Only ``model.safetensors`` and ``trainer_state.json`` are ever downloaded. The step is
-``trainer_state.json``'s ``global_step`` (the name's ``<step>`` must agree). A sharded checkpoint
-(``model.safetensors.index.json``) is refused with one line.
+Only ``model.safetensors`` is ever downloaded. The step is the ``<step>`` of the model's name and of
+the folder inside it: transformers names both ``checkpoint-{state.global_step}`` (the ``global_step``
+that ``trainer_state.json`` records too). A sharded checkpoint (``model.safetensors.index.json``) is
+refused with one line.
 """
 from __future__ import annotations
 
-import json
 import re
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
@@ -27,13 +26,11 @@ from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec
 from lcsc_ops.store.sources.base import Listing, RunContext, RunReader, SourceEntry
 from lcsc_ops.store.sources.convert import fetch_converted, no_window_error
-from lcsc_ops.store.sources.logged_models import (LoggedModelRef, ModelFiles, download_model_file, entry_path,
-                                                  model_files, run_models)
+from lcsc_ops.store.sources.logged_models import LoggedModelRef, entry_path, model_files, run_models
 from lcsc_ops.weightfiles import first_line
 
 NAME = re.compile(r"checkpoint-(\d+)")
-WEIGHTS, STATE, SHARDED = "model.safetensors", "trainer_state.json", "model.safetensors.index.json"
-MAX_STATE_BYTES = 16 << 20
+WEIGHTS, SHARDED = "model.safetensors", "model.safetensors.index.json"
 HOW = "log every checkpoint: TrainingArguments(save_steps=N, save_total_limit=None) with HF_MLFLOW_LOG_ARTIFACTS=1"
 
 
@@ -42,9 +39,9 @@ def _candidates(ctx: RunContext) -> list[LoggedModelRef]:
 
 
 def _folder(ctx: RunContext, model: LoggedModelRef) -> dict[str, Any] | None:
-    """The checkpoint folder inside the model's ``artifacts/``: file name -> FileInfo; None if it has none."""
+    """The checkpoint folder ``artifacts/<model name>/``: file name -> FileInfo; None if it has none."""
     for d in model_files(ctx, model, "artifacts"):
-        if d.is_dir:
+        if d.is_dir and PurePosixPath(d.path).name == model.name:
             files = {PurePosixPath(f.path).name: f for f in model_files(ctx, model, d.path) if not f.is_dir}
             if WEIGHTS in files or SHARDED in files:
                 return files
@@ -87,36 +84,17 @@ class TransformersReader(RunReader):
             raise no_window_error(ctx.run_id, self.name, rows[0][0].name if rows else "checkpoint-<step>", HOW)
         entries, seen = [], {}
         for model, files in rows:
-            step = _step(ctx, model, files.get(STATE))
+            step = int(NAME.fullmatch(model.name).group(1))
             if step in seen:
                 raise LcscError(f"run {ctx.run_id}: two checkpoints of step {step}: {seen[step]} and {model.model_id}")
             seen[step] = model.model_id
             weights = files[WEIGHTS]
-            entries.append(SourceEntry(step=step, kind="raw", path=entry_path(model, weights.path),
+            entries.append(SourceEntry(step=step, kind="raw", path=entry_path(ctx, model, weights.path),
                                        bytes=weights.file_size, extra={"model": model.name}))
         return Listing(self.name, tuple(entries), complete=ctx.run.info.status == "FINISHED").sorted()
 
     def fetch(self, ctx: RunContext, entries: Sequence[SourceEntry], root: Path, spec: ModelSpec
               ) -> list[CheckpointEntry]:
-        return fetch_converted(ModelFiles(ctx, run_models(ctx)), entries, root, spec, loader=load_safetensors,
+        run_models(ctx)  # the models' artifact locations, for ctx.download
+        return fetch_converted(ctx, entries, root, spec, loader=load_safetensors,
                                note="model.safetensors only (never optimizer.pt, scheduler.pt, training_args.bin)")
-
-
-def _step(ctx: RunContext, model: LoggedModelRef, state: Any) -> int:
-    """``global_step`` from the checkpoint's ``trainer_state.json``; the name's step if it has none."""
-    named = int(NAME.fullmatch(model.name).group(1))
-    if state is None:
-        return named
-    if (state.file_size or 0) > MAX_STATE_BYTES:
-        raise LcscError(f"run {ctx.run_id}: {model.name}/{STATE} is {state.file_size} bytes, not a trainer state")
-    with tempfile.TemporaryDirectory(prefix="lcsc-hf-state-") as tmp:
-        local = download_model_file(ctx, model, state.path, tmp)
-        try:
-            step = json.loads(local.read_text()).get("global_step")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            step = None
-    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
-        raise LcscError(f"run {ctx.run_id}: {model.name}/{STATE} records no global_step")
-    if step != named:
-        raise LcscError(f"run {ctx.run_id}: {model.name}'s {STATE} records global_step {step}")
-    return step
