@@ -23,18 +23,20 @@ _ITEMSIZE = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "BF16":
              "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _NAMES = {torch.float64: "F64", torch.int64: "I64", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16",
           torch.float16: "F16", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-# A model may be this much larger than its largest checkpoint (dtype widening aside): headers,
-# a few buffers a checkpoint leaves out. Beyond it the spec is refused before any allocation.
+# A model's state, counted in its checkpoints' dtypes, may exceed its largest checkpoint by this
+# much (a few buffers a checkpoint leaves out); beyond it the spec is refused before allocating.
 SIZE_MARGIN = 0.10
 SIZE_SLACK = 1 << 20
 
 
 def human_bytes(n: float) -> str:
+    """``n`` bytes as ``"464 B"``, ``"5.0 MiB"``, ``"363.8 TiB"``."""
+    unit = "B"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            break
         n /= 1024
-    return f"{n:.1f} PiB"  # pragma: no cover
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
 
 
 def spec_layout(spec: ModelSpec) -> tuple[Layout, dict[str, int]] | None:
