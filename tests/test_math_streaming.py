@@ -196,3 +196,32 @@ def test_optimize_streams_above_the_limit(store, tiny_run):
     report = run_optimize(cfg, log=lines.append)
     assert any("streaming" in line for line in lines)
     assert all(math.isfinite(row["final_mean"]) for row in report["methods"].values())
+
+
+def test_stack_is_built_one_file_at_a_time(files, monkeypatch):
+    """make_merger builds the stack from at most three mapped files at once (first, last, current),
+    not the whole window, and merges as a stack of fully loaded state dicts does."""
+    import gc
+    import weakref
+
+    from lcsc_ops.math import streaming
+
+    live: weakref.WeakSet = weakref.WeakSet()
+    most = [0]
+
+    class Loaded(dict):
+        __hash__ = object.__hash__  # identity: a WeakSet member
+
+    def tracked_load(path):
+        gc.collect()
+        sd = Loaded(load(path))
+        live.add(sd)
+        most[0] = max(most[0], len(live))
+        return sd
+
+    monkeypatch.setattr(streaming, "load_file", tracked_load)
+    merger = make_merger(files)
+    assert isinstance(merger, StackedMerger) and most[0] <= 3
+    expected = StackedMerger([load(p) for p in files]).state_dict(random_affine(7))
+    got = merger.state_dict(random_affine(7))
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -171,8 +171,10 @@ class StackedMerger:
         if not dtype.is_floating_point:
             raise ValueError(f"the stack dtype must be floating, got {dtype}")
         self._layout: Layout = {name: (t.shape, t.dtype) for name, t in state_dicts[0].items()}
-        for i, sd in enumerate(state_dicts[1:], start=1):
-            check_layout(self._layout, sd, f"checkpoint {i}")
+        # Checkpoints are taken by index, one at a time: a lazy sequence (files loaded on access, see
+        # ``make_merger``) then maps one file at a time beside the stack, not the whole window.
+        for i in range(1, len(state_dicts)):
+            check_layout(self._layout, state_dicts[i], f"checkpoint {i}")
         self.device = torch.device(device)
         self.dtype = dtype
         self._k = len(state_dicts)
@@ -185,6 +187,12 @@ class StackedMerger:
     def _split_constants(self, state_dicts: Sequence[Mapping[str, Tensor]]) -> None:
         """Set ``_constants`` (non-floating, or equal in every checkpoint) and ``_slices`` (the rest)."""
         first, last = state_dicts[0], state_dicts[-1]
+        same = {name for name, (_, tdtype) in self._layout.items() if tdtype.is_floating_point}
+        for i in range(1, self._k):  # checkpoint by checkpoint, dropping the tensors found to differ
+            if not same:
+                break
+            sd = state_dicts[i]
+            same = {name for name in same if torch.equal(first[name], sd[name])}
         # name -> (offset, numel) in the flat buffer, for the varying floating tensors.
         self._slices: dict[str, tuple[int, int]] = {}
         self._constants: dict[str, Tensor] = {}
@@ -192,7 +200,7 @@ class StackedMerger:
         for name, (shape, tdtype) in self._layout.items():
             if not tdtype.is_floating_point:
                 self._constants[name] = last[name].detach().to(self.device, copy=True)
-            elif all(torch.equal(first[name], sd[name]) for sd in state_dicts[1:]):
+            elif name in same:
                 self._constants[name] = first[name].detach().to(self.device, copy=True)
             else:
                 self._slices[name] = (offset, shape.numel())
@@ -208,9 +216,11 @@ class StackedMerger:
         self._ref: Tensor | None = None
         if self.dtype.itemsize < 4:
             self._ref = torch.empty(self._p, dtype=self.dtype, device=self.device)
+            last = state_dicts[-1]
             for name, (start, n) in self._slices.items():
-                self._ref[start:start + n].copy_(state_dicts[-1][name].reshape(-1))
-        for i, sd in enumerate(state_dicts):
+                self._ref[start:start + n].copy_(last[name].reshape(-1))
+        for i in range(self._k):
+            sd = state_dicts[i]
             for name, (start, n) in self._slices.items():
                 row = sd[name].detach().reshape(-1).to(self.device)
                 if self._ref is not None:

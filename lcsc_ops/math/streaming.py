@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from lcsc_ops.math.merge import Layout, StackedMerger, bind_targets, check_layout
 
-__all__ = ["StreamingMerger", "make_merger", "stack_nbytes"]
+__all__ = ["LazyFiles", "StreamingMerger", "make_merger", "stack_nbytes"]
 
 
 def _path(source: Any) -> str:
@@ -184,13 +185,28 @@ def make_merger(sources: Sequence[Any], *, device: torch.device | str = "cpu", d
 
     A ``StackedMerger`` when the stack fits ``max_stack_bytes`` (or no limit is given),
     else a ``StreamingMerger`` over the same files. The stack size is read from a file
-    header (:func:`stack_nbytes`), so choosing streaming never loads the window. Building
-    the stack maps all K files at once (zero-copy ``load_file``): until it is built, the
-    resident set also holds those clean, reclaimable file pages.
+    header (:func:`stack_nbytes`), so choosing streaming never loads the window. The stack
+    is built from one memory-mapped file at a time (:class:`LazyFiles`), so while it is
+    built the resident set holds the stack and at most three files' pages (first, last,
+    current), not the whole window's.
     """
     if max_stack_bytes is not None:
         if max_stack_bytes <= 0:
             raise ValueError(f"max_stack_bytes must be positive, got {max_stack_bytes}")
         if stack_nbytes(sources, dtype) > max_stack_bytes:
             return StreamingMerger(sources, device=device, dtype=dtype)
-    return StackedMerger([load_file(_path(s)) for s in sources], device=device, dtype=dtype)
+    return StackedMerger(LazyFiles([_path(s) for s in sources]), device=device, dtype=dtype)
+
+
+class LazyFiles(Sequence):
+    """Safetensors files as a sequence of state dicts, each loaded (zero-copy, memory-mapped) when
+    indexed and unmapped once its tensors are dropped: what ``StackedMerger`` reads one at a time."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self._paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, i):  # noqa: ANN001 - an int (a slice is not needed)
+        return load_file(self._paths[i])
