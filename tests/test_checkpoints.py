@@ -535,3 +535,29 @@ def test_the_uploader_polls_its_input_while_jobs_come_and_waits_once_they_stop(m
     assert [json.loads(line) for line in lines] == [{"step": 1, "slot": 0}, {"step": 2, "slot": 1},
                                                     {"step": 3, "slot": 0}]
     assert waits, "after a quiet spell the reader blocks instead of polling"
+
+
+def test_a_local_file_store_gets_the_spooled_files_linked_not_copied(tmp_path):
+    """A file artifact store on the same disk: the uploader hard-links the spooled files into the
+    run's folder (the same inode, no second write of a multi-GB pair), then drops the spool."""
+    from mlflow.tracking import MlflowClient
+
+    from lcsc_ops.store import upload_worker
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("link", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    folder = tmp_path / "spool" / "step00000005"
+    folder.mkdir(parents=True)
+    spooled = folder / "step00000005-raw.safetensors"
+    spooled.write_bytes(b"weights")
+    inode = spooled.stat().st_ino
+    upload_worker._upload(client, run_id, [{"step": 5, "folder": str(folder), "spool": str(tmp_path / "spool"),
+                                            "files_path": "checkpoints", "fragment_path": "checkpoints/manifest.d",
+                                            "fragment_name": "step00000005-raw.json",
+                                            "fragment": {"format": 1, "entries": [5]}}])
+    logged = tmp_path / "artifacts" / run_id / "artifacts" / "checkpoints" / spooled.name
+    assert logged.read_bytes() == b"weights" and logged.stat().st_ino == inode and not folder.exists()
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/manifest.d",
+                                                                             f"checkpoints/{spooled.name}"]
+    assert not list(logged.parent.glob(".*.link"))

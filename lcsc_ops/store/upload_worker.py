@@ -161,11 +161,51 @@ def _upload(client, run_id: str, jobs: list[dict]) -> None:
                 for job in group:
                     for name in os.listdir(job["folder"]):
                         os.rename(os.path.join(job["folder"], name), os.path.join(files, name))
-            client.log_artifacts(run_id, files, first["files_path"])
+            if not _link_into(client, run_id, files, first["files_path"]):
+                client.log_artifacts(run_id, files, first["files_path"])
     fragment = {**first["fragment"], "entries": [e for job in jobs for e in job["fragment"]["entries"]]}
     _log_fragment(client, run_id, first, [*spools, first.get("spool")], fragment)
     for job in jobs:
         shutil.rmtree(job["folder"], ignore_errors=True)
+
+
+_LOCAL_ROOTS: dict = {}
+
+
+def _link_into(client, run_id: str, folder: str, files_path: str) -> bool:
+    """A local file store (the run's artifact URI a ``file:`` or bare path): hard-link the files into
+    the run's folder instead of letting MLflow copy them (gigabytes per checkpoint pair; the size
+    sweep in benchmarks/RESULTS.md). False, for MLflow's copy, when the store is not local or a link
+    cannot be made (another file system); what was linked is then replaced by the copy."""
+    from urllib.parse import unquote, urlparse
+
+    if run_id not in _LOCAL_ROOTS:
+        try:
+            parsed = urlparse(client.get_run(run_id).info.artifact_uri or "")
+        except Exception:  # noqa: BLE001 - MLflow's own call below reports a store that fails
+            parsed = urlparse("unknown:")
+        local = parsed.scheme in ("", "file") and parsed.netloc in ("", "localhost")
+        _LOCAL_ROOTS[run_id] = unquote(parsed.path) if local and os.path.isabs(unquote(parsed.path)) else None
+    if _LOCAL_ROOTS[run_id] is None:
+        return False
+    dst = os.path.join(_LOCAL_ROOTS[run_id], files_path)
+    os.makedirs(dst, exist_ok=True)
+    names, linked = sorted(os.listdir(folder)), []
+    try:
+        for name in names:
+            src = os.path.join(folder, name)
+            if not os.path.isfile(src) or os.path.islink(src):
+                raise OSError(f"not a plain file: {name}")
+            linked.append(os.path.join(dst, f".{name}.link"))
+            os.link(src, linked[-1])
+    except OSError:
+        for tmp in linked:  # none left behind for MLflow's copy to trip over
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return False
+    for name, tmp in zip(names, linked):
+        os.replace(tmp, os.path.join(dst, name))
+    return True
 
 
 def _log_fragment(client, run_id: str, first: dict, spools: list, fragment: dict) -> None:
