@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 from lcsc_ops.checkpoints import KINDS, CheckpointEntry, checkpoint_filename, validate_run_id
 from lcsc_ops.errors import LcscError
 from lcsc_ops.spec import ModelSpec, brief_repr
-from lcsc_ops.store import tracking
+from lcsc_ops.store import local_files, tracking
 
 Log = Callable[[str], None]
 
@@ -123,13 +123,22 @@ class RunContext:
         if model_id in self.models and inner:
             got = tracking.download_from(self.models[model_id], inner, dst)
         else:
-            got = tracking.download_artifact(self.run_id, path, dst, self.tracking_uri)
+            got = self._linked(path, dst) or tracking.download_artifact(self.run_id, path, dst, self.tracking_uri)
         if got is None:
             raise LcscError(f"run {self.run_id}: checkpoint {path} is listed but missing")
         local = Path(got)
         if not (local.is_file() and not local.is_symlink() and local.resolve().is_relative_to(Path(dst).resolve())):
             raise LcscError(f"run {self.run_id}: checkpoint {path} is not a file in the run's artifacts")
         return local
+
+
+    def _linked(self, path: str, dst: str) -> str | None:
+        """A local file store: the run's artifact hard-linked into ``dst`` (no copy of a multi-GB
+        checkpoint; the caller verifies it as a download); None for any other store."""
+        root = local_files.local_root(self.run.info.artifact_uri)
+        src = None if root is None else local_files.inside_root(root, path)
+        target = Path(dst) / PurePosixPath(path).name
+        return str(target) if src is not None and local_files.link(src, target) else None
 
 
 def check_artifact_path(path: Any, run_id: str) -> str:
