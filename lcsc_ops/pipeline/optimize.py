@@ -129,8 +129,7 @@ def prepare(cfg: OptimizeConfig, log: Log, cache_dir: Path | None = None, progre
     cache = ScoreCache(cache_dir / "scores.sqlite") if cfg.score_cache else None
     scorer = Scorer(window, spec.build, device, max_stack_memory=cfg.max_stack_memory,
                     precision=cfg.search_precision, cache=cache, model_identity=spec.to_json())
-    if scorer.mode == "streaming":
-        log(f"merge: streaming from the checkpoint files (the stack would exceed {cfg.max_stack_memory} GiB)")
+    log(scorer.choice)
     if cfg.search_precision != "fp32":
         log(f"search evaluations in {cfg.search_precision} ({scorer.merger.dtype} merge); "
             "the final evaluation and the registered model in full precision")
