@@ -89,7 +89,8 @@ class OptimizeConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:1 …")
     batch_size: int = option(500, "Sampling batch size.")
     max_stack_memory: float | None = option(None, "GiB the stacked window may take on the device; above it, "
-                                                  "merges stream from the checkpoint files.")
+                                                  "merges stream from the checkpoint files (default: half the "
+                                                  "device's free memory when the optimization starts).")
     model_name: str | None = option(None, "Registered model name (default: the training run's tag "
                                           "lcsc.model_name, set by train --model-name or "
                                           "CheckpointLogger(model_name=...); else lcsc-model).", panel=MLFLOW)
