@@ -26,6 +26,7 @@ from lcsc_ops.errors import LcscError
 from lcsc_ops.models.unet import digits_unet
 from lcsc_ops.spec import Trust, spec_from_options
 from lcsc_ops.store.sources import RunContext, SourceOptions, detect_layout, fetch_window, list_checkpoints
+from tests import foreign_runs as foreign
 
 FACTORY, KWARGS = "lcsc_ops.models.unet:digits_unet", {"channels": 8}
 STEPS = [2, 4, 6]
@@ -39,8 +40,14 @@ def expected_state(step: int) -> dict[str, torch.Tensor]:
 
 
 def artifact_file(uri: str, run_id: str, path: str) -> Path:
-    """Where the store keeps a run's artifact on this machine (a local artifact root)."""
-    root = urlparse(MlflowClient(uri).get_run(run_id).info.artifact_uri)
+    """Where the store keeps a run's artifact on this machine (a local artifact root); ``<model id>/<path>``:
+    a file of one of the run's LoggedModels."""
+    client = MlflowClient(uri)
+    head, _, inner = path.partition("/")
+    models = {o.model_id for o in client.get_run(run_id).outputs.model_outputs}
+    if head in models:
+        return Path(unquote(urlparse(client.get_logged_model(head).artifact_location).path)) / inner
+    root = urlparse(client.get_run(run_id).info.artifact_uri)
     return Path(unquote(root.path)) / path
 
 
@@ -117,10 +124,36 @@ def make_lightning(uri: str, tmp: Path) -> tuple[str, dict[int, str]]:
     return run_id, paths
 
 
+def escape_model_listing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store lists a LoggedModel's files under names that leave its folder (``../../…``)."""
+    real = MlflowClient.list_logged_model_artifacts
+
+    def ls(self, model_id, path=None):
+        return [type(i)("../../" + i.path, i.is_dir, i.file_size) if not i.is_dir else i
+                for i in real(self, model_id, path)]
+
+    monkeypatch.setattr(MlflowClient, "list_logged_model_artifacts", ls)
+
+
+def _foreign(writer: Callable, **kwargs) -> Callable[[str, Path], tuple[str, dict[int, str]]]:
+    """A writer of tests/foreign_runs.py (the layout written with plain mlflow) on this suite's steps and states."""
+    return lambda uri, tmp: writer(uri, tmp, STEPS, expected_state, **kwargs)
+
+
 CASES = {
     "lcsc": SourceCase("lcsc", make_lcsc, SourceOptions(), traverse_manifest),
     "lightning": SourceCase("lightning", make_lightning, SourceOptions(spec=SPEC),
                             lambda mp, uri, run_id: escape_listing(mp, run_id)),
+    "autolog": SourceCase("autolog", _foreign(foreign.write_autolog_layout), SourceOptions(spec=SPEC),
+                          lambda mp, uri, run_id: escape_listing(mp, run_id)),
+    "transformers": SourceCase("transformers", _foreign(foreign.write_transformers_layout), SourceOptions(spec=SPEC),
+                               lambda mp, uri, run_id: escape_model_listing(mp)),
+    "mlflow-models-pt2": SourceCase("mlflow-models", _foreign(foreign.write_mlflow3_layout), SourceOptions(spec=SPEC),
+                                    lambda mp, uri, run_id: escape_model_listing(mp)),
+    "mlflow-models-pickle": SourceCase("mlflow-models", _foreign(foreign.write_mlflow3_layout,
+                                                                 serialization_format="pickle"),
+                                       SourceOptions(spec=SPEC, allow_pickle=True),
+                                       lambda mp, uri, run_id: escape_model_listing(mp)),
 }
 
 
@@ -164,9 +197,10 @@ class TestSourceContract:
             assert e.source_sha256 == sha256_file(artifact_file(store["uri"], run_id, e.source))
             got, want = e.load(), expected_state(e.step)
             assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
-        downloads = []
-        real = RunContext.download
-        monkeypatch.setattr(RunContext, "download", lambda self, p, d: downloads.append(p) or real(self, p, d))
+        downloads = []  # of checkpoint files (a reader may read a few bytes of metadata for the steps)
+        real, weights = RunContext.download, set(paths.values())
+        monkeypatch.setattr(RunContext, "download",
+                            lambda self, p, d: (p in weights and downloads.append(p)) or real(self, p, d))
         again = fetch_window(run_id, window=2, tracking_uri=store["uri"], cache_dir=cache, trust=Trust(),
                              options=case.options)
         assert [e.sha256 for e in again.entries] == [e.sha256 for e in window.entries] and downloads == []
