@@ -41,7 +41,6 @@ main()
 # The process signals itself (SIGNAL) at the patched point: once, when the stage begins.
 AT_STAGE = '''
 import lcsc_ops.pipeline.optimize as optimize
-from lcsc_ops.store import fetch
 
 _sent = []
 
@@ -58,7 +57,7 @@ def send(fn):
 {target} = send({target})
 '''
 STAGES = {  # stage -> (patched function, the words the one line says)
-    "fetch": ("fetch.fetch_window", "while fetching the checkpoints"),
+    "fetch": ("optimize.checked_window", "while fetching the checkpoints"),  # the window is downloaded, not checked
     "baselines": ("optimize.score_baselines", "while scoring the baselines"),
     "final": ("optimize.final_evaluation", "during the final evaluation"),
     "registration": ("optimize.register_model", "during the final evaluation"),
@@ -207,12 +206,13 @@ def test_a_second_ctrl_c_exits_at_once(store, tiny_run, tmp_path):
 
 # -- optimize, every other stage --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stage, sig", [("fetch", signal.SIGINT), ("baselines", signal.SIGTERM),
-                                        ("final", signal.SIGINT), ("registration", signal.SIGTERM)])
-def test_a_signal_in_each_stage_is_one_line_and_the_same_command_finishes(store, tiny_run, tmp_path, stage, sig):
+@pytest.mark.parametrize("stage, sig, seed", [("fetch", signal.SIGINT, 83), ("baselines", signal.SIGTERM, 89),
+                                              ("final", signal.SIGINT, 97), ("registration", signal.SIGTERM, 101)])
+def test_a_signal_in_each_stage_is_one_line_and_the_same_command_finishes(store, tiny_run, tmp_path, stage, sig,
+                                                                          seed):
     target, words = STAGES[stage]
     model = f"stop-{stage}"
-    cmd = _optimize_cmd(store, tiny_run, "--n-trials", "3", "--model-name", model, "--seed", str(83 + len(stage)))
+    cmd = _optimize_cmd(store, tiny_run, "--n-trials", "3", "--model-name", model, "--seed", str(seed))
     old = _names(store["storage"])
     proc = _start(cmd[3:] + ["--quiet"], tmp_path,
                   AT_STAGE.format(signal=signal.Signals(sig).name, target=target))
@@ -265,7 +265,7 @@ def test_sigint_during_import_ends_the_run_killed(store, tmp_path):
     folder.mkdir()
     for step in range(1, 7):
         save_file({"weight": torch.full((2, 3), float(step)), "bias": torch.zeros(2)}, str(folder / f"s{step}.safetensors"))
-    patch = AT_STAGE.replace("import lcsc_ops.pipeline.optimize as optimize\nfrom lcsc_ops.store import fetch\n",
+    patch = AT_STAGE.replace("import lcsc_ops.pipeline.optimize as optimize\n",
                              "import lcsc_ops.importers.files as files\n_n = []\n").format(
         signal="SIGINT", target="files.write_checkpoint")
     patch = patch.replace("        if not _sent:", "        _n.append(1)\n        if len(_n) == 3 and not _sent:")
