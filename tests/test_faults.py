@@ -525,13 +525,14 @@ def test_ctrl_c_during_training_leaves_a_partial_run(store, tmp_path):
     args = _train_args(store, "faults-ctrl-c")
     proc = subprocess.run([sys.executable, str(script), str(mark), *args], capture_output=True, text=True,
                           env=_uploader_env(tmp_path, CTRL_C_AT_FRAGMENT.format(n=3), mark), timeout=TIMEOUT_S)
-    assert proc.returncode != 0 and mark.read_text() == "interrupted", proc.stderr[-3000:]
+    assert proc.returncode == 130 and mark.read_text() == "interrupted", proc.stderr[-3000:]
     client = mlflow.tracking.MlflowClient(store["uri"])
     [run] = client.search_runs([client.get_experiment_by_name("faults-ctrl-c").experiment_id])
-    assert run.info.status == "FAILED"
+    assert run.info.status == "KILLED"
+    assert "Traceback" not in proc.stderr and f"run {run.info.run_id} KILLED" in proc.stderr.splitlines()[-1]
     manifest = read_manifest(run.info.run_id, store["uri"])
     assert len(manifest["entries"]) >= 6  # the interrupted upload and those before it
-    assert manifest["complete"] is False  # a FAILED run is not marked complete
+    assert manifest["complete"] is False  # a KILLED run is not marked complete
 
 
 # -- the checkpoint uploader process ------------------------------------------------------------------
