@@ -24,3 +24,54 @@ def test_a_diffusers_model_requires_diffusers():
                                 down_block_types=("DownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "UpBlock2D"))
     assert f"diffusers=={diffusers.__version__}" in model_requirements(net)
+
+
+def test_distribution_of_a_model_class_without_reading_every_installed_one(monkeypatch):
+    """The distribution named like the model's top-level module is found directly; only a module no
+    distribution is named after makes lcsc-ops read every installed distribution's records."""
+    from importlib import metadata
+
+    from lcsc_ops.store.registry import distributions_providing
+
+    full = metadata.packages_distributions()
+    calls = []
+    monkeypatch.setattr(metadata, "packages_distributions", lambda: calls.append(1) or full)
+    assert distributions_providing("lcsc_ops") == ["lcsc-ops"] and distributions_providing("torch") == ["torch"]
+    assert calls == []
+    assert distributions_providing("yaml") == list(dict.fromkeys(full["yaml"])) and calls == [1]
+    assert distributions_providing("no_such_module_here") == []
+
+
+@pytest.mark.parametrize("room, staged", [(None, True), (1000, False)])
+def test_registration_stages_the_model_in_shared_memory_when_it_fits(tmp_path, monkeypatch, room, staged):
+    """MLflow saves a model into a temporary folder before copying it into the store: in /dev/shm
+    while the model takes at most half of its free space (one disk write instead of two), else on disk.
+    The registered version loads back either way."""
+    import os
+
+    import lcsc_ops
+    from lcsc_ops.store import pyfunc, registry
+    from lcsc_ops.store.tracking import client as tracking_client
+
+    if not os.access(registry.SHM_DIR, os.W_OK):
+        pytest.skip("no writable /dev/shm here")
+    saved_in = []
+    save = pyfunc.save_model
+    monkeypatch.setattr(pyfunc, "save_model", lambda path, *a, **k: saved_in.append(path) or save(path, *a, **k))
+    if room is not None:
+        real = os.statvfs
+        monkeypatch.setattr(registry.os, "statvfs", lambda p: os.statvfs_result(
+            (4096, 4096, 1000, 0, room // 4096, 0, 0, 0, 0, 255)) if p == registry.SHM_DIR else real(p))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = tracking_client(uri)
+    run_id = client.create_run(client.create_experiment("reg", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    model = torch.nn.Linear(64, 64)
+    version = registry.register_model(model, name="staged", spec={"factory": "torch.nn:Linear"}, tags={},
+                                      run_id=run_id, tracking_uri=uri)
+    assert saved_in and saved_in[0].startswith(registry.SHM_DIR + "/") == staged
+    assert not os.path.exists(saved_in[0])
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    loaded = lcsc_ops.load(f"models:/staged/{version}", tracking_uri=uri).model
+    assert torch.equal(loaded.weight, model.weight)
