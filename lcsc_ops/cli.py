@@ -47,7 +47,7 @@ class Commands(typer.core.TyperGroup):
             except KeyboardInterrupt as exc:
                 if os.environ.get("LCSC_OPS_DEBUG"):
                     raise
-                done = getattr(exc, "done", "") or "before anything was started; the same command starts again"
+                done = getattr(exc, "done", "") or "and stopped; run the same command again"
                 typer.echo(f"interrupted ({getattr(exc, 'name', 'SIGINT')}) {done}", err=True)
                 gc.freeze()  # everything is ended: no final collection at exit (seconds, with mlflow and torch loaded)
                 raise typer.Exit(getattr(exc, "exit_code", 130)) from None
