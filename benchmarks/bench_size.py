@@ -1,0 +1,303 @@
+"""As the model grows (issue 24): every stage of one optimization from 1e7 to 1e9 parameters.
+
+``make bench-size`` writes ``benchmarks/results/size.json``, ``benchmarks/results/size.png`` and
+the "Model size" section of ``benchmarks/RESULTS.md``. Per row, a synthetic model
+(``lcsc_ops.models.synthetic:linear_stack``, named by the run's spec) is logged through
+``CheckpointLogger`` (a raw + EMA pair per step), imported again through ``import``, fetched and
+verified, merged by the merger ``optimize`` chooses from free memory (one trial, a stub
+evaluator that costs nothing), registered and loaded back. Each stage runs in a fresh process
+(``_size_stages.py``), so its peak RSS is its own, beside the floor it is held against,
+measured in that process: a memory copy, reading the files once (out of the page cache), or
+writing them once. ``uptime`` before and after each row goes with it: the machine is shared.
+
+Rows are kept in ``benchmarks/work/size/rows/`` as they finish (a rerun resumes; ``--fresh``
+starts over); each row's files are removed when it ends. ``--device cuda --no-store`` is the
+GPU sweep of ``gpu_check.sh``: files written with safetensors and the merge stage only (no
+MLflow there), up to the largest size that fits ``--budget`` seconds; -> size_gpu.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+from _results_md import replace_section  # noqa: E402
+
+GIB = 2 ** 30
+HEADING = "## Model size (make bench-size)"
+# params, checkpoint steps (each a raw + EMA pair), weights' dtype, search precision (issue 24, item 3).
+ROWS = [(10 ** 7, 16, "float32", "fp32"), (10 ** 8, 16, "float32", "fp32"), (3 * 10 ** 8, 8, "float32", "fp32"),
+        (10 ** 9, 4, "bfloat16", "bf16")]
+STORE_STAGES = ("log", "import", "fetch", "merge", "register", "load")
+CHECKED = {"fetch": 3, "merge": 2, "register": 3, "load": 3}  # seconds <= factor x floor (Acceptance)
+MAX_DISK_GIB = 60
+MAX_RSS_GIB = 20
+
+
+def machine_now(work: Path) -> dict:
+    """Load averages, free memory and free disk now."""
+    mem = {line.split(":")[0]: int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()}
+    return {"time": dt.datetime.now(dt.timezone.utc).strftime("%H:%M:%S"),
+            "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "mem_available_gib": round(mem["MemAvailable"] / 2**20, 2),
+            "disk_free_gib": round(shutil.disk_usage(work).free / GIB, 1)}
+
+
+def model_bytes(params: int, dtype: str) -> int:
+    from lcsc_ops.models.synthetic import stack_shape
+
+    layers, width = stack_shape(params)
+    return layers * (width * width + width) * (2 if dtype in ("bfloat16", "float16") else 4)
+
+
+def run_stage(stage: str, row_dir: Path, timeout: float) -> dict:
+    """One stage in a fresh process; its JSON line (SystemExit with stderr's tail if it fails)."""
+    proc = subprocess.run([sys.executable, str(HERE / "_size_stages.py"), stage, str(row_dir)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {stage} of {row_dir.name} failed:\n" + proc.stderr[-3000:])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  {stage:9s} {out['seconds']:9.3f} s  floor {out['floor_seconds']:8.3f} s  "
+          f"peak {out['peak_rss_gib']:6.2f} GiB", flush=True)
+    return out
+
+
+def no_room(params: int, steps: int, dtype: str, work: Path) -> str | None:
+    """Why a row cannot run now (None if it can): its files would pass MAX_DISK_GIB or the free disk
+    (the window once, a pair more while importing), or 4 model copies would not fit the free memory."""
+    model = model_bytes(params, dtype) / GIB
+    need = 2 * steps * model + 2 * model + 1
+    now = machine_now(work)
+    if need > min(MAX_DISK_GIB, now["disk_free_gib"] - 5):
+        return f"needs {need:.0f} GiB of disk, {now['disk_free_gib']} GiB free"
+    if 4 * model > now["mem_available_gib"]:
+        return f"4 model copies would not fit the {now['mem_available_gib']} GiB free"
+    return None
+
+
+def run_row(spec: tuple, work: Path, args: argparse.Namespace) -> dict:
+    params, steps, dtype, precision = spec
+    row_dir = work / f"p{params}"
+    shutil.rmtree(row_dir, ignore_errors=True)
+    row_dir.mkdir(parents=True)
+    row = {"params": params, "steps": steps, "dtype": dtype, "precision": precision, "device": args.device}
+    (row_dir / "row.json").write_text(json.dumps(row))
+    before = machine_now(work)
+    print(f"row {params:.0e}: {2 * steps} checkpoints in {dtype}; {before['uptime']}", flush=True)
+    stages = {}
+    try:
+        for stage in (STORE_STAGES if args.store else ("files", "merge")):
+            stages[stage] = run_stage(stage, row_dir, args.stage_timeout)
+    finally:
+        shutil.rmtree(row_dir, ignore_errors=True)
+    after = machine_now(work)
+    print(f"  after: {after['uptime']}", flush=True)
+    return summarize(row, stages, before, after)
+
+
+def summarize(row: dict, stages: dict, before: dict, after: dict) -> dict:
+    """One row of size.json: the Acceptance's keys first, every stage's details under ``details``."""
+    merge = stages["merge"]
+    nbytes = model_bytes(row["params"], row["dtype"])
+    return {"params": row["params"], "window_checkpoints": 2 * row["steps"], "window_steps": row["steps"],
+            "dtype": row["dtype"], "search_precision": row["precision"], "device": row["device"],
+            "mode": merge["mode"], "merge_dtype": merge["merge_dtype"], "merge_choice": merge.get("choice", ""),
+            "model_gib": nbytes / GIB, "window_gib": 2 * row["steps"] * nbytes / GIB,
+            "peak_rss_gib": max(s["peak_rss_gib"] for s in stages.values()),
+            "stages": {name: {"seconds": s["seconds"], "floor_seconds": s["floor_seconds"],
+                              "ratio": s["seconds"] / s["floor_seconds"] if s["floor_seconds"] else math.nan,
+                              "peak_rss_gib": s["peak_rss_gib"]} for name, s in stages.items()},
+            "details": stages, "machine_before": before, "machine_after": after}
+
+
+def checks(rows: list[dict]) -> dict:
+    """The Acceptance lines, each with its figures and whether it holds."""
+    out: dict = {"peak_rss_le_20_gib": {str(r["params"]): round(r["peak_rss_gib"], 2) for r in rows}}
+    out["peak_rss_le_20_gib"]["ok"] = all(r["peak_rss_gib"] <= MAX_RSS_GIB for r in rows)
+    for stage, factor in CHECKED.items():
+        ratios = {str(r["params"]): round(r["stages"][stage]["ratio"], 2) for r in rows if stage in r["stages"]}
+        out[f"{stage}_le_{factor}x_floor"] = {**ratios, "ok": all(v <= factor for v in ratios.values())}
+    by = {r["params"]: r for r in rows}
+    if 10 ** 8 in by and 10 ** 9 in by:
+        per = {}
+        for stage in by[10 ** 9]["stages"]:
+            a, b = (by[p]["stages"][stage]["seconds"] / by[p]["model_gib"] for p in (10 ** 8, 10 ** 9))
+            per[stage] = round(b / a, 2)
+        out["seconds_per_gib_1e9_over_1e8_le_2"] = {**per, "ok": all(v <= 2 for v in per.values())}
+    return out
+
+
+def projection(rows: list[dict]) -> dict | None:
+    """What a window of 16 steps (32 checkpoints) at 1e9 would need, from the 1e9 row's measured rates."""
+    big = next((r for r in rows if r["params"] == 10 ** 9), None)
+    if big is None:
+        return None
+    scale = 16 / big["window_steps"]  # the window-sized stages grow with the window, the others do not
+    s = {k: v["seconds"] for k, v in big["stages"].items()}
+    d = big["details"]
+    minutes = {"log": scale * (d["log"]["total_seconds"]) / 60, "import": scale * s["import"] / 60,
+               "fetch": scale * s["fetch"] / 60, "merge_per_trial": scale * s["merge"] / 60,
+               "register": (s["register"] + d["register"]["final_merge_seconds"] * scale) / 60, "load": s["load"] / 60}
+    window = 32 * big["model_gib"]
+    return {"window_checkpoints": 32, "window_gib": window, "disk_gib": {"artifact_store": window, "cache": window,
+            "import_or_log_spool": big["model_gib"] * 2, "total": 2 * window + 2 * big["model_gib"]},
+            "memory_gib": {"stacked_bf16_stack": window, "streaming_peak_measured": big["peak_rss_gib"]},
+            "minutes": {k: round(v, 2) for k, v in minutes.items()},
+            "note": "disk: a local store holds the window once and the cache once; memory: a stack would hold the "
+                    "whole window, so streaming (the merge reads every file per trial); minutes scale the 1e9 "
+                    "row's measured stage times by 16/4 for the window-sized stages"}
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # a bare GPU image: the JSON is the result
+        print("matplotlib is not installed: no plot")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    stages = [s for s in ("log", "import", "fetch", "merge", "register", "load", "files") if s in rows[0]["stages"]]
+    for stage in stages:
+        xs = [r["params"] for r in rows if stage in r["stages"]]
+        line, = ax.plot(xs, [r["stages"][stage]["seconds"] for r in rows if stage in r["stages"]], "o-", label=stage)
+        if stage in CHECKED:
+            ax.plot(xs, [r["stages"][stage]["floor_seconds"] for r in rows], ":", color=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("seconds (dotted: the stage's floor)")
+    ax.set_title("lcsc-ops stages vs model size (log: per checkpoint pair; merge: per trial)")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": platform.processor() or platform.machine(), "gpu": gpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE")
+                                                                       * os.sysconf("SC_PHYS_PAGES") / GIB, 1)}
+
+
+def _fmt(s: dict) -> str:
+    return f"{s['seconds']:.3g} ({s['floor_seconds']:.2g}, {s['ratio']:.1f}x)" if s["floor_seconds"] else \
+        f"{s['seconds']:.3g}"
+
+
+def results_md(result: dict) -> str:
+    rows = result["sizes"]
+    stages = [s for s in ("log", "import", "fetch", "merge", "register", "load") if s in rows[0]["stages"]]
+    lines = [HEADING, "",
+             f"`make bench-size`, {result['date']}, {result['machine']['cores']} CPU cores shared with other "
+             f"sessions, {result['machine']['mem_total_gib']} GiB, torch {result['machine']['torch']}; "
+             f"{result['total_minutes']:.1f} min. Synthetic model `lcsc_ops.models.synthetic:linear_stack` "
+             "(16 square Linear layers); each step logs a raw + EMA pair through `CheckpointLogger`, the window is "
+             "imported again through `import`, fetched, merged (one trial, a stub evaluator that costs nothing), "
+             "registered and loaded back. Each stage in its own process. Cells: seconds (floor, ratio); "
+             "log: loop seconds inside `step()` per pair vs a memory copy of the pair; merge: one trial vs the "
+             "bytes it must move at the copy bandwidth (stacked) or the file read bandwidth (streaming); fetch "
+             "and load vs reading the files once, cold; register vs writing the model once.", "",
+             "| params | ckpts | dtype | mode | model GiB | peak RSS GiB | " + " | ".join(stages) + " | load avg before → after |",
+             "|---" * (7 + len(stages)) + "|"]
+    for r in rows:
+        cells = " | ".join(_fmt(r["stages"][s]) for s in stages)
+        lines.append(f"| {r['params']:.0e} | {r['window_checkpoints']} | {r['dtype']} | {r['mode']} "
+                     f"({r['merge_dtype']}) | {r['model_gib']:.2f} | {r['peak_rss_gib']:.2f} | {cells} | "
+                     f"{r['machine_before']['loadavg'][0]} → {r['machine_after']['loadavg'][0]} |")
+    lines += ["", "Acceptance, as measured:", ""]
+    for name, figures in result["checks"].items():
+        shown = ", ".join(f"{k} {v}" for k, v in figures.items() if k != "ok")
+        lines.append(f"- {name}: {'met' if figures['ok'] else '**not met**'} ({shown})")
+    p = result.get("projection_16_steps_1e9")
+    if p:
+        lines += ["", f"A window of 16 steps at 1e9 (32 bf16 checkpoints, {p['window_gib']:.0f} GiB): disk "
+                  f"{p['disk_gib']['total']:.0f} GiB with a local store (store + cache + a spooled pair); memory: "
+                  f"a stack would need {p['memory_gib']['stacked_bf16_stack']:.0f} GiB, so it streams, peak "
+                  f"{p['memory_gib']['streaming_peak_measured']:.1f} GiB as measured at 4 steps; minutes: "
+                  + ", ".join(f"{k} {v}" for k, v in p["minutes"].items()) + "."]
+    lines += ["", *NOTES, "", "Figures: `benchmarks/results/size.json`, plot `benchmarks/results/size.png`."]
+    return "\n".join(lines) + "\n"
+
+
+NOTES: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="*", help="only these rows' params (e.g. 1e7 1e8)")
+    parser.add_argument("--fresh", action="store_true", help="rerun the rows already measured")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-store", dest="store", action="store_false", help="files + merge only (no MLflow)")
+    parser.add_argument("--budget", type=float, help="seconds: stop before a row predicted to pass it (GPU sweep)")
+    parser.add_argument("--stage-timeout", type=float, default=1800)
+    parser.add_argument("--out", type=Path, help="JSON path (default: results/size.json, size_gpu.json on a GPU)")
+    parser.add_argument("--work", type=Path, default=HERE / "work" / "size")
+    args = parser.parse_args(argv)
+    gpu = args.device.startswith("cuda")
+    out = args.out or HERE / "results" / ("size_gpu.json" if gpu else "size.json")
+    rows_dir = args.work / "rows" / ("gpu" if gpu else "cpu")
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    plan = list(ROWS)
+    if args.sizes:
+        plan = [r for r in plan if any(math.isclose(r[0], s) for s in args.sizes)]
+    t0, rows, last = time.perf_counter(), [], None
+    for spec in plan:
+        done = rows_dir / f"p{spec[0]}.json"
+        if done.exists() and not args.fresh:
+            rows.append(json.loads(done.read_text()))
+            continue
+        if args.budget is not None and last is not None:
+            predicted = last[1] * spec[0] * spec[1] / (last[0][0] * last[0][1])
+            if time.perf_counter() - t0 + predicted > args.budget:
+                print(f"row {spec[0]:.0e} skipped: predicted {predicted:.0f} s past the {args.budget:.0f} s budget")
+                break
+        why = no_room(*spec[:3], args.work)
+        if why:
+            print(f"row {spec[0]:.0e} not run: {why}")
+            break
+        t_row = time.perf_counter()
+        row = run_row(spec, args.work, args)
+        last = (spec, time.perf_counter() - t_row)
+        done.write_text(json.dumps(row, indent=1))
+        rows.append(row)
+        finish(rows, out, args, (time.perf_counter() - t0) / 60, gpu)  # kept as each row ends
+    if len(rows) == len(plan):  # every row measured: nothing is left on disk
+        shutil.rmtree(rows_dir, ignore_errors=True)
+    return finish(rows, out, args, (time.perf_counter() - t0) / 60, gpu)
+
+
+def finish(rows: list[dict], out: Path, args: argparse.Namespace, minutes: float, gpu: bool) -> dict:
+    result = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+              "device": args.device, "total_minutes": minutes, "sizes": rows, "checks": checks(rows),
+              "projection_16_steps_1e9": projection(rows) if args.store else None}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    if rows:
+        plot(rows, out.with_suffix(".png"))
+    if not gpu and rows and out.parent == HERE / "results":
+        replace_section(HERE / "RESULTS.md", HEADING, results_md(result))
+    print(json.dumps(result["checks"], indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
