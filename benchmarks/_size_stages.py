@@ -195,7 +195,9 @@ def stage_merge(row: dict, state: dict, row_dir: Path) -> dict:
     paths = [e.path for e in window.entries]
     floor = copy_floor if scorer.mode == "stacked" else read_once(paths)
     times = [trial(s) for s in (1, 2)]
+    gpu_peak = torch.cuda.max_memory_allocated() / GIB if device.startswith("cuda") else None
     return {"stage": "merge", "seconds": min(times), "floor_seconds": floor, "seconds_all": times,
+            "device_peak_gib": gpu_peak,
             "build_seconds": build, "mode": scorer.mode, "merge_dtype": str(merger.dtype).replace("torch.", ""),
             "stack_gib": merger.nbytes / GIB, "choice": getattr(scorer, "choice", ""),
             "note": "one trial = merge into the bound model (its tensors are views of the merge, so no "

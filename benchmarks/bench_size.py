@@ -10,8 +10,9 @@ evaluator that costs nothing), registered and loaded back. Each stage runs in a 
 measured in that process: a memory copy, reading the files once (out of the page cache), or
 writing them once. ``uptime`` before and after each row goes with it: the machine is shared.
 
-Rows are kept in ``benchmarks/work/size/rows/`` as they finish (a rerun resumes; ``--fresh``
-starts over); each row's files are removed when it ends. ``--device cuda --no-store`` is the
+Rows are kept in ``benchmarks/work/size/rows/`` as they finish (small JSON files: a rerun resumes,
+``--fresh`` starts over, ``--sizes 1e7 --fresh`` reruns one row); each row's checkpoint files,
+runs and caches are removed when it ends. ``--device cuda --no-store`` is the
 GPU sweep of ``gpu_check.sh``: files written with safetensors and the merge stage only (no
 MLflow there), up to the largest size that fits ``--budget`` seconds; -> size_gpu.json.
 """
@@ -243,8 +244,9 @@ NOTES: list[str] = []
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=float, nargs="*", help="only these rows' params (e.g. 1e7 1e8)")
-    parser.add_argument("--fresh", action="store_true", help="rerun the rows already measured")
+    parser.add_argument("--sizes", type=float, nargs="*", help="only these rows' params (e.g. 1e7 1e8); rows "
+                                                                  "measured before are still reported")
+    parser.add_argument("--fresh", action="store_true", help="rerun the (chosen) rows already measured")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-store", dest="store", action="store_false", help="files + merge only (no MLflow)")
     parser.add_argument("--budget", type=float, help="seconds: stop before a row predicted to pass it (GPU sweep)")
@@ -257,13 +259,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows_dir = args.work / "rows" / ("gpu" if gpu else "cpu")
     rows_dir.mkdir(parents=True, exist_ok=True)
     plan = list(ROWS)
-    if args.sizes:
-        plan = [r for r in plan if any(math.isclose(r[0], s) for s in args.sizes)]
     t0, rows, last = time.perf_counter(), [], None
     for spec in plan:
         done = rows_dir / f"p{spec[0]}.json"
-        if done.exists() and not args.fresh:
-            rows.append(json.loads(done.read_text()))
+        chosen = not args.sizes or any(math.isclose(spec[0], s) for s in args.sizes)
+        if done.exists() and not (args.fresh and chosen):
+            rows.append(json.loads(done.read_text()))  # measured before: kept (size.json holds every row)
+            continue
+        if not chosen:
             continue
         if args.budget is not None and last is not None:
             predicted = last[1] * spec[0] * spec[1] / (last[0][0] * last[0][1])
@@ -280,8 +283,6 @@ def main(argv: list[str] | None = None) -> dict:
         done.write_text(json.dumps(row, indent=1))
         rows.append(row)
         finish(rows, out, args, (time.perf_counter() - t0) / 60, gpu)  # kept as each row ends
-    if len(rows) == len(plan):  # every row measured: nothing is left on disk
-        shutil.rmtree(rows_dir, ignore_errors=True)
     return finish(rows, out, args, (time.perf_counter() - t0) / 60, gpu)
 
 
