@@ -1,6 +1,6 @@
 """Checkpoint files and the window an optimization works on: plain data, no tracking library.
 
-Layout inside a training run's artifacts::
+Layout inside a training run's artifacts (names and documents: :mod:`lcsc_ops.runformat`)::
 
     lcsc/spec.json                          the model spec (factory, kwargs, sampler, data set)
     checkpoints/step00000050-raw.safetensors
@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,17 +24,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lcsc_ops.errors import LcscError
+# The run format's names and documents live in lcsc_ops.runformat (the uploader process reads it too).
+from lcsc_ops.runformat import (CHECKPOINT_DIR, FRAGMENT_DIR, FRAGMENT_NAME, KINDS, MANIFEST_FORMAT,  # noqa: F401
+                                MANIFEST_NAME, RUN_ID, SHA256, SPEC_ARTIFACT, checkpoint_filename, fragment_filename,
+                                safetensors_prefix)
 from lcsc_ops.spec import ModelSpec, brief_repr
-
-MANIFEST_FORMAT = "lcsc-checkpoints/1"
-CHECKPOINT_DIR = "checkpoints"
-MANIFEST_NAME = "manifest.json"
-SPEC_ARTIFACT = "lcsc/spec.json"
-FRAGMENT_DIR = "manifest.d"  # one small manifest per logged step, so no upload grows with the run
-FRAGMENT_NAME = re.compile(r"step\d{8}-[a-z+]+\.json")
-KINDS = ("raw", "ema")
-RUN_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,255}")  # an MLflow run id; a folder name in the cache
-SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -45,14 +37,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def fragment_filename(step: int, kinds: str) -> str:
-    return f"step{step:08d}-{kinds}.json"
-
-
-def checkpoint_filename(step: int, kind: str) -> str:
-    return f"step{step:08d}-{kind}.safetensors"
 
 
 def checkpoint_metadata(step: int, kind: str, spec: ModelSpec | str,
@@ -74,10 +58,8 @@ def write_checkpoint(path: Path, state: Mapping[str, torch.Tensor], *, step: int
     if layout is None:  # safetensors refuses tensors that share memory; a clone() never does
         save_file(state, str(tmp), metadata=metadata)
     else:
-        header = layout.header_text(metadata).encode()
-        header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header)) + header)
+            f.write(safetensors_prefix(layout.header_text(metadata)))
             for name in layout.names:
                 f.write(state[name].cpu().reshape(-1).view(torch.uint8).numpy())
     os.replace(tmp, path)

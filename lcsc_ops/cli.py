@@ -19,7 +19,7 @@ import typer
 
 from lcsc_ops import interrupts
 from lcsc_ops.errors import LcscError
-from lcsc_ops.options import parse_json_object
+from lcsc_ops.options import parse_image_shape, parse_json_object
 from lcsc_ops.quiet import configure as configure_libraries
 from lcsc_ops.pipeline.config import OptimizeConfig
 from lcsc_ops.pipeline.report import ReportConfig
@@ -294,20 +294,11 @@ def promote(
     typer.echo(f"{name}@{alias} -> version {version} (load with mlflow.pytorch.load_model('models:/{name}@{alias}'))")
 
 
-def _image_shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(s) for s in text.split(","))
-    except ValueError:
-        shape = ()
-    if not shape or any(s < 1 for s in shape):
-        raise LcscError(f"--image-shape must be positive integers like 1,8,8, got {text!r}")
-    return shape
-
-
 @app.command("import")
 def import_(
-    folder: Annotated[Path, typer.Argument(help="Folder of .safetensors / .pt / .pth checkpoints, or of diffusers "
-                                                "UNet2DModel folders (checkpoint-<step>/unet/, or one per step).")],
+    folder: Annotated[Path, typer.Argument(help="Folder of .safetensors / .pt / .pth / Lightning .ckpt checkpoints, "
+                                                "or of diffusers UNet2DModel folders (checkpoint-<step>/unet/, or one "
+                                                "per step).")],
     factory: Annotated[Optional[str], typer.Option(help="Model factory 'module:callable' that rebuilds the network "
                                                         "(required, except for diffusers folders: their config.json "
                                                         "gives the model).", rich_help_panel="Model spec")] = None,
@@ -343,6 +334,9 @@ def import_(
     allow_pickle: Annotated[bool, typer.Option(help="Fully unpickle .pt files that need it (runs code from the "
                                                     "file: only for files you trust).",
                                                rich_help_panel="Checkpoints")] = False,
+    key_prefix: Annotated[Optional[str], typer.Option(help="The prefix of the weights' keys in the files, e.g. 'net.' "
+                                                           "(default: the one prefix that maps them onto the "
+                                                           "factory's model).", rich_help_panel="Checkpoints")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.", rich_help_panel="MLflow")] = "lcsc-import",
     run_name: Annotated[Optional[str], typer.Option(help="MLflow run name.", rich_help_panel="MLflow")] = None,
     model_name: Annotated[Optional[str], typer.Option(help="Registered model name optimize will use by default.",
@@ -352,7 +346,7 @@ def import_(
 ) -> None:
     """Turn a folder of saved checkpoints into an MLflow run that optimize accepts. Prints the run id (last line)."""
     _verbose({"verbose": verbose})
-    from lcsc_ops.spec import ModelSpec
+    from lcsc_ops.spec import spec_from_options
     from lcsc_ops.importers.diffusers import find_diffusers_layout, import_diffusers
     from lcsc_ops.importers.files import import_checkpoints
 
@@ -362,12 +356,12 @@ def import_(
                   experiment=experiment, run_name=run_name, model_name=model_name, tracking_uri=tracking_uri, log=log)
     if find_diffusers_layout(folder) is not None:
         given = [flag for flag, value in (("--factory", factory), ("--factory-kwargs", factory_kwargs),
-                                          ("--partial", partial)) if value]
+                                          ("--partial", partial), ("--key-prefix", key_prefix)) if value]
         if given:
             raise LcscError(f"{folder} holds diffusers model folders, whose config.json gives the model: "
                             f"drop {', '.join(given)}")
         run_id = import_diffusers(folder, steps=sampler_steps, scheduler=scheduler or "DDIMScheduler",
-                                  dataset=dataset, image_shape=_image_shape(image_shape) if image_shape else None,
+                                  dataset=dataset, image_shape=parse_image_shape(image_shape) if image_shape else None,
                                   conditioning=cond or None, **common)
     else:
         if factory is None:
@@ -375,10 +369,10 @@ def import_(
                             "except for a folder of diffusers UNet2DModel folders")
         if scheduler is not None:
             raise LcscError("--scheduler applies to diffusers folders only (use --sampler-steps for DDIM)")
-        spec = ModelSpec(factory=factory, kwargs=parse_json_object(factory_kwargs),
-                         sampler={"name": "ddim", "steps": sampler_steps}, dataset=dataset,
-                         image_shape=_image_shape(image_shape or "1,8,8"), conditioning=cond or None)
-        run_id = import_checkpoints(folder, spec=spec, partial=partial, **common)
+        spec = spec_from_options(factory, parse_json_object(factory_kwargs), sampler_steps=sampler_steps,
+                                 dataset=dataset, image_shape=parse_image_shape(image_shape) if image_shape else None,
+                                 conditioning=cond)
+        run_id = import_checkpoints(folder, spec=spec, partial=partial, key_prefix=key_prefix, **common)
     typer.echo(run_id)
 
 

@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1] / "lcsc_ops"
 
 # Lower layers never import higher ones; packages on one layer never import each other.
 LAYERS = {
-    "errors": 0, "redact": 0, "records": 0, "processes": 0, "interrupts": 0, "quiet": 0, "options": 0.5, "spec": 0.5,
+    "errors": 0, "redact": 0, "records": 0, "processes": 0, "runformat": 0, "interrupts": 0, "quiet": 0,
+    "options": 0.5, "spec": 0.5,
     "math": 1,
     "models": 2, "checkpoints": 2, "weightfiles": 2, "layouts": 2,
     "evaluation": 3,

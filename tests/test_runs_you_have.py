@@ -144,3 +144,52 @@ def test_a_run_of_the_users_own_loop_is_listed_as_a_training_run(store):
     assert runs.exit_code == 0, runs.output
     row = next(r for r in json.loads(runs.stdout)["training"] if r["run_id"] == run.info.run_id)
     assert (row["kind"], row["layout"], row["checkpoints"], row["last_step"]) == ("training", "lcsc", 4, 2)
+
+
+def _lightning_folder(folder: Path, steps=(10, 20, 30), **extra) -> dict[int, tuple[dict, dict]]:
+    """A Lightning ModelCheckpoint folder under WeightAveraging: the average in state_dict, the live
+    weights in current_model_state, keys under net.; last.ckpt a copy of the newest."""
+    folder.mkdir()
+    states = {}
+    for i, step in enumerate(steps):
+        raw, ema = _state(10 + i), _state(20 + i)
+        ckpt = {"state_dict": {"net." + k: v for k, v in ema.items()},
+                "current_model_state": {"net." + k: v for k, v in raw.items()},
+                "averaging_state": {"n_averaged": torch.tensor(step)}, "global_step": step, "epoch": 0,
+                "optimizer_states": [{"state": {}}], **extra}
+        torch.save(ckpt, folder / f"epoch=0-step={step}.ckpt")
+        states[step] = (raw, ema)
+    torch.save(ckpt, folder / "last.ckpt")
+    return states
+
+
+def test_import_of_a_lightning_checkpoint_folder_takes_raw_and_ema_from_each_ckpt(store, tmp_path):
+    from lcsc_ops.store.sources import fetch_window
+
+    states = _lightning_folder(tmp_path / "ckpts")
+    result = runner.invoke(app, ["import", str(tmp_path / "ckpts"), "--factory", FACTORY, "--factory-kwargs", KWARGS,
+                                 "--experiment", "import-lightning", "--tracking-uri", store["uri"]])
+    assert result.exit_code == 0, result.output
+    run_id = result.stdout.strip().splitlines()[-1]
+    window = fetch_window(run_id, tracking_uri=store["uri"], cache_dir=tmp_path / "cache")
+    assert window.steps == (10, 20, 30) and window.training_ema.step == 30
+    assert [(e.kind, e.step) for e in window.entries] == [("raw", 10), ("raw", 20), ("raw", 30),
+                                                          ("ema", 10), ("ema", 20), ("ema", 30)]
+    for e in window.entries:
+        want = states[e.step][0 if e.kind == "raw" else 1]
+        got = e.load()
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), e.label
+
+
+def test_import_refuses_a_ckpt_that_needs_unpickling_unless_allowed(store, tmp_path):
+    import argparse
+
+    _lightning_folder(tmp_path / "pickled", steps=(1, 2), hyper_parameters=argparse.Namespace(lr=0.1))
+    args = ["import", str(tmp_path / "pickled"), "--factory", FACTORY, "--factory-kwargs", KWARGS,
+            "--experiment", "import-lightning", "--tracking-uri", store["uri"]]
+    refused = runner.invoke(app, args)
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert refused.exit_code == 1 and len(lines) == 1, refused.output
+    assert "argparse.Namespace" in lines[0] and "--allow-pickle" in lines[0]
+    allowed = runner.invoke(app, [*args, "--allow-pickle"])
+    assert allowed.exit_code == 0, allowed.output

@@ -81,8 +81,8 @@ class SourceCase:
 def make_lcsc(uri: str, tmp: Path) -> tuple[str, dict[int, str]]:
     from lcsc_ops.store.logger import CheckpointUploader
 
-    up = CheckpointUploader.create_run(SPEC, experiment="sources-contract", run_name="lcsc", tags={"lcsc.kind": "import"},
-                                       tracking_uri=uri)
+    up = CheckpointUploader.create_run(SPEC, experiment="sources-contract", run_name="lcsc",
+                                       tags={"lcsc.kind": "import"}, tracking_uri=uri)
     paths = {}
     for step in STEPS:
         folder = tmp / f"lcsc-{step}"

@@ -1,29 +1,27 @@
 """Import an existing folder of checkpoints as an MLflow run that ``lcsc-ops optimize`` accepts.
 
-Each file (``.safetensors``, or a ``.pt``/``.pth`` state dict) is rewritten as safetensors
-with step, kind and spec in its metadata and logged exactly as
-:class:`~lcsc_ops.checkpoints.CheckpointLogger` logs a training run's checkpoints
+Each file (``.safetensors``, a ``.pt``/``.pth`` state dict, or a Lightning ``.ckpt``) is
+rewritten as safetensors with step, kind and spec in its metadata and logged exactly as
+:class:`~lcsc_ops.store.logger.CheckpointLogger` logs a training run's checkpoints
 (``lcsc/spec.json``, ``checkpoints/step…-{raw,ema}.safetensors``, the manifest entry added
-only after its file is logged), so :func:`~lcsc_ops.checkpoints.fetch_window`
+only after its file is logged), so :func:`~lcsc_ops.store.sources.fetch_window`
 reads an imported run like any other.
 
 Every file is read and checked against the model the spec builds (keys, shapes, one
 layout for all) and every step is resolved BEFORE the run is created: a bad folder
-leaves no half-imported run behind. Torch files are opened with
-``torch.load(weights_only=True)``; a file that needs full unpickling (arbitrary code on
-load) is refused unless ``allow_pickle``. Folders of diffusers ``UNet2DModel`` checkpoints
-are planned by :mod:`lcsc_ops.importers.diffusers` and logged by the same code.
+leaves no half-imported run behind. Torch files are read through :mod:`lcsc_ops.weightfiles`,
+as the readers of other tools' runs read them: ``torch.load(weights_only=True)`` first (a
+file that needs full unpickling, arbitrary code on load, is refused unless ``allow_pickle``),
+raw and EMA states found inside, key prefixes detected against the model. Folders of
+diffusers ``UNet2DModel`` checkpoints are planned by :mod:`lcsc_ops.importers.diffusers` and
+logged by the same code.
 """
 from __future__ import annotations
 
 import json
-import pickle
-import pickletools
 import re
 import shutil
 import tempfile
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -33,17 +31,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.runformat import manifest_entry
+from lcsc_ops.weightfiles import find_key_prefix, first_line, load_torch_file, strip_wrappers, weight_states
 from lcsc_ops.interrupts import interrupted
 from lcsc_ops.layouts import check_model_size, spec_layout, state_bytes
 from lcsc_ops.spec import ModelSpec
-from lcsc_ops.checkpoints import CHECKPOINT_DIR, KINDS, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT, checkpoint_filename, sha256_file, write_checkpoint
+from lcsc_ops.checkpoints import KINDS, checkpoint_filename, sha256_file, write_checkpoint
 
-SUFFIXES = (".safetensors", ".pt", ".pth")
+SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt")  # .ckpt: Lightning's ModelCheckpoint
 STEP_KEYS = ("lcsc.step", "step", "global_step")  # metadata (or top-level .pt entries) holding the step
-# Where a training script's checkpoint dict keeps the weights, by the kind being imported.
-NESTED_KEYS = {"raw": ("state_dict", "model", "ema"), "ema": ("ema", "state_dict", "model")}
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
-_PLAIN_MODULES = ("torch", "collections", "builtins", "copyreg", "_codecs")  # what a pickled state dict needs
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
@@ -59,6 +55,7 @@ class PlannedFile:
     kind: str
     step: int
     source: str = ""  # as recorded in the manifest; default: the file name
+    prefix: str = ""  # the keys' prefix in the file (a LightningModule's attribute, e.g. "net.")
 
     @property
     def label(self) -> str:
@@ -67,15 +64,22 @@ class PlannedFile:
 
 def find_checkpoints(folder: Path) -> list[Path]:
     """The checkpoint files directly inside ``folder`` (LcscError if there are none, or if one is a
-    link to a file outside ``folder``)."""
+    link to a file outside ``folder``); Lightning's ``last.ckpt`` is left out beside stepped ones."""
     if not folder.is_dir():
         raise LcscError(f"not a folder: {folder}")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in SUFFIXES)
+    if any(p.suffix == ".ckpt" and not _is_last(p) for p in files):  # last.ckpt: a copy of the newest
+        files = [p for p in files if not _is_last(p)]
     if not files:
         raise LcscError(f"no checkpoints ({', '.join('*' + s for s in SUFFIXES)}) in {folder}")
     for p in files:
         check_inside(p, [folder], p.name)
     return files
+
+
+def _is_last(path: Path) -> bool:
+    """Lightning's ``last.ckpt`` (``last-v1.ckpt``, ...): saved in place, a copy of the newest checkpoint."""
+    return path.suffix == ".ckpt" and (path.stem == "last" or path.stem.startswith("last-v"))
 
 
 def check_inside(path: Path, folders: list[Path], label: str) -> Path:
@@ -88,119 +92,29 @@ def check_inside(path: Path, folders: list[Path], label: str) -> Path:
     return path
 
 
-def _load_quietly(path: Path, **kwargs: Any) -> Any:
-    """``torch.load`` without its warnings (e.g. on the pickle protocol of a plain pickle file): the
-    verdict on the file is the one line the user gets."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.load(path, map_location="cpu", **kwargs)
+def _pick(states: dict[str, dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """The state of ``kind`` among a file's raw/EMA states; a file holding only one gives it for either."""
+    if kind in states:
+        return states[kind]
+    if len(states) == 1:
+        return next(iter(states.values()))
+    raise LcscError(f"{name} holds no {kind} weights (found: {', '.join(states)})")
 
 
-def _torch_load(path: Path, allow_pickle: bool) -> Any:
-    mmap = zipfile.is_zipfile(path)  # torch.save's zip format maps lazily: reading a layout reads no weights
-    try:
-        return _load_quietly(path, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as exc:
-        if not allow_pickle:
-            raise _refusal(path, exc, zipped=mmap) from None
-    except (RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise LcscError(f"cannot read {path.name}: {_first_line(exc)}") from None
-    try:
-        return _load_quietly(path, weights_only=False)
-    except Exception as exc:  # whatever a foreign pickle raises, the user gets one line
-        raise LcscError(f"cannot read {path.name}: {type(exc).__name__}: {_first_line(exc)}") from None
+def _unprefixed(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)} if prefix else state
 
 
-def _refusal(path: Path, exc: pickle.UnpicklingError, zipped: bool) -> LcscError:
-    """Why a file that ``weights_only`` refused is not loaded: what it would import, or that it is
-    no pickle at all (then --allow-pickle would not help)."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    named = found.group(1) if found else None
-    scanned = None if zipped else _pickled_global(path)  # a plain pickle: torch names no global, or a torch one
-    if scanned is None and named is None and not zipped:
-        return LcscError(f"cannot read {path.name}: neither a torch checkpoint nor a pickle")
-    if scanned and (named is None or scanned.split(".")[0] not in _PLAIN_MODULES):
-        named = scanned
-    what = f" (it references {named})" if named else ""
-    return LcscError(f"refusing to unpickle {path.name}: it needs full unpickling{what}; "
-                     f"pass --allow-pickle if you trust it")
-
-
-def _pickled_global(path: Path) -> str | None:
-    """What a plain pickle file would import on loading (its first global outside torch and the
-    standard containers, else its first global; ``""`` for none), read without running anything;
-    None when the file is not a pickle at all."""
-    found: list[str] = []
-    strings: list[str | None] = []  # the strings pushed so far (memo fetches included), newest last
-    memo: dict[int, str | None] = {}
-    top: str | None = None  # the value just pushed, when it is a string
-    try:
-        with open(path, "rb") as f:
-            for op, arg, _ in pickletools.genops(f):
-                name, pushed = op.name, None
-                if "UNICODE" in name:
-                    pushed = arg
-                elif name in ("GET", "BINGET", "LONG_BINGET"):
-                    pushed = memo.get(arg)
-                elif name == "MEMOIZE":
-                    memo[len(memo)] = top
-                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                    memo[arg] = top
-                elif name == "GLOBAL":
-                    found.append(str(arg).replace(" ", "."))
-                elif name == "STACK_GLOBAL" and len(strings) >= 2 and None not in strings[-2:]:
-                    found.append(f"{strings[-2]}.{strings[-1]}")
-                if "UNICODE" in name or name.endswith("GET"):
-                    strings.append(pushed)
-                if name not in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "FRAME"):
-                    top = pushed
-                if found and found[-1].split(".")[0] not in _PLAIN_MODULES:
-                    return found[-1]
-    except Exception:  # pickletools raises ValueError and friends on bytes that are no pickle
-        return None
-    return found[0] if found else ""
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _state_from(obj: Any, kind: str, name: str) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded torch object: a state dict, one nested under a usual key, or a module's."""
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    if not isinstance(obj, Mapping):
-        raise LcscError(f"{name} holds a {type(obj).__name__}, not a state dict")
-    for key in NESTED_KEYS[kind]:
-        inner = obj.get(key)
-        if isinstance(inner, torch.nn.Module):
-            inner = inner.state_dict()
-        if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-            obj = inner
-            break
-    # Non-tensor entries beside the weights (epoch counters, configs) are not weights.
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _strip_wrappers(state: dict[str, Any]) -> dict[str, Any]:
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
-def read_checkpoint(path: Path, *, kind: str, allow_pickle: bool = False, layout_only: bool = False
-                    ) -> tuple[dict[str, Any], dict[str, str]]:
-    """``(state, metadata)`` of one file, with wrapper prefixes stripped.
+def read_checkpoint(path: Path, *, kind: str, allow_pickle: bool = False, layout_only: bool = False,
+                    key_prefix: str = "") -> tuple[dict[str, Any], dict[str, str]]:
+    """``(state, metadata)`` of one file, with wrapper prefixes stripped, and ``key_prefix`` (e.g. a
+    LightningModule's ``net.``): only the keys under it, without it.
 
     With ``layout_only`` the state maps keys to ``(shape, dtype)`` and no weights are read
     from safetensors (and none from zip-format torch files, which are memory-mapped).
-    Metadata is the safetensors header's, or the top-level step entries of a torch dict.
+    Metadata is the safetensors header's, or the top-level step entries of a torch dict, and
+    ``lcsc.kinds``: the kinds of weights a torch file holds (``raw,ema`` for a Lightning
+    ``.ckpt`` saved under ``WeightAveraging``; see :func:`lcsc_ops.weightfiles.weight_states`).
     """
     if path.suffix == ".safetensors":
         try:
@@ -210,17 +124,19 @@ def read_checkpoint(path: Path, *, kind: str, allow_pickle: bool = False, layout
                     slices = {k: f.get_slice(k) for k in f.keys()}
                     state = {k: (tuple(s.get_shape()), _SAFETENSORS_DTYPES.get(s.get_dtype()))
                              for k, s in slices.items()}
-                    return _strip_wrappers(state), meta
+                    return _unprefixed(strip_wrappers(state), key_prefix), meta
         except Exception as exc:  # safetensors raises its own error types for a bad header
-            raise LcscError(f"cannot read {path.name}: {_first_line(exc)}") from None
-        return _strip_wrappers(load_file(str(path))), meta
-    obj = _torch_load(path, allow_pickle)
+            raise LcscError(f"cannot read {path.name}: {first_line(exc)}") from None
+        return _unprefixed(strip_wrappers(load_file(str(path))), key_prefix), meta
+    obj = load_torch_file(path, allow_pickle)
     meta = {}
     if isinstance(obj, Mapping):
         meta = {k: str(obj[k]) for k in STEP_KEYS if isinstance(obj.get(k), int) and not isinstance(obj[k], bool)}
-    state = _strip_wrappers(_state_from(obj, kind, path.name))
+    states = weight_states(obj, path.name)
+    meta["lcsc.kinds"] = ",".join(states)
+    state = _unprefixed(_pick(states, kind, path.name), key_prefix)
     if not state:
-        raise LcscError(f"{path.name} holds no tensors")
+        raise LcscError(f"{path.name} holds no tensors" + (f" under {key_prefix!r}" if key_prefix else ""))
     if layout_only:
         state = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     return state, meta
@@ -287,26 +203,44 @@ def compile_step_pattern(step_pattern: str | None) -> re.Pattern | None:
 
 
 def plan_import(folders: list[tuple[Path, str]], *, spec: ModelSpec, step_pattern: str | None, allow_pickle: bool,
-                partial: bool) -> list[PlannedFile]:
-    """Read every file's layout and step and check them all; the files to import, by kind then step."""
+                partial: bool, key_prefix: str | None = None) -> list[PlannedFile]:
+    """Read every file's layout and step and check them all; the files to import, by kind then step.
+    A torch file of a raw folder that holds an EMA too (a Lightning ``.ckpt`` under ``WeightAveraging``)
+    gives both, unless an EMA folder is given."""
     pattern = compile_step_pattern(step_pattern)
     files = [(path, kind, *read_checkpoint(path, kind=kind, allow_pickle=allow_pickle, layout_only=True))
              for folder, kind in folders for path in find_checkpoints(folder)]
-    model = model_shapes(spec, [(path, layout) for path, _, layout, _ in files], partial=partial)
+    own_ema = len(folders) == 1 and folders[0][1] == "raw"
+    files += [(path, "ema", *read_checkpoint(path, kind="ema", allow_pickle=allow_pickle, layout_only=True))
+              for path, _, _, meta in list(files) if own_ema and meta.get("lcsc.kinds") == "raw,ema"]
+    keys = set(model_shapes(spec, [], partial=partial))
+    files = [(path, kind, *_strip_prefix(path.name, layout, keys, key_prefix, partial), meta)
+             for path, kind, layout, meta in files]
+    model = model_shapes(spec, [(path, layout) for path, _, layout, _, _ in files], partial=partial)
     planned: list[PlannedFile] = []
     seen: dict[tuple[str, int], Path] = {}
     first: tuple[str, Layout] | None = None
-    for path, kind, layout, meta in files:
+    for path, kind, layout, prefix, meta in files:
         check_layout(path.name, layout, model, first, partial=partial)
         first = first or (path.name, layout)
         step = step_of(path, meta, pattern)
         if (kind, step) in seen:
             raise LcscError(f"duplicate step {step} ({kind}): {seen[kind, step].name} and {path.name}")
         seen[kind, step] = path
-        planned.append(PlannedFile(path, kind, step))
+        planned.append(PlannedFile(path, kind, step, prefix=prefix))
     for p in planned:
         check_finite(p, allow_pickle)
     return sorted(planned, key=lambda p: (KINDS.index(p.kind), p.step))
+
+
+def _strip_prefix(name: str, layout: Layout, keys: set[str], given: str | None, partial: bool
+                  ) -> tuple[Layout, str]:
+    """A file's layout under the model's keys and the prefix taken off (``given``, else "" when its
+    keys are the model's already, else the one prefix that maps them: a LightningModule's ``net.``)."""
+    if given is None and set(layout) <= keys:
+        return layout, ""
+    prefix = given if given is not None and partial else find_key_prefix(layout, keys, given, name)
+    return {k[len(prefix):]: v for k, v in layout.items() if k.startswith(prefix)}, prefix
 
 
 def model_shapes(spec: ModelSpec, files: Sequence[tuple[Path, Layout]], *, partial: bool
@@ -335,12 +269,12 @@ def build_model(spec: ModelSpec) -> torch.nn.Module:
         raise
     except Exception as exc:
         raise LcscError(f"factory {spec.factory!r} with kwargs {json.dumps(spec.kwargs)} failed: "
-                        f"{type(exc).__name__}: {_first_line(exc)}") from None
+                        f"{type(exc).__name__}: {first_line(exc)}") from None
 
 
 def check_finite(p: PlannedFile, allow_pickle: bool) -> None:
     """Refuse a checkpoint holding NaN or inf: a merge multiplies it into every candidate."""
-    state, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle)
+    state, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle, key_prefix=p.prefix)
     for key, t in state.items():
         if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise LcscError(f"{p.label}: tensor {key!r} holds NaN or inf")
@@ -349,11 +283,14 @@ def check_finite(p: PlannedFile, allow_pickle: bool) -> None:
 def import_checkpoints(folder: str | Path, *, spec: ModelSpec, step_pattern: str | None = None, kind: str = "raw",
                        ema_folder: str | Path | None = None, partial: bool = False, allow_pickle: bool = False,
                        experiment: str = "lcsc-import", run_name: str | None = None, model_name: str | None = None,
-                       tracking_uri: str | None = None, log: Callable[[str], None] = lambda msg: None) -> str:
+                       tracking_uri: str | None = None, log: Callable[[str], None] = lambda msg: None,
+                       key_prefix: str | None = None) -> str:
     """Turn a folder of checkpoints (and optionally a folder of EMA ones) into an MLflow run; return its id.
 
-    Files are ``.safetensors`` or ``.pt``/``.pth`` state dicts (also nested under
-    ``state_dict``/``model``/``ema``, with ``module.`` prefixes stripped); each file's
+    Files are ``.safetensors``, ``.pt``/``.pth`` state dicts or Lightning ``.ckpt`` files (also
+    nested under ``state_dict``/``model``/``ema``, with ``module.`` prefixes stripped, a key prefix
+    such as a LightningModule's ``net.`` found against the model or given as ``key_prefix``,
+    an EMA inside the file imported too); each file's
     step comes from its metadata (``lcsc.step``/``step``) or else from ``step_pattern``,
     a regex with one group matched against the file name. Files in ``folder`` are logged
     as ``kind``, those in ``ema_folder`` as ``ema``. ``partial`` accepts checkpoints that
@@ -363,7 +300,8 @@ def import_checkpoints(folder: str | Path, *, spec: ModelSpec, step_pattern: str
     if kind not in KINDS:
         raise LcscError(f"unknown checkpoint kind {kind!r} (use {' or '.join(KINDS)})")
     folders = [(Path(folder), kind)] + ([(Path(ema_folder), "ema")] if ema_folder is not None else [])
-    planned = plan_import(folders, spec=spec, step_pattern=step_pattern, allow_pickle=allow_pickle, partial=partial)
+    planned = plan_import(folders, spec=spec, step_pattern=step_pattern, allow_pickle=allow_pickle, partial=partial,
+                          key_prefix=key_prefix)
     return write_import_run(planned, spec=spec, folder=folder, ema_folder=ema_folder, allow_pickle=allow_pickle,
                             experiment=experiment, run_name=run_name, model_name=model_name,
                             tracking_uri=tracking_uri, log=log)
@@ -386,15 +324,14 @@ def write_import_run(planned: list[PlannedFile], *, spec: ModelSpec, folder: str
     try:
         with tempfile.TemporaryDirectory(prefix="lcsc-import-") as tmp:
             for p in planned:
-                state, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle)
+                state, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle, key_prefix=p.prefix)
                 folder = Path(tmp) / f"{p.kind}{p.step}"
                 folder.mkdir()
                 local = folder / checkpoint_filename(p.step, p.kind)
                 write_checkpoint(local, state, step=p.step, kind=p.kind, spec=spec, extra={"lcsc.source_file": p.label})
                 del state
-                uploader.add_step(folder, [{"step": p.step, "kind": p.kind, "file": local.name,
-                                            "sha256": sha256_file(local), "bytes": local.stat().st_size,
-                                            "source": p.label}])
+                uploader.add_step(folder, [manifest_entry(p.step, p.kind, sha256_file(local), local.stat().st_size,
+                                                          {"source": p.label})])
                 shutil.rmtree(folder)
                 log(f"{p.kind}@{p.step} <- {p.label}")
     except KeyboardInterrupt as exc:  # SIGINT/SIGTERM (lcsc_ops.interrupts)

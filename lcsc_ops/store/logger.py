@@ -18,8 +18,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from lcsc_ops.checkpoints import (CHECKPOINT_DIR, MANIFEST_FORMAT, MANIFEST_NAME, SPEC_ARTIFACT, checkpoint_filename,
-                                  fragment_filename, sha256_file, write_checkpoint)
+from lcsc_ops import runformat
+from lcsc_ops.checkpoints import (CHECKPOINT_DIR, MANIFEST_NAME, SPEC_ARTIFACT, checkpoint_filename, sha256_file,
+                                  write_checkpoint)
 from lcsc_ops.errors import LcscError
 from lcsc_ops.math.ema import EmaPlan, ema_decay_at
 from lcsc_ops.spec import ModelSpec
@@ -40,8 +41,8 @@ def _unwrap(model: torch.nn.Module, accelerator: Any = None) -> torch.nn.Module:
 
 def write_fragment(folder: Path, entries: list[dict[str, Any]]) -> Path:
     """The manifest fragment listing one step's ``entries``, written into ``folder``."""
-    path = folder / fragment_filename(entries[0]["step"], "+".join(e["kind"] for e in entries))
-    path.write_text(json.dumps({"format": MANIFEST_FORMAT, "entries": entries}))
+    path = folder / runformat.fragment_name_for(entries)
+    path.write_text(json.dumps(runformat.fragment_doc(entries)))
     return path
 
 
@@ -49,8 +50,7 @@ def upload_job(step: int, folder: Path, entries: list[dict[str, Any]]) -> dict[s
     """What the uploader process gets for one step: its spool ``folder`` holding the files,
     and the fragment listing ``entries`` (written by the uploader, named as :func:`write_fragment`)."""
     return {"step": step, "folder": str(folder), "files_path": CHECKPOINT_DIR, "fragment_path": FRAGMENT_PATH,
-            "fragment_name": fragment_filename(step, "+".join(e["kind"] for e in entries)),
-            "fragment": {"format": MANIFEST_FORMAT, "entries": entries}}
+            "fragment_name": runformat.fragment_name_for(entries), "fragment": runformat.fragment_doc(entries)}
 
 
 class CheckpointUploader:
@@ -87,8 +87,7 @@ class CheckpointUploader:
         """Write the whole manifest once, marked complete: every checkpoint of the run is logged."""
         with tempfile.TemporaryDirectory(prefix="lcsc-manifest-") as tmp:
             path = Path(tmp) / MANIFEST_NAME
-            path.write_text(json.dumps({"format": MANIFEST_FORMAT, "spec": self.spec.to_dict(), "complete": True,
-                                        "entries": self.entries}, indent=1))
+            path.write_text(runformat.manifest_json(runformat.manifest_doc(self.spec.to_dict(), self.entries)))
             self.client.log_artifact(self.run_id, str(path), CHECKPOINT_DIR)
 
     def end(self, status: str) -> None:
@@ -352,6 +351,6 @@ class CheckpointLogger:
             path = folder / checkpoint_filename(step, kind)
             write_checkpoint(path, state, step=step, kind=kind, spec=self._spec_json,
                              extra=self._extra(kind))
-            entries.append({"step": step, "kind": kind, "file": path.name, "sha256": sha256_file(path),
-                            "bytes": path.stat().st_size, **self._entry_extra(kind)})
+            entries.append(runformat.manifest_entry(step, kind, sha256_file(path), path.stat().st_size,
+                                                    self._entry_extra(kind)))
         self._sender.send(upload_job(step, folder, entries), sum(e["bytes"] for e in entries))

@@ -22,12 +22,11 @@ from typing import Any, Mapping
 
 import torch
 
-from lcsc_ops.checkpoints import (CHECKPOINT_DIR, FRAGMENT_DIR, MANIFEST_FORMAT, SafetensorsLayout,
-                                  checkpoint_filename, checkpoint_metadata, fragment_filename, safetensors_layout)
+from lcsc_ops.checkpoints import SafetensorsLayout, checkpoint_metadata, safetensors_layout
 from lcsc_ops.errors import LcscError
+from lcsc_ops.runformat import CHECKPOINT_DIR, FRAGMENT_PATH
 from lcsc_ops.store.upload_worker import OWNER_ENV, leaves_half_free, owner_lock_path
 
-FRAGMENT_PATH = f"{CHECKPOINT_DIR}/{FRAGMENT_DIR}"
 # A snapshot pair up to this size is copied into a shared-memory slot that the uploader process writes
 # out; a larger one is written by a thread of the training process, straight from its snapshot.
 SLOT_BYTES = 8 << 20
@@ -207,17 +206,16 @@ class Slots:
 
     def describe(self, spool: str, spec_json: str, extras: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """What the uploader needs once, to write out a pair and list it from ``{"step", "slot"}``:
-        each file's name and header around the step, and where its data sits in a slot."""
+        each file's header around the step and where its data sits in a slot (names, entries and the
+        fragment are :mod:`lcsc_ops.runformat`'s, which the uploader reads too)."""
         files = []
         for kind, layout, at in (("raw", self.raw, 0), ("ema", self.ema, self.ema_at)):
             metadata = checkpoint_metadata(0, kind, spec_json, extras[kind]["metadata"])
-            files.append({"kind": kind, "name": checkpoint_filename(0, kind).split("00000000"),
-                          "header": layout.header_around(metadata, "lcsc.step"), "begin": at,
+            files.append({"kind": kind, "header": layout.header_around(metadata, "lcsc.step"), "begin": at,
                           "end": at + layout.nbytes, "entry": extras[kind]["entry"]})
         fast = SHM_DIR if self.owner.held and _writable(SHM_DIR) else None
         return {"slots": self.path, "size": self.size, "spool": spool, "files": files, "fast_spool": fast,
                 "fast_spool_bytes": FAST_SPOOL_BYTES, "owner": owner_token(self.owner),
-                "fragment": {"format": MANIFEST_FORMAT, "name": fragment_filename(0, "raw+ema").split("00000000")},
                 "files_path": CHECKPOINT_DIR, "fragment_path": FRAGMENT_PATH}
 
     @property

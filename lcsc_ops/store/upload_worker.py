@@ -1,9 +1,10 @@
 """The checkpoint uploader process of :class:`~lcsc_ops.store.logger.CheckpointLogger`.
 
 Run as a script (``python upload_worker.py RUN_ID``; the store in ``MLFLOW_TRACKING_URI``), so
-it imports mlflow and nothing of torch or lcsc_ops: MLflow's client-side work (HTTP, file
-copies) then runs beside the training loop instead of taking turns with it for the
-interpreter lock. Answers ``{"ready": true}`` once the run is found; then reads one JSON job
+it imports mlflow and nothing of torch, and of lcsc_ops only the run format's file
+(:mod:`lcsc_ops.runformat`: names, entries, fragments, as the logger writes them): MLflow's
+client-side work (HTTP, file copies) then runs beside the training loop instead of taking turns
+with it for the interpreter lock. Answers ``{"ready": true}`` once the run is found; then reads one JSON job
 per line on stdin: a step whose files are on local disk, or ``{"step", "slot"}``: a pair in a
 shared-memory slot, written out here at once, then ``{"freed": slot}``. It logs the files,
 then their manifest fragment (written here from the job), deletes the step's spool folder and
@@ -26,11 +27,29 @@ import queue
 import select
 import shutil
 import signal
-import struct
 import sys
 import tempfile
 import threading
 import time
+
+
+def _load_runformat():
+    """The run format (:mod:`lcsc_ops.runformat`, standard library only): imported as usual when this
+    module is imported, loaded from its file when this runs as a script (the package imports torch)."""
+    if __package__:
+        from lcsc_ops import runformat
+
+        return runformat
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runformat.py")
+    spec = importlib.util.spec_from_file_location("lcsc_runformat", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+runformat = _load_runformat()
 
 MAX_BATCH = 64  # steps per upload at most
 NICE = 10  # this process's niceness
@@ -129,20 +148,19 @@ class _Slots:
         os.makedirs(folder, exist_ok=True)
         entries, base = [], slot * layout["size"]
         for f in layout["files"]:
-            header = str(step).join(f["header"]).encode()
-            header += b" " * (-len(header) % 8)  # safetensors pads its header to 8 bytes
-            parts = (struct.pack("<Q", len(header)), header, self.mm[base + f["begin"]:base + f["end"]])
-            name, digest = step8.join(f["name"]), hashlib.sha256()
+            parts = (runformat.safetensors_prefix(str(step).join(f["header"])),
+                     self.mm[base + f["begin"]:base + f["end"]])
+            name, digest = runformat.checkpoint_filename(step, f["kind"]), hashlib.sha256()
             with open(os.path.join(folder, name), "wb") as out:
                 for part in parts:
                     out.write(part)
                     digest.update(part)
-            entries.append({"step": step, "kind": f["kind"], "file": name, "sha256": digest.hexdigest(),
-                            "bytes": sum(len(p) for p in parts), **f["entry"]})
+            entries.append(runformat.manifest_entry(step, f["kind"], digest.hexdigest(), sum(len(p) for p in parts),
+                                                    f["entry"]))
         _answer({"freed": slot})
         return {"step": step, "folder": folder, "spool": layout["spool"], "files_path": layout["files_path"],
-                "fragment_path": layout["fragment_path"], "fragment_name": step8.join(layout["fragment"]["name"]),
-                "fragment": {"format": layout["fragment"]["format"], "entries": entries}}
+                "fragment_path": layout["fragment_path"], "fragment_name": runformat.fragment_name_for(entries),
+                "fragment": runformat.fragment_doc(entries)}
 
 
 def _upload(client, run_id: str, jobs: list[dict]) -> None:
@@ -163,7 +181,7 @@ def _upload(client, run_id: str, jobs: list[dict]) -> None:
                         os.rename(os.path.join(job["folder"], name), os.path.join(files, name))
             if not _link_into(client, run_id, files, first["files_path"]):
                 client.log_artifacts(run_id, files, first["files_path"])
-    fragment = {**first["fragment"], "entries": [e for job in jobs for e in job["fragment"]["entries"]]}
+    fragment = runformat.fragment_doc(e for job in jobs for e in job["fragment"]["entries"])
     _log_fragment(client, run_id, first, [*spools, first.get("spool")], fragment)
     for job in jobs:
         shutil.rmtree(job["folder"], ignore_errors=True)
