@@ -271,3 +271,17 @@ def test_16bit_groups_of_rows_agree_with_one_product(monkeypatch, rows):
     grouped.bind(target)
     grouped.merge(coeffs)
     assert torch.equal(target.w.detach().float(), got)
+
+
+def test_16_bit_tensors_accumulate_in_float32_within_one_rounding():
+    """bf16 checkpoints are summed in float32 (half the memory of float64 for a large model): the
+    result is the float64 merge rounded to bf16, within one bf16 step, and a one-hot merge is exact."""
+    gen = torch.Generator().manual_seed(0)
+    sds = [{"w": torch.randn(64, 64, generator=gen).to(torch.bfloat16), "n": torch.tensor(i)} for i in range(4)]
+    coeffs = [0.7, -0.4, 0.5, 0.2]
+    got = merge_state_dicts(sds, coeffs)["w"]
+    exact = sum(c * sd["w"].double() for c, sd in zip(coeffs, sds))
+    assert got.dtype is torch.bfloat16
+    ulp = exact.abs().clamp_min(1e-30) * 2.0 ** -7
+    assert bool(((got.double() - exact).abs() <= ulp).all())
+    assert torch.equal(merge_state_dicts(sds, [0.0, 1.0, 0.0, 0.0])["w"], sds[1]["w"])

@@ -34,7 +34,9 @@ def merge_state_dicts(
     """Reference merge ``sum_i coeffs[i] * state_dicts[i]`` (Eq. 1 of the LCSC paper).
 
     Streams over ``state_dicts`` (one checkpoint held at a time, an iterator is fine),
-    accumulating floating tensors in ``accumulate_dtype`` and casting back to their own
+    accumulating floating tensors in ``accumulate_dtype`` (16-bit tensors in float32 at most:
+    their result is rounded to 16 bits, and a 1e9-parameter bf16 model's float64 sums would
+    take 8 GB) and casting back to their own
     dtype. Non-floating tensors (step counters) cannot be averaged: they come from the
     LAST checkpoint. Zero coefficients add nothing, so a one-hot vector reproduces its
     checkpoint bit for bit (signed zeros included, no ``0 * inf`` NaN). The coefficients
@@ -79,17 +81,23 @@ class _RunningMerge:
         else:
             check_layout(self.layout, sd, f"checkpoint {self.count}")
             for name in [n for n, t in self.constant.items() if not _same_bits(t, sd[n])]:
-                self.acc[name] = _replay(self.constant.pop(name), self.added, self.accumulate_dtype)
+                self.acc[name] = _replay(self.constant.pop(name), self.added, self._acc_dtype(name))
         c = self.coeffs[self.count]
         if c != 0.0:
             for name, total in self.acc.items():
-                term = sd[name].to(self.accumulate_dtype)
+                term = sd[name].to(self._acc_dtype(name))
                 # The first non-zero term starts the sum (no `0 + x`, which would turn
                 # -0.0 into +0.0); later terms are added in place.
                 self.acc[name] = term * c if total is None else total.add_(term, alpha=c)
             self.added.append(c)
         self.last = sd
         self.count += 1
+
+    def _acc_dtype(self, name: str) -> torch.dtype:
+        """``accumulate_dtype``, or float32 if that is wider than a 16-bit tensor needs."""
+        if self.layout[name][1].itemsize < 4 and self.accumulate_dtype.itemsize > 4:
+            return torch.float32
+        return self.accumulate_dtype
 
     def _start(self, sd: Mapping[str, Tensor]) -> None:
         self.layout = {name: (t.shape, t.dtype) for name, t in sd.items()}
@@ -102,15 +110,16 @@ class _RunningMerge:
     def result(self, stats: dict | None) -> dict[str, Tensor]:
         """The merged state dict, in each key's dtype; fills ``stats`` if given."""
         out: dict[str, Tensor] = {}
-        for name, (shape, dtype) in self.layout.items():
-            if name in self.acc:
-                total = self.acc[name]
-                out[name] = (torch.zeros(shape, dtype=dtype) if total is None else total.to(dtype))
-            else:
-                out[name] = self.last[name].detach().clone()  # non-floating, or identical in every checkpoint
         if stats is not None:
             stats["num_constant"] = len(self.constant)
             stats["varying_keys"] = tuple(name for name in self.layout if name in self.acc)
+        for name, (shape, dtype) in self.layout.items():
+            if name in self.acc:
+                total = self.acc.pop(name)  # each sum released once cast: at most one more tensor at a time
+                out[name] = (torch.zeros(shape, dtype=dtype) if total is None else total.to(dtype))
+                del total
+            else:
+                out[name] = self.last[name].detach().clone()  # non-floating, or identical in every checkpoint
         return out
 
 
