@@ -62,10 +62,16 @@ def _optimize(store, run_id, *extra):
                                "--storage", store["storage"], "--tracking-uri", store["uri"], "--json", *extra])
 
 
-def test_a_lightning_run_optimizes_and_registers_the_merge_of_its_files(store, lightning_like):
-    run_id, files = lightning_like
-    result = _optimize(store, run_id, "--model-name", "from-lightning")
+@pytest.fixture(scope="module")
+def optimized(store, lightning_like):
+    result = _optimize(store, lightning_like[0], "--model-name", "from-lightning")
     assert result.exit_code == 0, result.output
+    return result
+
+
+def test_a_lightning_run_optimizes_and_registers_the_merge_of_its_files(store, lightning_like, optimized):
+    run_id, files = lightning_like
+    result = optimized
     report = json.loads(result.stdout)
     assert report["window_steps"] == list(STEPS) and report["source"]["layout"] == "lightning"
     # only the .ckpt files were downloaded (whole: a .ckpt cannot be partly downloaded), and the log says so
@@ -92,6 +98,14 @@ def test_a_lightning_run_optimizes_and_registers_the_merge_of_its_files(store, l
     second = json.loads(again.stdout)
     assert second["study"] == report["study"] and second["parent_run_id"] == report["parent_run_id"]
     assert second["registered_model"]["version"] == reg["version"] and "downloading" not in again.stderr
+
+
+def test_report_reads_the_source_run_again_as_the_optimization_did(store, lightning_like, optimized, tmp_path):
+    report = json.loads(optimized.stdout)
+    result = runner.invoke(app, ["report", report["parent_run_id"], "--out", str(tmp_path / "report"), "--samples", "2",
+                                 "--device", "cpu", "--tracking-uri", store["uri"]])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "report" / "results.md").is_file()
 
 
 def test_checkpoints_and_runs_show_the_lightning_layout(store, lightning_like):
