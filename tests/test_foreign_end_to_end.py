@@ -172,3 +172,19 @@ def test_autolog_run_registers_the_merge_and_lists_its_steps(store, autolog_run,
     assert [(e.step, e.path) for e in listing.entries] == [(s, sources[s][0]) for s in STEPS]
     result = _optimize(store, autolog_run, "foreign-autolog")
     _check_registered(store, autolog_run, "autolog", result, sources)
+
+
+@pytest.mark.parametrize("fixture, experiment, layout", [
+    ("lightning_run", "foreign-lightning", "lightning"), ("transformers_run", "foreign-transformers", "transformers"),
+    ("mlflow3_pt2_run", "foreign-mlflow3-pt2", "mlflow-models"), ("autolog_run", "foreign-autolog", "autolog"),
+])
+def test_runs_and_checkpoints_name_the_layout(store, request, fixture, experiment, layout):
+    run_id = request.getfixturevalue(fixture)
+    listed = runner.invoke(app, ["checkpoints", run_id, "--json", "--tracking-uri", store["uri"]])
+    assert listed.exit_code == 0, listed.output
+    doc = json.loads(listed.stdout)
+    assert doc["layout"] == layout and [e["step"] for e in doc["checkpoints"]] == STEPS
+    runs = runner.invoke(app, ["runs", "--json", "--experiment", experiment, "--tracking-uri", store["uri"]])
+    assert runs.exit_code == 0, runs.output
+    row = next(r for r in json.loads(runs.stdout)["training"] if r["run_id"] == run_id)
+    assert (row["layout"], row["checkpoints"], row["last_step"]) == (layout, len(STEPS), STEPS[-1])

@@ -80,3 +80,11 @@ def test_mlflow3_log_model_records_steps_in_the_run_outputs(store, mlflow3_pt2_r
     theirs = torch.export.load(local).state_dict
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert all(k.startswith("net.") for k in ours)
+
+
+def test_logged_models_are_listed_over_every_page(store, mlflow3_pt2_run, monkeypatch):
+    from lcsc_ops.store.sources import list_checkpoints, logged_models
+
+    monkeypatch.setattr(logged_models, "PAGE", 1)  # one model a page: four pages
+    listing = list_checkpoints(mlflow3_pt2_run, store["uri"])
+    assert listing.layout == "mlflow-models" and [e.step for e in listing.entries] == [2, 4, 6, 8]

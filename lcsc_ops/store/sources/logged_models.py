@@ -37,26 +37,42 @@ def _cache(ctx: RunContext) -> dict:
 
 
 def run_models(ctx: RunContext) -> list[LoggedModelRef]:
-    """Every LoggedModel whose source is the run, oldest first (cached on ``ctx``)."""
+    """Every LoggedModel whose source is the run, oldest first (cached on ``ctx``): those the search finds in
+    the run's experiment, and any other the run's outputs name. None for a store without LoggedModels."""
     cache = _cache(ctx)
     if "models" not in cache:
+        from mlflow.exceptions import MlflowException
+
         steps = {o.model_id: o.step for o in (getattr(ctx.run.outputs, "model_outputs", None) or [])}
-        found, token = {}, None
-        while True:
-            page = ctx.client.search_logged_models([ctx.run.info.experiment_id], max_results=PAGE, page_token=token,
-                                                   filter_string=f"source_run_id='{ctx.run_id}'")
-            for m in page:
-                if not MODEL_ID.fullmatch(str(m.model_id)):
-                    raise LcscError(f"run {ctx.run_id}: refusing the logged model id {brief_repr(m.model_id)}")
-                found[m.model_id] = (m.creation_timestamp or 0, LoggedModelRef(m.model_id, str(m.name),
-                                                                              steps.get(m.model_id),
-                                                                              m.artifact_location))
-            token = page.token
-            if not token:
-                break
-        cache["models"] = [ref for _, ref in sorted(found.values(), key=lambda t: (t[0], t[1].model_id))]
-        ctx.models.update({ref.model_id: ref.artifact_location for ref in cache["models"]})
+        try:
+            found = {m.model_id: m for m in _search(ctx)}
+        except MlflowException:  # a tracking server that predates LoggedModels
+            found = {}
+        for model_id in (i for i in steps if i not in found):
+            try:
+                found[model_id] = ctx.client.get_logged_model(model_id)
+            except MlflowException:  # deleted since
+                continue
+        refs = []
+        for m in sorted(found.values(), key=lambda m: (m.creation_timestamp or 0, m.model_id)):
+            if not MODEL_ID.fullmatch(str(m.model_id)):
+                raise LcscError(f"run {ctx.run_id}: refusing the logged model id {brief_repr(m.model_id)}")
+            refs.append(LoggedModelRef(m.model_id, str(m.name), steps.get(m.model_id), m.artifact_location))
+        cache["models"] = refs
+        ctx.models.update({ref.model_id: ref.artifact_location for ref in refs})
     return cache["models"]
+
+
+def _search(ctx: RunContext) -> list[Any]:
+    """``search_logged_models(filter_string="source_run_id='<run>'")`` over every page."""
+    found, token = [], None
+    while True:
+        page = ctx.client.search_logged_models([ctx.run.info.experiment_id], max_results=PAGE, page_token=token,
+                                               filter_string=f"source_run_id='{ctx.run_id}'")
+        found += list(page)
+        token = page.token
+        if not token:
+            return found
 
 
 def model_files(ctx: RunContext, model: LoggedModelRef, path: str = "") -> list[Any]:
