@@ -98,15 +98,20 @@ def _trainer(tmp: Path, **kwargs):
                      enable_model_summary=False, default_root_dir=str(tmp), **kwargs)
 
 
-def make_lightning_run(uri: str, tmp: Path) -> str:
-    """``MLFlowLogger(log_model="all")`` + ``ModelCheckpoint(every_n_train_steps=2, save_top_k=-1)``."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
+def make_lightning_run(uri: str, tmp: Path, ema: bool = False) -> str:
+    """``MLFlowLogger(log_model="all")`` + ``ModelCheckpoint(every_n_train_steps=2, save_top_k=-1)``; with
+    ``ema``, Lightning's ``EMAWeightAveraging`` too (the average in ``state_dict``, the live weights in
+    ``current_model_state``)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
     from lightning.pytorch.loggers import MLFlowLogger
 
-    logger = MLFlowLogger(experiment_name="foreign-lightning", tracking_uri=uri, log_model="all")
-    ckpt = ModelCheckpoint(dirpath=str(tmp / "ckpt"), every_n_train_steps=EVERY, save_top_k=-1)
+    name = "foreign-lightning-ema" if ema else "foreign-lightning"
+    logger = MLFlowLogger(experiment_name=name, tracking_uri=uri, log_model="all")
+    callbacks = [ModelCheckpoint(dirpath=str(tmp / "ckpt"), every_n_train_steps=EVERY, save_top_k=-1)]
+    if ema:
+        callbacks.append(EMAWeightAveraging(decay=0.5))
     loader = torch.utils.data.DataLoader(_images(), batch_size=BATCH)
-    _trainer(tmp, logger=logger, callbacks=[ckpt]).fit(_lightning_module(), loader)
+    _trainer(tmp, logger=logger, callbacks=callbacks).fit(_lightning_module(), loader)
     return logger.run_id
 
 
@@ -336,6 +341,11 @@ def write_mlflow3_layout(uri: str, tmp: Path, steps: list[int], state_of: StateO
 @pytest.fixture(scope="session")
 def lightning_run(store, tmp_path_factory) -> str:
     return make_lightning_run(store["uri"], tmp_path_factory.mktemp("lightning"))
+
+
+@pytest.fixture(scope="session")
+def lightning_ema_run(store, tmp_path_factory) -> str:
+    return make_lightning_run(store["uri"], tmp_path_factory.mktemp("lightning-ema"), ema=True)
 
 
 @pytest.fixture(scope="session")

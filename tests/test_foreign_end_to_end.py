@@ -188,3 +188,23 @@ def test_runs_and_checkpoints_name_the_layout(store, request, fixture, experimen
     assert runs.exit_code == 0, runs.output
     row = next(r for r in json.loads(runs.stdout)["training"] if r["run_id"] == run_id)
     assert (row["layout"], row["checkpoints"], row["last_step"]) == (layout, len(STEPS), STEPS[-1])
+
+
+def test_lightning_ema_run_gives_raw_and_ema_at_every_step(store, lightning_ema_run, tmp_path):
+    """EMAWeightAveraging: the average is the .ckpt's state_dict, the live weights its current_model_state."""
+    spec = ModelSpec(FACTORY, json.loads(FACTORY_KWARGS))
+    window = fetch_window(lightning_ema_run, tracking_uri=store["uri"], cache_dir=tmp_path / "cache",
+                          options=SourceOptions(spec=spec))
+    assert window.layout == "lightning" and list(window.steps) == STEPS
+    assert sorted((e.kind, e.step) for e in window.entries) == sorted((k, s) for k in ("raw", "ema") for s in STEPS)
+    location = mlflow.MlflowClient(store["uri"]).get_run(lightning_ema_run).info.artifact_uri
+    for e in window.entries:
+        path = f"epoch=0-step={e.step}/epoch=0-step={e.step}.ckpt"
+        ckpt = torch.load(_download(location, path, tmp_path / str(e.step)), weights_only=True)
+        want = _unprefixed(ckpt["current_model_state" if e.kind == "raw" else "state_dict"])
+        got = e.load()
+        assert e.source == path and set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in want), (e.kind, e.step)
+    raw, ema = (next(e.load() for e in window.entries if e.kind == k and e.step == 8) for k in ("raw", "ema"))
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # an average, not a copy
+    assert window.training_ema is not None and window.training_ema.step == 8
