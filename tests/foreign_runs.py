@@ -277,9 +277,11 @@ class _Evil:
         return (os.system, ("echo pwned",))
 
 
-def write_transformers_layout(uri: str, tmp: Path, steps: list[int], state_of: StateOf) -> tuple[str, dict[int, str]]:
+def write_transformers_layout(uri: str, tmp: Path, steps: list[int], state_of: StateOf,
+                              mlflow2: bool = False) -> tuple[str, dict[int, str]]:
     """LoggedModels ``checkpoint-<s>`` (step 0, as MLflowCallback leaves them) holding the checkpoint folder under
-    ``artifacts/checkpoint-<s>/``, its ``training_args.bin`` a pickle that would run a command if loaded."""
+    ``artifacts/checkpoint-<s>/``, its ``training_args.bin`` a pickle that would run a command if loaded; with
+    ``mlflow2``, the same folders in the run's own artifacts under ``checkpoint-<s>/`` (MLflow 2's place)."""
     import pickle
 
     from safetensors.torch import save_file
@@ -294,6 +296,11 @@ def write_transformers_layout(uri: str, tmp: Path, steps: list[int], state_of: S
         (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
         (ckpt / "training_args.bin").write_bytes(pickle.dumps(_Evil()))
         torch.save({"state": {}}, ckpt / "optimizer.pt")
+        if mlflow2:
+            (folder / "MLmodel").write_text("flavors:\n  python_function:\n    loader_module: mlflow.pyfunc.model\n")
+            client.log_artifacts(run_id, str(folder), f"checkpoint-{step}")
+            paths[step] = f"checkpoint-{step}/artifacts/checkpoint-{step}/model.safetensors"
+            continue
         model_id = _logged_model(client, exp_id, run_id, f"checkpoint-{step}", folder, 0)
         paths[step] = f"{model_id}/artifacts/checkpoint-{step}/model.safetensors"
     client.set_terminated(run_id)

@@ -148,6 +148,8 @@ CASES = {
                           lambda mp, uri, run_id: escape_listing(mp, run_id)),
     "transformers": SourceCase("transformers", _foreign(foreign.write_transformers_layout), SourceOptions(spec=SPEC),
                                lambda mp, uri, run_id: escape_model_listing(mp)),
+    "transformers-mlflow2": SourceCase("transformers", _foreign(foreign.write_transformers_layout, mlflow2=True),
+                                       SourceOptions(spec=SPEC), lambda mp, uri, run_id: escape_listing(mp, run_id)),
     "mlflow-models-pt2": SourceCase("mlflow-models", _foreign(foreign.write_mlflow3_layout), SourceOptions(spec=SPEC),
                                     lambda mp, uri, run_id: escape_model_listing(mp)),
     "mlflow-models-pickle": SourceCase("mlflow-models", _foreign(foreign.write_mlflow3_layout,
