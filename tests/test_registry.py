@@ -75,3 +75,30 @@ def test_registration_stages_the_model_in_shared_memory_when_it_fits(tmp_path, m
     mlflow.set_tracking_uri(uri)
     loaded = lcsc_ops.load(f"models:/staged/{version}", tracking_uri=uri).model
     assert torch.equal(loaded.weight, model.weight)
+
+
+def test_load_finds_a_version_of_another_store_than_the_process_default(tmp_path, monkeypatch):
+    """lcsc_ops.load(models:/..., tracking_uri=X) reads X's registry even when the process's
+    tracking URI (MLflow's default registry) is another store."""
+    import mlflow
+
+    import lcsc_ops
+    from lcsc_ops.store import registry
+    from lcsc_ops.store.tracking import client as tracking_client
+
+    uri = f"sqlite:///{tmp_path / 'a.db'}"
+    client = tracking_client(uri)
+    run_id = client.create_run(client.create_experiment("a", artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    model = torch.nn.Linear(4, 4)
+    version = registry.register_model(model, name="elsewhere", spec={"factory": "torch.nn:Linear"}, tags={},
+                                      run_id=run_id, tracking_uri=uri)
+    client.set_registered_model_alias("elsewhere", "champion", version)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        for name in (f"models:/elsewhere/{version}", "models:/elsewhere@champion"):
+            assert torch.equal(lcsc_ops.load(name, tracking_uri=uri).model.weight, model.weight)
+    finally:
+        mlflow.set_registry_uri(None)
+        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)

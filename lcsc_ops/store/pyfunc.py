@@ -254,8 +254,29 @@ def load(model_uri: str, *, device: str = "cpu", batch_size: int = 64, tracking_
 
     check_reachable(tracking_uri or mlflow.get_tracking_uri())
     try:
-        path = download_artifacts(artifact_uri=model_uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        uri = _in_store(model_uri, tracking_uri) if tracking_uri else model_uri
+        path = download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
     except MlflowException as exc:
         first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
         raise LcscError(f"cannot load model {model_uri!r}: {first}") from None
     return load_local(path, device=device, batch_size=batch_size, name=repr(model_uri))
+
+
+def _in_store(model_uri: str, tracking_uri: str) -> str:
+    """``models:/...`` resolved to its artifact location in ``tracking_uri``'s registry and store.
+    MLflow resolves such a URI against the process's registry URI, whatever ``tracking_uri`` it
+    is given, so a model of another store than the process's was not found (the size sweep)."""
+    from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    for _ in range(3):  # a version's source may itself be a LoggedModel's models:/<model id>
+        if not model_uri.startswith("models:"):
+            break
+        base, inner = ModelsArtifactRepository.split_models_uri(model_uri)
+        found = get_model_name_and_version(client, base)
+        location = (client.get_logged_model(found[0]).artifact_location if len(found) == 1
+                    else client.get_model_version_download_uri(*found))
+        model_uri = f"{location.rstrip('/')}/{inner}" if inner else location
+    return model_uri
