@@ -13,6 +13,7 @@ the user allows pickle, and even then loaded ``weights_only`` first.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import tempfile
@@ -29,10 +30,14 @@ CONFIG = re.compile(r"([^/]+)/data/weights/([A-Za-z0-9_.-]+)_weights_config\.jso
 RECORD = re.compile(r"[A-Za-z0-9_]+")
 
 
+@functools.cache
 def _dtypes() -> Mapping[int, torch.dtype]:
-    """The archive's dtype numbers (``torch._export.serde.schema.ScalarType``) -> torch dtypes."""
-    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
-
+    """The archive's dtype numbers (``torch._export.serde.schema.ScalarType``) -> torch dtypes, from torch's
+    own serializer (no public name for it; torch is pinned)."""
+    try:
+        from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+    except ImportError:
+        raise LcscError(f"this torch ({torch.__version__}) does not say how .pt2 archives number dtypes") from None
     return {int(k): v for k, v in _SERIALIZE_TO_TORCH_DTYPE.items()}
 
 
