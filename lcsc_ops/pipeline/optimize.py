@@ -415,8 +415,8 @@ def lineage_tags(cfg: OptimizeConfig, report: dict[str, Any], winner: Candidate,
         "lcsc.source_layout": report.get("source", {}).get("layout", "lcsc"),
         # each merged checkpoint's artifact in the source run and that artifact's sha256 (a foreign
         # file was converted: its own hash, not the converted file's)
-        "lcsc.source_artifacts": to_json_tag([[e.source or f"checkpoints/{e.file}", e.source_sha256 or e.sha256]
-                                              for e in entries]),
+        "lcsc.source_artifacts": to_json_tag([[getattr(e, "source", "") or f"checkpoints/{e.file}",
+                                               getattr(e, "source_sha256", "") or e.sha256] for e in entries]),
         f"lcsc.search_{m}": repr(winner.search_fid),
         f"lcsc.final_{m}": repr(methods[winner.name]["final_mean"]),
         f"lcsc.baseline_{m}s": to_json_tag({n: r["final_mean"] for n, r in methods.items() if r["kind"] == "baseline"}),

@@ -76,6 +76,10 @@ def reader_for(ctx: RunContext) -> RunReader:
     detects it; LcscError naming the layouts known if none does."""
     known = readers()
     names = ", ".join(r.name for r in known)
+    kind = ctx.tags.get("lcsc.kind")
+    if kind in ("optimize", "trial"):  # ours: the registered merge it logged is no window of checkpoints
+        raise LcscError(f"run {ctx.run_id} is an lcsc-ops {kind} run and has no checkpoints to merge (its source "
+                        f"run: {ctx.tags.get('lcsc.source_run', 'see its parent run')})")
     if ctx.options.layout is not None:
         if ctx.options.layout not in READERS:
             raise LcscError(f"unknown checkpoint layout {ctx.options.layout!r} (known: {names})")
