@@ -192,3 +192,15 @@ def test_a_worker_that_finds_the_budget_claimed_waits_instead_of_failing_surplus
     assert max(per_worker, default=0) <= 1, per_worker
     assert sum(int(o[0]) for o in outs) == 6  # every trial finished counts once
     assert int(outs[0][1]) >= 1  # the fast worker waited for the slow one's last trial
+
+
+def test_stop_below_ends_every_workers_search(store, tiny_run):
+    """--workers 2 with a stop_below every trial meets: the first finished trial ends both workers'
+    searches (before, worker 1 never heard of it and ran the rest of the budget)."""
+    from lcsc_ops.pipeline.optimize import run_optimize
+
+    cfg = tiny_optimize_config(tiny_run, store, workers=2, n_trials=12, model_name="tiny-stop-below", seed=17)
+    report = run_optimize(cfg, log=lambda msg: None, stop_below=1e9)
+    study = _study(store["storage"], report["study"])
+    assert 1 <= len(_searched(study)) <= 2, len(_searched(study))  # at most the one each worker had in flight
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]

@@ -192,16 +192,25 @@ def record_coefficients(scorer: Scorer) -> Callable[[], list[float] | None]:
 
 def _optimize(job: Any, watchdog: bool) -> dict[str, Any]:
     """The stages of :func:`~lcsc_ops.pipeline.optimize.run_optimize` after ``prepare``."""
+    from lcsc_ops.pipeline import stopping
     from lcsc_ops.pipeline.optimize import conclude, open_search, run_search
 
-    search, base = open_search(job)
-    if watchdog:
-        from lcsc_ops.pipeline import watchdog as dog
-
-        dog.start(search.study.name, search.storage, search.run.run_id, job.tracking_uri)
     try:
+        search, base = open_search(job)
+    except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: as in run_optimize
+        raise stopping.before_search(exc, "scoring the baselines") from None
+    stage = "the search"
+    try:
+        if watchdog:
+            from lcsc_ops.pipeline import watchdog as dog
+
+            dog.start(search.study.name, search.storage, search.run.run_id, job.tracking_uri)
         with search.study.worker_heartbeat():
-            report = conclude(job, search, base, run_search(job, search))
+            seconds = run_search(job, search)
+            stage = "the final evaluation"
+            report = conclude(job, search, base, seconds)
+    except KeyboardInterrupt as exc:
+        raise stopping.after_search_began(exc, search, job.cfg.n_trials, stage) from None
     except BaseException:
         search.run.end("FAILED")
         raise
