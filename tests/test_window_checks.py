@@ -115,7 +115,7 @@ def test_import_refuses_a_factory_far_larger_than_its_files(store, tmp_path, bui
         result = runner.invoke(app, ["import", str(folder), "--factory", "torch.nn:Linear", "--factory-kwargs",
                                      json.dumps(HUGE), "--step-pattern", r"step(\d+)", "--tracking-uri", store["uri"]])
         _one_line_error(result, "'torch.nn:Linear'", "builds a model of", "largest checkpoint")
-    assert builds == ["meta"]
+    assert builds and set(builds) == {"meta"}, builds  # nothing built for real
 
 
 def test_report_refuses_a_source_run_whose_spec_is_far_larger(store, cache, tmp_path, builds):
