@@ -1,4 +1,4 @@
-"""lcsc_ops.store.local_files: a local file store's checkpoints are linked into the cache, not copied."""
+"""lcsc_ops.store.local_files: a local file store's checkpoints are copied into the cache reading them once."""
 from __future__ import annotations
 
 import pytest
@@ -53,13 +53,20 @@ def _logged_run(tmp_path):
     return uri, run_id, tmp_path / "artifacts" / run_id / "artifacts" / "checkpoints"
 
 
-def test_fetch_from_a_local_store_links_and_still_verifies(tmp_path):
+def test_fetch_from_a_local_store_copies_once_and_still_verifies(tmp_path, monkeypatch):
+    from lcsc_ops.store.sources import lcsc
+
     uri, run_id, stored = _logged_run(tmp_path)
+    hashed = []
+    real = lcsc.sha256_file
+    monkeypatch.setattr(lcsc, "sha256_file", lambda p: hashed.append(p) or real(p))
     window = fetch_window(run_id, tracking_uri=uri, cache_dir=tmp_path / "cache")
+    assert hashed == []  # hashed as copied: not read a second time
     assert len(window.entries) == 4
-    for e in window.entries:
-        assert e.path.stat().st_ino == (stored / e.file).stat().st_ino  # the same file: no copy
-    # A store file changed after logging: the linked bytes fail their sha256, nothing is cached.
+    for e in window.entries:  # a copy (the cache is no view of the store), read from the store once
+        assert e.path.read_bytes() == (stored / e.file).read_bytes()
+        assert e.path.stat().st_ino != (stored / e.file).stat().st_ino
+    # A store file changed after logging: the linked bytes fail their sha256 and are not cached.
     victim = stored / window.entries[0].file
     data = bytearray(victim.read_bytes())
     data[-1] ^= 1
@@ -67,4 +74,4 @@ def test_fetch_from_a_local_store_links_and_still_verifies(tmp_path):
     victim.write_bytes(bytes(data))
     with pytest.raises(LcscError, match="sha256"):
         fetch_window(run_id, tracking_uri=uri, cache_dir=tmp_path / "cache2")
-    assert not list((tmp_path / "cache2").rglob("*.safetensors"))
+    assert victim.name not in [p.name for p in (tmp_path / "cache2").rglob("*.safetensors")]

@@ -1,15 +1,14 @@
-"""A local artifact store's files are already on this disk: link them rather than copy them.
+"""A local artifact store's files are already on this disk: read them there, once.
 
-MLflow's file artifact store copies every logged file into the run's folder and every
-downloaded one out of it. For checkpoints of gigabytes the copy is most of the cost (the
-size sweep, benchmarks/RESULTS.md): a hard link costs nothing and the bytes are the same.
-Where a link cannot be made (another file system, a store that is not local) callers fall
-back to MLflow's own copy.
+Fetching a checkpoint from MLflow's file artifact store copied it out of the run's folder,
+then read the copy again for its sha256. For checkpoints of gigabytes that was most of the
+cost (the size sweep, benchmarks/RESULTS.md): :func:`copy_hashing` reads the store's file
+once, writing the cache's copy and hashing the same bytes. The cache stays a copy, so a
+damaged cache file is fetched again from an intact store.
 """
 from __future__ import annotations
 
-import os
-import uuid
+import hashlib
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -26,27 +25,16 @@ def local_root(artifact_uri: str | None) -> Path | None:
     return root if root.is_absolute() else None
 
 
-def link(src: Path, dst: Path) -> bool:
-    """Hard-link ``src`` at ``dst`` (replacing what is there, atomically); False if no link can be made."""
-    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.link")
-    try:
-        os.link(src, tmp)
-    except OSError:
-        return False
-    os.replace(tmp, dst)
-    return True
-
-
-def link_files(folder: Path, dst_dir: Path) -> bool:
-    """Hard-link every plain file of ``folder`` into ``dst_dir`` (created); False, with nothing left
-    half-linked that matters (a later copy replaces it), as soon as one link cannot be made."""
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not entry.is_file(follow_symlinks=False):
-            return False
-        if not link(Path(entry.path), dst_dir / entry.name):
-            return False
-    return True
+def copy_hashing(src: Path, dst: Path, chunk: int = 8 << 20) -> str:
+    """Copy ``src`` to ``dst`` reading it once; the sha256 of the bytes copied."""
+    digest = hashlib.sha256()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(src, "rb", buffering=0) as f, open(dst, "wb", buffering=0) as out:
+        while n := f.readinto(view):
+            digest.update(view[:n])
+            out.write(view[:n])
+    return digest.hexdigest()
 
 
 def inside_root(root: Path, artifact_path: str) -> Path | None:

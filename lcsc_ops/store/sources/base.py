@@ -90,6 +90,8 @@ class RunContext:
         # The run's MLflow 3 LoggedModels a reader listed (model id -> artifact location): their files are
         # entries too, as ``<model id>/<path in the model>``, downloaded by :meth:`download` like the run's.
         self.models: dict[str, str] = {}
+        # sha256 of files :meth:`download` hashed as it copied them (local path -> hex digest).
+        self.digests: dict[str, str] = {}
 
     @property
     def tags(self) -> Mapping[str, str]:
@@ -123,7 +125,8 @@ class RunContext:
         if model_id in self.models and inner:
             got = tracking.download_from(self.models[model_id], inner, dst)
         else:
-            got = self._linked(path, dst) or tracking.download_artifact(self.run_id, path, dst, self.tracking_uri)
+            got = self._local_copy(path, dst) or tracking.download_artifact(self.run_id, path, dst,
+                                                                             self.tracking_uri)
         if got is None:
             raise LcscError(f"run {self.run_id}: checkpoint {path} is listed but missing")
         local = Path(got)
@@ -132,13 +135,16 @@ class RunContext:
         return local
 
 
-    def _linked(self, path: str, dst: str) -> str | None:
-        """A local file store: the run's artifact hard-linked into ``dst`` (no copy of a multi-GB
-        checkpoint; the caller verifies it as a download); None for any other store."""
+    def _local_copy(self, path: str, dst: str) -> str | None:
+        """A local file store: the run's artifact copied into ``dst`` reading it once, its sha256 kept in
+        ``digests`` for the caller's check (no second read of a multi-GB file); None for other stores."""
         root = local_files.local_root(self.run.info.artifact_uri)
         src = None if root is None else local_files.inside_root(root, path)
+        if src is None:
+            return None
         target = Path(dst) / PurePosixPath(path).name
-        return str(target) if src is not None and local_files.link(src, target) else None
+        self.digests[str(target)] = local_files.copy_hashing(src, target)
+        return str(target)
 
 
 def check_artifact_path(path: Any, run_id: str) -> str:
