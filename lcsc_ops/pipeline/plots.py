@@ -16,8 +16,9 @@ LINE_STYLES = [("tab:blue", "--"), ("tab:green", ":"), ("tab:purple", "-."), ("t
                ("tab:brown", (0, (1, 1))), ("tab:cyan", (0, (3, 1, 1, 1, 1, 1))), ("tab:olive", (0, (8, 2))),
                ("tab:pink", (0, (2, 2)))]
 KIND_NAMES = {"raw": "raw checkpoints", "ema": "EMA snapshots"}
-# One look per series of the coefficient plot: the merge solid, the baseline it is compared with dashed.
-SERIES_STYLES = [dict(color="tab:red", ls="-", marker="o"), dict(color="tab:blue", ls="--", marker="s"),
+# One look per series of the coefficient plot, in the order given: the report passes the strongest
+# baseline first (dashed), then the merge (solid, on top).
+SERIES_STYLES = [dict(color="tab:blue", ls="--", marker="s"), dict(color="tab:red", ls="-", marker="o"),
                  dict(color="tab:green", ls=":", marker="^")]
 
 
@@ -34,6 +35,8 @@ def plot_search_curve(trials: Sequence[tuple[int, float]], baselines: dict[str, 
                       metric: str, start: str | None = None) -> Path:
     """Every trial's score, the best so far, and each baseline as a labelled horizontal line."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     trials = sorted((n, v) for n, v in trials if math.isfinite(v))
     fig, ax = plt.subplots(figsize=(9, 5))
     xs, ys = [n for n, _ in trials], [v for _, v in trials]
@@ -52,6 +55,7 @@ def plot_search_curve(trials: Sequence[tuple[int, float]], baselines: dict[str, 
     hidden = sum(v > top * 1.05 for v in ys) if top is not None and top > 0 else 0
     if hidden:
         ax.set_ylim(top=top * 1.05)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trials are whole numbers
     ax.set_xlabel("trial")
     ax.set_ylabel(f"search {metric}")
     ax.set_title(f"search: {len(ys)} scored trials" + (f", trial 0 = the start ({start})" if start else "")
