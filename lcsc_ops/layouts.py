@@ -102,11 +102,10 @@ def check_model_size(model_bytes: int, stored_bytes: int, checkpoint_bytes: int,
                         "match the checkpoints)")
 
 
-def check_file_layout(label: str, found: Layout, model: Layout | None, first: tuple[str, Layout] | None,
-                      same_kind: tuple[str, Layout] | None = None) -> None:
+def check_file_layout(label: str, found: Layout, model: Layout | None, first: tuple[str, Layout] | None) -> None:
     """LcscError (one line naming ``label`` and the tensor) unless ``found`` has the model's shapes
-    for keys the model has (a subset of them: adapter checkpoints), the first file's keys, and the
-    dtypes of the first file of its kind (``same_kind``; raw and EMA files may differ)."""
+    for keys the model has (a subset of them: adapter checkpoints), and the first file's keys
+    and dtypes."""
     if model is not None:
         for key, (shape, _) in found.items():
             if key not in model:
@@ -115,28 +114,22 @@ def check_file_layout(label: str, found: Layout, model: Layout | None, first: tu
                 raise LcscError(f"{label}: tensor {brief_repr(key)} has shape {shape}, the model spec's is "
                                 f"{model[key][0]}")
     if first is not None:
-        diff = sorted(set(found) ^ set(first[1]))
+        first_label, first_layout = first
+        diff = sorted(set(found) ^ set(first_layout))
         if diff:
-            raise LcscError(f"{label}: tensor {brief_repr(diff[0])} is in only one of it and {first[0]}")
-        for key, (shape, _) in found.items():
-            if shape != first[1][key][0]:
-                raise LcscError(f"{label}: tensor {brief_repr(key)} has shape {shape}, in {first[0]} "
-                                f"{first[1][key][0]}")
-    if same_kind is not None:
-        other, layout = same_kind
+            raise LcscError(f"{label}: tensor {brief_repr(diff[0])} is in only one of it and {first_label}")
         for key, (shape, dtype) in found.items():
-            if dtype != layout[key][1]:
-                raise LcscError(f"{label}: tensor {brief_repr(key)} is {dtype} {shape}, in {other} it is "
-                                f"{layout[key][1]} {layout[key][0]}")
+            if (shape, dtype) != first_layout[key]:
+                raise LcscError(f"{label}: tensor {brief_repr(key)} is {dtype} {shape}, in {first_label} it is "
+                                f"{first_layout[key][1]} {first_layout[key][0]}")
 
 
-def check_checkpoints(spec: ModelSpec, files: Sequence[tuple[str, Path, int]], what: str, where: str = "",
-                      kinds: Sequence[str] | None = None) -> bool:
-    """Check checkpoint files ``(name, path, bytes)`` (of ``kinds``, e.g. raw and EMA) against
-    ``spec`` before any allocation: the model's size (:func:`check_model_size`, ``what`` names the
-    spec), then every file's layout (:func:`check_file_layout`; ``where`` prefixes a file's name in
-    an error). Returns False when the factory cannot build on the meta device (the files are only
-    compared with each other then)."""
+def check_checkpoints(spec: ModelSpec, files: Sequence[tuple[str, Path, int]], what: str, where: str = "") -> bool:
+    """Check checkpoint files ``(name, path, bytes)`` against ``spec`` before any allocation: the
+    model's size (:func:`check_model_size`, ``what`` names the spec), then every file's layout
+    (:func:`check_file_layout`; ``where`` prefixes the first file's name in an error). Returns
+    False when the factory cannot build on the meta device (the files are only compared with
+    each other then)."""
     layouts = [(name, file_layout(path, where + name)) for name, path, _ in files]
     built = spec_layout(spec)
     model = None
@@ -145,10 +138,8 @@ def check_checkpoints(spec: ModelSpec, files: Sequence[tuple[str, Path, int]], w
         stored = itemsizes(layouts[0][1]) if layouts else None
         check_model_size(state_bytes(model, counts), state_bytes(model, counts, stored),
                          max((b for _, _, b in files), default=0), what)
-    first: tuple[str, Layout] | None = None
-    by_kind: dict[str, tuple[str, Layout]] = {}
-    for (name, lay), kind in zip(layouts, kinds or [""] * len(layouts)):
-        check_file_layout(where + name, lay, model, first, by_kind.get(kind))
+    first = None
+    for name, lay in layouts:
+        check_file_layout(where + name, lay, model, first)
         first = first or (name, lay)
-        by_kind.setdefault(kind, (name, lay))
     return built is not None

@@ -49,7 +49,7 @@ def check_window(window: CheckpointWindow, log: Callable[[str], None]) -> None:
     entries = {e.file: e for e in (*window.entries, *([window.training_ema] if window.training_ema else []))}
     files = [(e.file, e.path, e.bytes) for e in entries.values()]
     if not check_checkpoints(window.spec, files, f"run {window.run_id}'s model spec",
-                             f"run {window.run_id}: checkpoint ", [e.kind for e in entries.values()]):
+                             f"run {window.run_id}: checkpoint "):
         log(f"run {window.run_id}'s model factory {window.spec.factory!r} does not build on the meta device: "
             "its size is not checked, only its checkpoints' layouts against each other")
 
