@@ -218,13 +218,15 @@ def results_md(result: dict) -> str:
              "log: loop seconds inside `step()` per pair vs a memory copy of the pair; merge: one trial vs the "
              "bytes it must move at the copy bandwidth (stacked) or the file read bandwidth (streaming); fetch "
              "and load vs reading the files once, cold; register vs writing the model once.", "",
-             "| params | ckpts | dtype | mode | model GiB | peak RSS GiB | " + " | ".join(stages) + " | load avg before → after |",
-             "|---" * (7 + len(stages)) + "|"]
+             "| params | ckpts | dtype | mode | model GiB | peak RSS GiB | " + " | ".join(stages)
+             + " | load avg before → after | started (UTC) |",
+             "|---" * (8 + len(stages)) + "|"]
     for r in rows:
         cells = " | ".join(_fmt(r["stages"][s]) for s in stages)
         lines.append(f"| {r['params']:.0e} | {r['window_checkpoints']} | {r['dtype']} | {r['mode']} "
                      f"({r['merge_dtype']}) | {r['model_gib']:.2f} | {r['peak_rss_gib']:.2f} | {cells} | "
-                     f"{r['machine_before']['loadavg'][0]} → {r['machine_after']['loadavg'][0]} |")
+                     f"{r['machine_before']['loadavg'][0]} → {r['machine_after']['loadavg'][0]} | "
+                     f"{r['machine_before']['time']} |")
     lines += ["", "Acceptance, as measured:", ""]
     for name, figures in result["checks"].items():
         shown = ", ".join(f"{k} {v}" for k, v in figures.items() if k != "ok")
@@ -271,6 +273,21 @@ NOTES = [
     "be within 3x of writing 40 MB (0.03 s); from 1e8 on it is within 3x. The log stage is the loop's time "
     "inside `step()` at each checkpoint of a loop that does nothing else: it waits for the previous pair's "
     "write and hash (a loop that trains longer than that between checkpoints does not wait).",
+    "",
+    "What is still not met, and why:",
+    "",
+    "- **register** within 3x of one write from 3e8 on (6.1x at 3e8, 4.0x at 1e9 in the run of this table): "
+    "`torch.save`'s zip writer and MLflow's copy of the staged folder into the store (from /dev/shm, but a "
+    "second pass over the bytes all the same) and MLflow's fixed seconds. Saving straight into a local store "
+    "would need MLflow's `Model.log` to take a destination; not done.",
+    "- **seconds per GiB, 1e9 over 1e8**: the streaming merge at 1e8 reads its 12 GiB window from the page "
+    "cache, the 1e9 window (15 GiB, with about 15 GiB free on this shared machine) comes from the disk: both "
+    "are within 2x of their own read floor, the machine's memory is what changes. load and import move from "
+    "page-cache to disk reads in the same way.",
+    "- Rows started before 20:53 UTC were measured with the fetch of ea7c3e9 (a hard link into the cache, then "
+    "sha256; the 1e9 row of 20:43 already on 4 threads), before it became the copy hashed as it is written "
+    "(03ef955); the other stages ran the code they are reported for. Later rows (`--sizes ... --fresh`) ran "
+    "the final code; there was no time to rerun every row.",
     "",
     "The GPU sweep (`benchmarks/gpu_check.sh --size`: files and the merge stage, no MLflow on the GPU image, "
     "rows up to the largest that fits 5 minutes -> `benchmarks/results/size_gpu.json`) was not run: no GPU in "
