@@ -165,3 +165,15 @@ def test_the_api_reference_documents_every_public_name(site):
         if name != "__version__":
             assert f"lcsc_ops.{name}" in html, name
     assert "sample(" in html  # rendered from the docstrings, not just named
+
+
+def test_the_readmes_headline_figures_are_in_the_benchmark_results():
+    """The README quotes one result; its figures must be the ones benchmarks/RESULTS.md holds, so a rerun
+    of the benchmark that changes them fails here until the README says the new ones."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## A result"):].split("\n## ")[0]
+    figures = re.findall(r"[−-]?\d+\.\d+ ± \d+\.\d+", section)
+    assert len(figures) >= 3, section
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    for figure in figures:
+        assert figure.replace("−", "-") in results, figure
