@@ -101,22 +101,31 @@ class LcscReader(RunReader):
               ) -> list[CheckpointEntry]:
         # Files are fetched and hashed on up to FETCH_THREADS threads (hashlib and file I/O release the
         # interpreter lock): sha256 on one core was the fetch's limit from 1e8 parameters on (the size sweep).
-        with ThreadPoolExecutor(max_workers=max(1, min(FETCH_THREADS, len(entries)))) as pool:
-            return list(pool.map(lambda e: self._fetch_one(ctx, e, root), entries))
+        # Each lands in a staging folder first and enters the cache only once every file is verified, so a
+        # failed fetch leaves the cache as it was.
+        with tempfile.TemporaryDirectory(dir=root) as tmp, \
+                ThreadPoolExecutor(max_workers=max(1, min(FETCH_THREADS, len(entries)))) as pool:
+            staged = list(pool.map(lambda ie: self._stage(ctx, ie[1], root, Path(tmp) / str(ie[0])),
+                                    enumerate(entries)))
+            for e, got in zip(entries, staged):
+                if got is not None:
+                    os.replace(got, root / e.file)
+        return [CheckpointEntry(step=e.step, kind=e.kind, file=e.file, sha256=e.sha256, bytes=e.bytes,
+                                path=root / e.file, source=e.path, source_sha256=e.sha256) for e in entries]
 
-    def _fetch_one(self, ctx: RunContext, e: SourceEntry, root: Path) -> CheckpointEntry:
+    def _stage(self, ctx: RunContext, e: SourceEntry, root: Path, tmp: Path) -> Path | None:
+        """None if the cache holds ``e`` intact; else ``e`` downloaded into ``tmp`` and verified."""
         run_id = ctx.run_id
         local = inside(root / e.file, root, run_id, f"checkpoint {e.file!r}")
-        if not (local.is_file() and local.stat().st_size == e.bytes and sha256_file(local) == e.sha256):
-            with tempfile.TemporaryDirectory(dir=root) as tmp:
-                got = ctx.download(e.path, tmp)
-                digest = ctx.digests.pop(str(got), None) or sha256_file(got)
-                if digest != e.sha256:
-                    raise LcscError(f"run {run_id}: checkpoint {e.file} fails its sha256 check "
-                                    f"(expected {e.sha256[:12]}…, got {digest[:12]}…)")
-                os.replace(got, local)
-        return CheckpointEntry(step=e.step, kind=e.kind, file=e.file, sha256=e.sha256, bytes=e.bytes, path=local,
-                               source=e.path, source_sha256=e.sha256)
+        if local.is_file() and local.stat().st_size == e.bytes and sha256_file(local) == e.sha256:
+            return None
+        tmp.mkdir()
+        got = ctx.download(e.path, str(tmp))
+        digest = ctx.digests.pop(str(got), None) or sha256_file(got)
+        if digest != e.sha256:
+            raise LcscError(f"run {run_id}: checkpoint {e.file} fails its sha256 check "
+                            f"(expected {e.sha256[:12]}…, got {digest[:12]}…)")
+        return Path(got)
 
 
 def _has_dir(ctx: RunContext, name: str) -> bool:
