@@ -221,8 +221,10 @@ def find_key_prefix(keys: list[str] | set[str], model_keys: list[str] | set[str]
         raise LcscError(f"{name}: several key prefixes map the model's keys ({listed}); pass {option} to choose")
     best = sorted(counts, key=lambda p: -counts[p])[:3]
     listed = ", ".join(f"{p!r} ({counts[p]} of {len(model_keys)})" for p in best) or "none"
-    example = sorted(keys)[0] if keys else "none"
-    raise LcscError(f"{name}: no key prefix maps its keys onto the model's (e.g. {example!r}; candidates: "
+    top = best[0] if best else ""
+    strays = sorted(k for k in keys if not (k.startswith(top) and k[len(top):] in model_keys))
+    example = f"key {strays[0]!r} is not in the model" if strays else "its keys do not match the model's"
+    raise LcscError(f"{name}: {example}, and no key prefix maps its keys onto the model's (candidates: "
                     f"{listed}); check --factory/--factory-kwargs or pass {option}")
 
 
