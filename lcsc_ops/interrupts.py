@@ -87,6 +87,21 @@ def deferred() -> Iterator[None]:
         raise Interrupted(_pending.pop())
 
 
+def hold() -> None:
+    """Hold a first signal off until :func:`release` (a window that spans another library's code,
+    like Optuna's tell between our objective's end and our callback)."""
+    _deferring.append(True)
+
+
+def release(raise_pending: bool = True) -> None:
+    """End a :func:`hold`; raise the signal that came meanwhile (unless the caller is already
+    leaving with an exception)."""
+    if _deferring:
+        _deferring.pop()
+    if raise_pending and _pending and not _deferring:
+        raise Interrupted(_pending.pop())
+
+
 def forward_to(pid: int) -> None:
     _forward.add(pid)
 

@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lcsc_ops.errors import LcscError
+from lcsc_ops.interrupts import deferred
 from lcsc_ops.math.encoding import AffineEncoding
 from lcsc_ops.quiet import verbose
 from lcsc_ops.records import TrialRecord
@@ -42,6 +43,8 @@ class SearchStudy:
     def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage) -> None:
         self._study, self._storage = study, storage
         self.interrupted_trials: list[int] = []  # this worker's trials a signal ended FAILED
+        self._created: set[int] = set()  # ids of the trials this process created
+        self._record_created()
 
     @classmethod
     def open(cls, name: str, storage: str, *, prune: bool = False) -> "SearchStudy":
@@ -114,22 +117,32 @@ class SearchStudy:
             raise
 
     def _end_own_trials(self) -> list[int]:
-        """FAIL this worker's trials still RUNNING (a signal between Optuna's ask and tell); returns
-        them and the trial the signal stopped (Optuna FAILed it), by number."""
-        me, ended = worker_id(), []
-        study_id = self._storage.get_study_id_from_name(self.name)
+        """FAIL the trials this process created that are still RUNNING (a signal between Optuna's ask
+        and tell); returns them and the trial the signal stopped (Optuna FAILed it), by number."""
+        ended = []
         for t in self._study.get_trials(deepcopy=False):
-            if t.user_attrs.get(WORKER_TRIAL_ATTR) != me:
+            if t._trial_id not in self._created:
                 continue
             if t.state == TrialState.RUNNING:
-                trial_id = self._storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-                    self._storage.set_trial_user_attr(trial_id, INTERRUPTED_ATTR, True)
-                    self._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+                    self._storage.set_trial_user_attr(t._trial_id, INTERRUPTED_ATTR, True)
+                    self._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
                 ended.append(t.number)
             elif t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR):
                 ended.append(t.number)
         return ended
+
+    def _record_created(self) -> None:
+        """Note every trial this process creates, a signal held off until its id is noted: one inside
+        Optuna's ask (the trial stored, not yet returned) would leave a trial nobody knows RUNNING."""
+        create = self._storage.create_new_trial
+
+        def create_new_trial(study_id: int, template_trial: Any = None) -> int:
+            with deferred():
+                trial_id = create(study_id, template_trial)
+                self._created.add(trial_id)
+            return trial_id
+        self._storage.create_new_trial = create_new_trial  # this instance (an RDB cache calls it through it)
 
     @contextlib.contextmanager
     def worker_heartbeat(self) -> Iterator[None]:

@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from lcsc_ops.interrupts import hold, release
 from lcsc_ops.math.encoding import AffineEncoding
 from lcsc_ops.search.workers import WORKER_TRIAL_ATTR, worker_id
 
@@ -178,7 +179,9 @@ class TrialRunner:
         from lcsc_ops.search.workers import fail_stale_trials
 
         failures, waited = 0, 0.0
-        callbacks = [*callbacks, self._watch_stop]
+        # A signal from the objective's end to here waits (interrupts.hold): inside Optuna's tell it
+        # would break Optuna's own clean-up (an UnboundLocalError, the trial left RUNNING).
+        callbacks = [*callbacks, self._watch_stop, lambda study, trial: release()]
         while not self.stopped and not self._stop_now():
             if self.storage is not None:
                 fail_stale_trials(self.study, self.storage)
@@ -192,8 +195,12 @@ class TrialRunner:
             waited = 0.0
             start = len(self.mine)
             # One trial per call: the budget is asked again before each (no run of surplus trials).
-            self.study.optimize(self._objective, n_trials=1, callbacks=callbacks, gc_after_trial=False,
-                                catch=(NonFiniteScore, SurplusTrial))
+            try:
+                self.study.optimize(self._objective, n_trials=1, callbacks=callbacks, gc_after_trial=False,
+                                    catch=(NonFiniteScore, SurplusTrial))
+            except BaseException:
+                release(raise_pending=False)  # the objective's hold, when Optuna re-raised its exception
+                raise
             bad = sum(NONFINITE_ATTR in t.user_attrs for t in self._own(start))
             failures = failures + bad if bad == len(self.mine) - start else bad
             if failures >= self.n_trials:
@@ -223,6 +230,12 @@ class TrialRunner:
             study.stop()
 
     def _objective(self, trial: optuna.Trial) -> float:
+        try:
+            return self._score_trial(trial)
+        finally:
+            hold()  # released by the last callback, once Optuna has told the trial's end
+
+    def _score_trial(self, trial: optuna.Trial) -> float:
         self.mine.append(trial.number)
         trial.set_user_attr(WORKER_TRIAL_ATTR, worker_id())
         lo, hi = self.encoding.bounds
