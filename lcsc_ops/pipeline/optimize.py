@@ -361,9 +361,9 @@ def final_evaluation(job: Job, cands: Sequence[Candidate]) -> None:
     job.progress.stage("final evaluation", len(cands), unit="candidates")
     for c in cands:
         dense = c.dense(len(job.window.entries))
-        if ev.second is not None:
-            scores, second = job.scorer.per_seed_pair(dense, ev.main, ev.second, n, seeds)
-            c.second = second[:k]
+        if ev.second is not None:  # the second metric is reported, never chosen on: test seeds only
+            final, second = job.scorer.per_seed_pair(dense, ev.main, ev.second, n, fresh["test"])
+            scores, c.second = [*final, *job.scorer.per_seed(dense, ev.main, n, fresh["selection"])], list(second)
         else:
             scores = job.scorer.per_seed(dense, ev.main, n, seeds)
         c.final, c.selection = scores[:k], scores[k:]
