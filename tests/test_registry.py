@@ -1,6 +1,7 @@
 """pip requirements of a registered model: what unpickling it needs."""
 from __future__ import annotations
 
+import os
 from importlib import metadata
 
 import pytest
@@ -86,6 +87,17 @@ def test_load_finds_a_version_of_another_store_than_the_process_default(tmp_path
     from lcsc_ops.store import registry
     from lcsc_ops.store.tracking import client as tracking_client
 
+    # The process's tracking and registry URIs (module globals and environment) come back at teardown:
+    # registering and set_*_uri below change them, and later tests in this process use them.
+    tracking_utils = mlflow.tracking._tracking_service.utils
+    registry_utils = mlflow.tracking._model_registry.utils
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        old = os.environ.get(var)
+        monkeypatch.setenv(var, old or "")  # records the old value (or its absence) for teardown
+        if old is None:
+            monkeypatch.delenv(var)
     uri = f"sqlite:///{tmp_path / 'a.db'}"
     client = tracking_client(uri)
     run_id = client.create_run(client.create_experiment("a", artifact_location=(tmp_path / "a").as_uri())).info.run_id
@@ -93,12 +105,7 @@ def test_load_finds_a_version_of_another_store_than_the_process_default(tmp_path
     version = registry.register_model(model, name="elsewhere", spec={"factory": "torch.nn:Linear"}, tags={},
                                       run_id=run_id, tracking_uri=uri)
     client.set_registered_model_alias("elsewhere", "champion", version)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")
     mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'other.db'}")
-    try:
-        for name in (f"models:/elsewhere/{version}", "models:/elsewhere@champion"):
-            assert torch.equal(lcsc_ops.load(name, tracking_uri=uri).model.weight, model.weight)
-    finally:
-        mlflow.set_registry_uri(None)
-        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    for name in (f"models:/elsewhere/{version}", "models:/elsewhere@champion"):
+        assert torch.equal(lcsc_ops.load(name, tracking_uri=uri).model.weight, model.weight)
