@@ -52,7 +52,6 @@ def test_registration_stages_the_model_in_shared_memory_when_it_fits(tmp_path, m
 
     import lcsc_ops
     from lcsc_ops.store import pyfunc, registry
-    from lcsc_ops.store.tracking import client as tracking_client
 
     if not os.access(registry.SHM_DIR, os.W_OK):
         pytest.skip("no writable /dev/shm here")
@@ -64,11 +63,8 @@ def test_registration_stages_the_model_in_shared_memory_when_it_fits(tmp_path, m
         monkeypatch.setattr(registry.os, "statvfs", lambda p: os.statvfs_result(
             (4096, 4096, 1000, 0, room // 4096, 0, 0, 0, 0, 255)) if p == registry.SHM_DIR else real(p))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = tracking_client(uri)
-    run_id = client.create_run(client.create_experiment("reg", artifact_location=(tmp_path / "a").as_uri())).info.run_id
     model = torch.nn.Linear(64, 64)
-    version = registry.register_model(model, name="staged", spec={"factory": "torch.nn:Linear"}, tags={},
-                                      run_id=run_id, tracking_uri=uri)
+    version = _register(tmp_path, uri, model, "staged")
     assert saved_in and saved_in[0].startswith(registry.SHM_DIR + "/") == staged
     assert not os.path.exists(saved_in[0])
     import mlflow
@@ -100,12 +96,21 @@ def test_load_finds_a_version_of_another_store_than_the_process_default(tmp_path
             monkeypatch.delenv(var)
     uri = f"sqlite:///{tmp_path / 'a.db'}"
     client = tracking_client(uri)
-    run_id = client.create_run(client.create_experiment("a", artifact_location=(tmp_path / "a").as_uri())).info.run_id
     model = torch.nn.Linear(4, 4)
-    version = registry.register_model(model, name="elsewhere", spec={"factory": "torch.nn:Linear"}, tags={},
-                                      run_id=run_id, tracking_uri=uri)
+    version = _register(tmp_path, uri, model, "elsewhere")
     client.set_registered_model_alias("elsewhere", "champion", version)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'other.db'}")
     mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'other.db'}")
     for name in (f"models:/elsewhere/{version}", "models:/elsewhere@champion"):
         assert torch.equal(lcsc_ops.load(name, tracking_uri=uri).model.weight, model.weight)
+
+
+def _register(tmp_path, uri: str, model, name: str) -> str:
+    """``model`` registered as ``name`` from a new run of a new experiment in the store at ``uri``."""
+    from lcsc_ops.store import registry
+    from lcsc_ops.store.tracking import client as tracking_client
+
+    client = tracking_client(uri)
+    run_id = client.create_run(client.create_experiment(name, artifact_location=(tmp_path / "a").as_uri())).info.run_id
+    return registry.register_model(model, name=name, spec={"factory": "torch.nn:Linear"}, tags={},
+                                   run_id=run_id, tracking_uri=uri)
