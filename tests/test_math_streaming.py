@@ -86,6 +86,31 @@ def test_one_hot_reproduces_each_checkpoint_exactly(files):
         assert torch.signbit(got["0.weight"][0, 0]) == (i == 1)  # -0.0 survives
 
 
+def test_a_merge_in_slices_of_a_few_elements_is_the_float64_merge_and_one_hot_is_exact(files, monkeypatch):
+    """Tensors larger than a slice are read and merged slice by slice (7 elements here, so slices
+    end inside rows and tensors); a bf16 window is accumulated in float32."""
+    import lcsc_ops.math.streaming as streaming_module
+
+    monkeypatch.setattr(streaming_module, "SLICE_ELEMENTS", 7)
+    bf16 = []
+    for p in files:
+        bf16.append(p.with_suffix(".bf16.safetensors"))
+        save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in load(p).items()}, str(bf16[-1]))
+    for paths in (files, bf16):
+        streaming = StreamingMerger(paths)
+        model = streaming.bind(make_model())
+        coeffs = random_affine(5)
+        streaming.merge(coeffs)
+        ref = merge_state_dicts([{k: v.float() if v.is_floating_point() else v for k, v in load(p).items()}
+                                 for p in paths], coeffs)
+        for name, t in ref.items():
+            assert torch.allclose(model.state_dict()[name], t, atol=1e-5, rtol=1e-5), name
+        streaming.merge(one_hot(K, 2))
+        for name, t in load(paths[2]).items():
+            if t.is_floating_point():
+                assert torch.equal(model.state_dict()[name], t.float()), name
+
+
 def test_bind_starts_at_the_last_checkpoint_and_merge_reuses_storage(files):
     streaming = StreamingMerger(files)
     model = streaming.bind(make_model())

@@ -11,8 +11,10 @@ imports torch and safetensors only, so it runs on a bare GPU box.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +27,11 @@ from lcsc_ops.math.merge import Layout, StackedMerger, bind_targets, check_layou
 
 __all__ = ["LazyFiles", "StreamingMerger", "make_merger", "stack_nbytes"]
 
+# Elements of one tensor slice read from every file and merged while in cache: 1 Mi elements
+# (4 MiB of float32 accumulator) on the CPU, larger on an accelerator, where each copy has a fixed cost.
+SLICE_ELEMENTS = 1 << 20
+SLICE_ELEMENTS_DEVICE = 1 << 24
+
 
 def _path(source: Any) -> str:
     """A checkpoint source: a path, or an object with a ``path`` (e.g. a ``CheckpointEntry``)."""
@@ -36,6 +43,30 @@ def _read_layout(path: str) -> Layout:
     # from the header without reading (or paging in) any weights.
     with safe_open(path, framework="pt") as f:
         return {name: (t.shape, t.dtype) for name in f.keys() for t in (f.get_tensor(name),)}
+
+
+def _data_offsets(path: str, layout: Layout) -> dict[str, int]:
+    """Each tensor's byte offset in the file, from its header; checked against ``layout`` (which
+    ``safe_open`` read and validated) so a read below never leaves the tensor it is meant for."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    out = {}
+    for name, (shape, dtype) in layout.items():
+        begin, end = header[name]["data_offsets"]
+        if end - begin != shape.numel() * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} spans {end - begin} bytes, not {shape.numel() * dtype.itemsize}")
+        out[name] = 8 + n + begin
+    return out
+
+
+def _read_into(fd: int, view: memoryview, offset: int) -> None:
+    """Fill ``view`` from ``fd`` at ``offset`` (plain reads: no mapping stays resident)."""
+    while view:
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            raise ValueError(f"checkpoint file ended early at byte {offset}")
+        view, offset = view[got:], offset + got
 
 
 def _affine(coeffs: Sequence[float], k: int) -> list[float]:
@@ -62,14 +93,15 @@ def stack_nbytes(sources: Sequence[Any], dtype: torch.dtype = torch.float32) -> 
 
 
 class StreamingMerger:
-    """Merges a window of K safetensors checkpoints file by file into one bound model.
+    """Merges a window of K safetensors checkpoints, read from the files, into one bound model.
 
     Same interface as ``StackedMerger`` (``k``, ``bind``, ``merge``, ``state_dict``), but
-    holds only the K file paths. ``merge(a)`` opens one file at a time with ``safe_open``
-    (memory-mapped) and accumulates ``a_i * theta_i`` tensor by tensor into the bound
-    model's parameters, which are the accumulators (float32 or float64). Files are the
-    outer loop because a ``safe_open`` handle keeps the pages it touched mapped until it
-    closes: one open file at a time keeps the peak at the model plus one mapped file.
+    holds only the K file paths. ``merge(a)`` accumulates ``a_i * theta_i`` into the bound
+    model's parameters, which are the accumulators (float32 or float64), one slice of one
+    tensor at a time: the slice is read from every file with plain ``pread`` calls into a
+    small reused buffer and added while it is still in the CPU's cache. So a merge reads each
+    file once, writes the model once, and maps nothing (mapped pages would stay resident and
+    a 1e9-parameter window would not fit beside its model; benchmarks/RESULTS.md, "Model size").
 
     Exact like ``merge_state_dicts``: zero-coefficient checkpoints are not read and the
     first non-zero term is copied, so a one-hot merge reproduces its checkpoint bit for
@@ -93,6 +125,7 @@ class StreamingMerger:
         self.device = torch.device(device)
         self.dtype = dtype
         self._floating = [n for n, (_, dt) in self._layout.items() if dt.is_floating_point]
+        self._offsets = [_data_offsets(p, {n: self._layout[n] for n in self._floating}) for p in self._paths]
         self._targets: dict[str, Tensor] | None = None
 
     @property
@@ -150,23 +183,40 @@ class StreamingMerger:
     @torch.no_grad()
     def _merge_into(self, targets: dict[str, Tensor], coeffs: Sequence[float]) -> None:
         coeffs = _affine(coeffs, self.k)
-        started = False
-        for path, c in zip(self._paths, coeffs):
-            if c == 0.0:
-                continue  # not read at all: no 0 * inf = NaN, and a one-hot merge is a copy
-            with safe_open(path, framework="pt", device=str(self.device)) as f:
-                for name in self._floating:
-                    src, dst = f.get_tensor(name), targets[name]
-                    if started:
-                        dst.add_(src, alpha=c)
-                    else:
-                        # The first term is copied, not added to zeros (0 + -0.0 is +0.0), and
-                        # scaled in the target's dtype, not the file's.
-                        dst.copy_(src)
-                        if c != 1.0:
-                            dst.mul_(c)
-                    del src
-            started = True
+        used = [(i, c) for i, c in enumerate(coeffs) if c != 0.0]  # zeros are not read: no 0 * inf = NaN
+        chunk = SLICE_ELEMENTS if self.device.type == "cpu" else SLICE_ELEMENTS_DEVICE
+        widest = max(self._layout[n][1].itemsize for n in self._floating) if self._floating else 1
+        buf = torch.empty(chunk * widest, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        view = memoryview(buf.numpy())
+        fds = {i: os.open(self._paths[i], os.O_RDONLY) for i, _ in used}
+        try:
+            for name in self._floating:
+                shape, dtype = self._layout[name]
+                dst = targets[name]
+                flat = dst.view(-1) if dst.is_contiguous() else None
+                out = flat if flat is not None else torch.empty(shape.numel(), dtype=dst.dtype, device=dst.device)
+                size = dtype.itemsize
+                for a in range(0, shape.numel(), chunk):
+                    b = min(shape.numel(), a + chunk)
+                    part = out[a:b]
+                    for j, (i, c) in enumerate(used):
+                        _read_into(fds[i], view[: (b - a) * size], self._offsets[i][name] + a * size)
+                        src = buf[: (b - a) * size].view(dtype)
+                        if self.device.type != "cpu":
+                            src = src.to(self.device, non_blocking=False)
+                        if j:
+                            part.add_(src, alpha=c)
+                        else:
+                            # The first term is copied, not added to zeros (0 + -0.0 is +0.0), and
+                            # scaled in the target's dtype, not the file's.
+                            part.copy_(src)
+                            if c != 1.0:
+                                part.mul_(c)
+                if flat is None:
+                    dst.copy_(out.view(shape))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
 
     @torch.no_grad()
     def _copy_last(self, targets: dict[str, Tensor], *, non_floating_only: bool) -> None:
