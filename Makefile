@@ -12,7 +12,7 @@ DEMO_STEPS  ?= 3000
 DEMO_TRIALS ?= 100
 DEMO_MODEL  ?= digits-ddpm
 
-.PHONY: install demo test test-ui docs docs-serve bench bench-quality bench-prune bench-scale bench-cm bench-nfe bench-strategies bench-conditional bench-size clean
+.PHONY: install demo test test-ui docs docs-serve bench bench-quality bench-prune bench-scale bench-cm bench-nfe bench-strategies bench-conditional bench-size bench-slots clean
 
 install: $(STAMP)
 
@@ -96,6 +96,11 @@ bench-strategies: $(STAMP)
 # classifier's per-class accuracy -> benchmarks/results/conditional.json + RESULTS.md. `--quick` checks the plumbing.
 bench-conditional: $(STAMP)
 	$(PY) benchmarks/bench_conditional.py
+
+# Do the logger's shared-memory slots pay for themselves (~5 min on 2 idle cores)? A loop keeping its EMA, unlogged, logged
+# as shipped and logged with the slots off -> benchmarks/results/slots.json + RESULTS.md.
+bench-slots: $(STAMP)
+	$(PY) benchmarks/bench_slots.py
 
 # Model size (issue 24, ~30-40 min on 2 cores, at most 60 GB of disk, removed at the end): a synthetic model of 1e7, 1e8,
 # 3e8 and 1e9 parameters (1e9 in bf16) through every stage (CheckpointLogger, import, fetch + sha256, the merger chosen
