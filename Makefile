@@ -35,7 +35,7 @@ demo: $(STAMP)
 	echo "browse it all with: $(VENV)/bin/mlflow ui"
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 # The documentation site (mkdocs.yml, docs/): built with --strict (a broken link or a page left out of the nav fails it);
 # `make test` builds it too (tests/test_docs.py). docs-serve rebuilds on every edit, on http://127.0.0.1:8000 only.
