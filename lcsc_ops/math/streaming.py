@@ -1,9 +1,9 @@
-"""Streaming merge: Eq. 1 of the LCSC paper computed file by file from memory-mapped safetensors.
+"""Streaming merge: Eq. 1 of the LCSC paper computed slice by slice from the safetensors files.
 
 ``StackedMerger`` holds the whole window as a ``(K, P)`` stack: the fastest merge, but K
 model copies of memory. When that does not fit, ``StreamingMerger`` computes the same
 ``theta = sum_i a_i * theta_i`` straight from the checkpoint files, accumulating into
-the bound model's own parameters, so its peak is about two model copies whatever K is.
+the bound model's own parameters, so its peak is about one model copy whatever K is.
 ``make_merger`` picks one of the two from a byte budget.
 
 This is the one math module that reads files: not loading the window is its purpose. It

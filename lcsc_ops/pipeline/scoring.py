@@ -53,8 +53,8 @@ class Scorer:
     """Scores coefficient vectors over the whole window with one merge per call.
 
     The window is stacked once (one pass over the stack per merge) unless the stack would
-    exceed ``max_stack_memory`` GiB; then each merge streams from the memory-mapped
-    checkpoint files, with a peak of about two model copies (``mode`` says which). Without
+    exceed ``max_stack_memory`` GiB; then each merge reads the checkpoint files slice by
+    slice (:class:`~lcsc_ops.math.streaming.StreamingMerger`), with a peak of about one model copy (``mode`` says which). Without
     ``max_stack_memory`` the limit is half the device's free memory now (:func:`free_memory`);
     ``choice`` says what was chosen and why, for the log.
 
