@@ -276,10 +276,10 @@ def _blocks(steps: int, block: int) -> list[int]:
 
 
 def _row(task: dict[str, Any], steps: int, block: int, reps: int, arms: tuple[str, ...], uri: str,
-         threads: int | None = None, loop: Any = None) -> dict[str, Any]:
+         threads: int | None = None, make_loop: Any = None) -> dict[str, Any]:
     """Steps/s of each arm: the arms live side by side in this process and take turns in blocks of
     ``block`` steps (their order turned each block), so a slow spell of the machine falls on all of
-    them; ``reps`` times over, with new models and loggers; medians compared. ``loop(arm, task, uri)``
+    them; ``reps`` times over, with new models and loggers; medians compared. ``make_loop(arm, task, uri)``
     makes an arm's loop (default :class:`_Loop`)."""
     import torch
 
@@ -288,7 +288,7 @@ def _row(task: dict[str, Any], steps: int, block: int, reps: int, arms: tuple[st
     runs: dict[str, list[float]] = {arm: [] for arm in arms}
     try:
         for rep in range(reps):
-            loops = {arm: (loop or _Loop)(arm, task, uri) for arm in arms}
+            loops = {arm: (make_loop or _Loop)(arm, task, uri) for arm in arms}
             for k, size in enumerate(_blocks(steps, block)):
                 turn = (rep + k) % len(arms)
                 for arm in arms[turn:] + arms[:turn]:

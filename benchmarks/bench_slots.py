@@ -63,7 +63,7 @@ def measure(quick: bool) -> dict[str, Any]:
                            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                            "load_before": os.getloadavg()[0], "quick": quick, "rows": {}}
     for name, (task, steps, block, reps, threads) in rows.items():
-        row = _row(task, steps, block, reps, ARMS_HERE, uri, threads, loop=_loop)
+        row = _row(task, steps, block, reps, ARMS_HERE, uri, threads, make_loop=_loop)
         sps = {arm: row[f"steps_per_s_{arm}"] for arm in ARMS_HERE}
         row["cost_slots"] = sps["plain_ema"] / sps["own_ema_logged"] - 1.0
         row["cost_no_slots"] = sps["plain_ema"] / sps[NO_SLOTS] - 1.0
@@ -86,13 +86,31 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"| {name} ({row['steps']} steps × {len(row['runs']['plain_ema'])} reps) | "
                      f"{row['steps_per_s_plain_ema']:.0f} | {row['steps_per_s_own_ema_logged']:.0f} "
                      f"({row['cost_slots']:+.1%}) | {row[f'steps_per_s_{NO_SLOTS}']:.0f} ({row['cost_no_slots']:+.1%}) |")
+    lines.append("")
+    for name, row in res["rows"].items():  # the arms of one repetition ran side by side: compare them pairwise
+        pairs = list(zip(row["runs"]["own_ema_logged"], row["runs"][NO_SLOTS]))
+        wins = sum(a > b for a, b in pairs)
+        gains = ", ".join(f"{a / b - 1:+.1%}" for a, b in pairs)
+        lines.append(f"- {name}: the slots arm was faster than the slots-off arm in {wins} of {len(pairs)} "
+                     f"repetitions ({gains}).")
+    fast = res["rows"].get("fast_1thread")
+    if fast:
+        pairs = list(zip(fast["runs"]["own_ema_logged"], fast["runs"][NO_SLOTS]))
+        kept = all(a > b for a, b in pairs)
+        lines += ["", ("Kept: on the fast loop the slots arm won every repetition." if kept else
+                       "Not shown: the slots arm did not win every repetition on the fast loop; the slots are a "
+                       "candidate for removal.")]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one short repetition: a plumbing check, writes no results")
+    ap.add_argument("--report", action="store_true", help="rewrite the RESULTS.md section from slots.json, no run")
     args = ap.parse_args()
+    if args.report:
+        replace_section(bench_scale.HERE / "RESULTS.md", SECTION, markdown(json.loads(RESULTS.read_text())))
+        return
     res = measure(args.quick)
     if args.quick:
         print(markdown(res))
