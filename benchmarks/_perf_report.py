@@ -141,8 +141,8 @@ def render(r: dict[str, Any]) -> str:
         f"+{(mem['streaming_peak_bytes'] - mem['baseline_peak_bytes']) / 2**20:.0f} MiB, stacked "
         f"+{(mem['stacked_peak_bytes'] - mem['baseline_peak_bytes']) / 2**20:.0f} MiB; model x K = "
         f"{mem['k'] * mem['model_bytes'] / 2**20:.0f} MiB. The stacked peak is the stack plus at most three "
-        "files memory-mapped while it is built (one at a time since issue 24; all K before); streaming holds the model, one "
-        f"mapped file and one tensor in flight. A streaming merge took {mem['streaming_merge_ms']:.0f} ms.",
+        "files memory-mapped while it is built (one at a time since issue 24; all K before); streaming holds the model and "
+        f"a one-slice read buffer (plain reads, nothing mapped). A streaming merge took {mem['streaming_merge_ms']:.0f} ms.",
         f"- **Training.** Each snapshot (raw + EMA safetensors written to a local spool by the logger's writer "
         "thread with their sha256, then the MLflow artifacts and the step's manifest fragment by its uploader "
         "thread) is waited for at the end of its 50-step block (`CheckpointLogger.wait`), so its whole wall time is "
