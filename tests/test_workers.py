@@ -84,6 +84,9 @@ def _optimize_cmd(store, run_id, *extra):
 def test_kill_9_mid_search_then_rerun_loses_and_repeats_nothing(store, tiny_run):
     env = {**os.environ, "LCSC_OPS_GRACE_S": "3", "LCSC_OPS_HEARTBEAT_S": "1"}
     cmd = _optimize_cmd(store, tiny_run, "--n-trials", "12")
+    # Trials of ~0.3 s, so the poll below (every 0.1 s) sees one RUNNING: at 64 samples an idle machine ran
+    # a trial in ~40 ms and the whole search could end between two polls ("the search did not get going").
+    cmd[cmd.index("--search-samples") + 1] = "512"
     old = set(optuna.get_all_study_names(make_storage(store["storage"])))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     name, deadline = None, time.time() + 300

@@ -77,10 +77,26 @@ def run_distributed(cfg: OptimizeConfig, *, log: Log = print, cache_dir: Path | 
         return None  # the same error on every rank: rank 0 says it and fails the launch (this one
         # exiting 0 lets the launcher wait for rank 0's message instead of killing it first)
     group = ShardGroup.create()
-    if state.is_main_process:
-        return _lead(cfg, group, log, cache_dir, progress, watchdog)
-    _follow(cfg, group, cache_dir)
-    return None
+    try:
+        if state.is_main_process:
+            return _lead(cfg, group, log, cache_dir, progress, watchdog)
+        _follow(cfg, group, cache_dir)
+        return None
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Every rank tears its process group down before it exits: left to interpreter shutdown, a
+    gloo thread was sometimes still joinable and rank 0 died of SIGABRT ("terminate called without
+    an active exception") after its work was done, failing the launch."""
+    import torch.distributed as dist
+
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway; the work is done or its error is on its way
+        pass
 
 
 def _on_device(cfg: OptimizeConfig, state: Any) -> OptimizeConfig:
