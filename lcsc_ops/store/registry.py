@@ -39,7 +39,8 @@ def distributions_providing(top: str) -> list[str]:
         if top in (dist.read_text("top_level.txt") or "").split():
             return [dist.metadata["Name"]]
         # The RECORD's lines, not ``dist.files``: that stats every listed file (torch lists ~15,000: a second).
-        files = [line.split(",")[0] for line in (dist.read_text("RECORD") or dist.read_text("SOURCES.txt") or "").splitlines()]
+        record = dist.read_text("RECORD") or dist.read_text("SOURCES.txt") or ""
+        files = [line.split(",")[0] for line in record.splitlines()]
         if any(f.startswith((f"{top}/", f"{top}.py")) or f"__editable__.{name}" in f for f in files):
             return [dist.metadata["Name"]]
     return list(dict.fromkeys(metadata.packages_distributions().get(top, [])))
