@@ -158,7 +158,7 @@ def test_a_signal_inside_deferred_is_raised_when_the_block_ends(tmp_path):
 def test_sigint_mid_search_fails_the_trial_in_flight_kills_the_run_and_the_same_command_resumes(store, tiny_run,
                                                                                                    tmp_path):
     cmd = _optimize_cmd(store, tiny_run, "--n-trials", "12", "--model-name", "stop-sigint", "--seed", "71",
-                        "--search-samples", "256")
+                        "--search-samples", "1024")
     old = _names(store["storage"])
     proc = _start(cmd[3:] + ["--quiet"], tmp_path)
     name = _wait_for_trials(store["storage"], old, proc)

@@ -43,18 +43,54 @@ def test_distribution_of_a_model_class_without_reading_every_installed_one(monke
     assert distributions_providing("no_such_module_here") == []
 
 
-@pytest.mark.parametrize("room, staged", [(None, True), (1000, False)])
-def test_registration_stages_the_model_in_shared_memory_when_it_fits(tmp_path, monkeypatch, room, staged):
-    """MLflow saves a model into a temporary folder before copying it into the store: in /dev/shm
-    while the model takes at most half of its free space (one disk write instead of two), else on disk.
-    The registered version loads back either way."""
-    import os
+def test_a_store_on_this_disk_gets_the_model_saved_in_place(tmp_path, monkeypatch):
+    """Into a file store the model's files are saved where the store keeps them (written once, no
+    temporary copy); the pickle carries no zip CRC-32s, and the version loads back."""
+    import zipfile
 
+    import lcsc_ops
+    from lcsc_ops.store import pyfunc
+
+    saved_in = []
+    save = pyfunc.save_model
+    monkeypatch.setattr(pyfunc, "save_model", lambda path, *a, **k: saved_in.append(path) or save(path, *a, **k))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    model = torch.nn.Linear(64, 64)
+    version = _register(tmp_path, uri, model, "in-place")
+    assert len(saved_in) == 1 and saved_in[0].startswith(str(tmp_path / "a") + "/")
+    pickle = os.path.join(saved_in[0], "data", "model.pth")
+    with zipfile.ZipFile(pickle) as archive:
+        assert archive.testzip() is not None  # no CRC-32s written
+    loaded = lcsc_ops.load(f"models:/in-place/{version}", tracking_uri=uri).model
+    assert torch.equal(loaded.weight, model.weight)
+
+
+def test_torch_load_does_not_check_zip_crcs(tmp_path):
+    """Why a registered pickle has no CRC-32s: torch.load loads an archive whose data no longer
+    matches its CRC all the same. If this fails, torch checks them now: write them again."""
+    import zipfile
+
+    path = tmp_path / "m.pth"
+    torch.save(torch.zeros(256), path)
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("data/0"))
+    data = bytearray(path.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + len(info.extra) + 7] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert torch.load(path).abs().sum() > 0
+
+
+@pytest.mark.parametrize("room, staged", [(None, True), (1000, False)])
+def test_a_remote_store_gets_the_model_staged_in_shared_memory_when_it_fits(tmp_path, monkeypatch, room, staged):
+    """For a store elsewhere the model is saved into a temporary folder and uploaded: in /dev/shm
+    while it takes at most half of the free space there (one disk write, in the store), else on
+    disk; the folder is gone after. The registered version loads back either way."""
     import lcsc_ops
     from lcsc_ops.store import pyfunc, registry
 
     if not os.access(registry.SHM_DIR, os.W_OK):
         pytest.skip("no writable /dev/shm here")
+    monkeypatch.setattr(registry, "_local_dir", lambda uri: None)  # as for an mlflow-artifacts: store
     saved_in = []
     save = pyfunc.save_model
     monkeypatch.setattr(pyfunc, "save_model", lambda path, *a, **k: saved_in.append(path) or save(path, *a, **k))
@@ -67,11 +103,34 @@ def test_registration_stages_the_model_in_shared_memory_when_it_fits(tmp_path, m
     version = _register(tmp_path, uri, model, "staged")
     assert saved_in and saved_in[0].startswith(registry.SHM_DIR + "/") == staged
     assert not os.path.exists(saved_in[0])
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
     loaded = lcsc_ops.load(f"models:/staged/{version}", tracking_uri=uri).model
     assert torch.equal(loaded.weight, model.weight)
+
+
+def test_a_failed_save_leaves_no_files_and_no_version(tmp_path, monkeypatch):
+    """A save that fails half-way removes what it wrote into the store, marks the LoggedModel
+    FAILED and registers nothing."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
+
+    from lcsc_ops.store import pyfunc
+    from lcsc_ops.store.tracking import client as tracking_client
+
+    def half_then_fail(path, *a, **k):
+        os.makedirs(os.path.join(path, "data"))
+        open(os.path.join(path, "data", "model.pth"), "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pyfunc, "save_model", half_then_fail)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(OSError, match="disk full"):
+        _register(tmp_path, uri, torch.nn.Linear(4, 4), "failed")
+    client = tracking_client(uri)
+    models = client.search_logged_models(experiment_ids=[client.get_experiment_by_name("failed").experiment_id])
+    assert [m.status for m in models] == [LoggedModelStatus.FAILED]
+    assert not any(p.is_file() for p in (tmp_path / "a").rglob("*"))
+    with pytest.raises(MlflowException):
+        client.get_registered_model("failed")
 
 
 def test_load_finds_a_version_of_another_store_than_the_process_default(tmp_path, monkeypatch):

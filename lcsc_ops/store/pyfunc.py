@@ -204,16 +204,20 @@ def save_model(path: str, mlflow_model: Any = None, *, pytorch_model: torch.nn.M
     """Save ``pytorch_model`` at ``path`` with the ``pytorch`` flavor (pickled) and a
     ``python_function`` flavor loaded by this module, with a signature and an input example.
 
-    The flavor module of ``Model.log``; ``kwargs`` it passes on (``serialization_format``,
-    ``validate_serving_input``) are its own."""
+    Also a flavor module for ``Model.log`` (``kwargs``, such as ``serialization_format``, are its
+    own). The pickle is written without zip CRC-32s: ``torch.load`` never checks them (it loads a
+    corrupted archive all the same, tests/test_registry.py) and computing them doubled the time of a
+    registration (benchmarks/RESULTS.md, "Model size")."""
     import mlflow.pytorch
+    import torch.utils.serialization
     from mlflow import pyfunc
     from mlflow.models import Model
 
     mlflow_model = mlflow_model if mlflow_model is not None else Model()
-    mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, serialization_format="pickle",
-                              pip_requirements=pip_requirements, signature=signature(spec),
-                              input_example=dict(INPUT_EXAMPLE))
+    with torch.utils.serialization.config.patch({"save.compute_crc32": False}):
+        mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, serialization_format="pickle",
+                                  pip_requirements=pip_requirements, signature=signature(spec),
+                                  input_example=dict(INPUT_EXAMPLE))
     torch_conf = mlflow_model.flavors[pyfunc.FLAVOR_NAME]
     # No ``data`` key: _load_pyfunc gets the model directory, whose MLmodel holds the spec.
     pyfunc.add_to_model(mlflow_model, loader_module=__name__, conda_env=torch_conf.get(pyfunc.ENV, {}).get("conda"),

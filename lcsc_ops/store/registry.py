@@ -68,36 +68,75 @@ def register_model(model: torch.nn.Module, *, name: str, spec: Mapping[str, Any]
     so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` generate images.
     """
     import mlflow
-    from mlflow.models import Model
     from mlflow.tracking import MlflowClient
-
-    from lcsc_ops.store import pyfunc
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    requirements = serving_requirements(model)
     client = MlflowClient(tracking_uri=tracking_uri)
-    # start_run(run_id=...) refuses a run outside the active experiment, so select the run's own
-    # (set_experiment also sets MLFLOW_EXPERIMENT_ID in the environment: put it back after).
-    saved = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
-    try:
-        with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None), _no_requirements_check(), \
-                _staged_in_memory(sum(t.numel() * t.element_size() for t in model.state_dict().values())):
-            # Model.log with our flavor module, as mlflow.pytorch.log_model does with mlflow.pytorch; the
-            # input example is checked by tests/test_serving.py, not by sampling at every registration.
-            info = Model.log(artifact_path=None, name="model", flavor=pyfunc, pytorch_model=model.cpu().eval(),
-                             spec=dict(spec), pip_requirements=requirements, metadata={"lcsc_spec": dict(spec)},
-                             serialization_format="pickle", validate_serving_input=False)
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-        else:
-            os.environ["MLFLOW_EXPERIMENT_ID"] = saved
+    with _no_requirements_check():
+        model_id = log_model(client, run_id, model.cpu().eval(), spec, serving_requirements(model))
     # The version is created with its lineage tags in one call: a crash cannot leave an untagged version.
     with _quiet_registration():
-        version = mlflow.register_model(info.model_uri, name, tags=dict(tags)).version
+        version = mlflow.register_model(f"models:/{model_id}", name, tags=dict(tags)).version
     return str(version)
+
+
+def log_model(client: Any, run_id: str, model: torch.nn.Module, spec: Mapping[str, Any],
+              requirements: Sequence[str]) -> str:
+    """``Model.log``'s steps with MLflow's public API: a PENDING LoggedModel of ``run_id`` (the
+    run's params and the usual source tags), the files of :func:`lcsc_ops.store.pyfunc.save_model`,
+    the model as the run's output, its step-0 metrics, READY (FAILED on an error); returns its id.
+
+    One difference: a store on this machine's disk gets the files saved in place, where
+    ``Model.log`` saves into a temporary folder and copies it: the model's bytes are written once,
+    not twice (the size sweep, benchmarks/RESULTS.md). Other stores get the staged copy, uploaded."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+    from mlflow.models import Model
+    from mlflow.tracking.context.registry import resolve_tags
+
+    from lcsc_ops.store import pyfunc
+
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                        tags=resolve_tags(), params={k: str(v) for k, v in run.data.params.items()})
+    meta = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
+                 metadata={"lcsc_spec": dict(spec)}, model_id=logged.model_id)
+    local = _local_dir(logged.artifact_location)
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        step0 = [Metric(m.key, m.value, m.timestamp, m.step, run_id=run_id, model_id=logged.model_id)
+                 for key in run.data.metrics for m in client.get_metric_history(run_id, key)
+                 if m.step == 0 and m.model_id is None]
+        if step0:
+            client.log_batch(run_id, metrics=step0)
+        save = dict(mlflow_model=meta, pytorch_model=model, spec=dict(spec), pip_requirements=list(requirements))
+        if local is not None:
+            try:
+                pyfunc.save_model(local, **save)
+            except BaseException:
+                import shutil
+
+                shutil.rmtree(local, ignore_errors=True)  # a fresh folder of this LoggedModel only
+                raise
+        else:
+            with _staging_folder(sum(t.numel() * t.element_size() for t in model.state_dict().values())) as tmp:
+                pyfunc.save_model(os.path.join(tmp, "model"), **save)
+                client.log_model_artifacts(logged.model_id, os.path.join(tmp, "model"))
+    except Exception:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return logged.model_id
+
+
+def _local_dir(artifact_uri: str) -> str | None:
+    """The folder of a ``file:`` (or plain path) artifact location, None for any other store."""
+    from urllib.parse import urlparse
+
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    scheme = urlparse(artifact_uri).scheme
+    return local_file_uri_to_path(artifact_uri) if scheme in ("file", "") else None
 
 
 SHM_DIR = "/dev/shm"
@@ -122,10 +161,10 @@ def _no_requirements_check() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _staged_in_memory(nbytes: int) -> Iterator[None]:
-    """MLflow saves a model into a temporary folder and then copies it into the store: stage it in
-    shared memory when it takes at most half of what is free there, so the model's bytes reach the
-    disk once, not twice (the size sweep, benchmarks/RESULTS.md). Else the usual temporary folder."""
+def _staging_folder(nbytes: int) -> Iterator[str]:
+    """A temporary folder for a model uploaded to a remote store: in shared memory when the model
+    takes at most half of what is free there (its bytes then reach a disk once, in the store), else
+    the usual temporary folder."""
     import tempfile
 
     try:
@@ -133,14 +172,8 @@ def _staged_in_memory(nbytes: int) -> Iterator[None]:
         room = fs.f_bavail * fs.f_frsize if os.access(SHM_DIR, os.W_OK) else 0
     except OSError:
         room = 0
-    if 2 * nbytes > room:
-        yield
-        return
-    saved, tempfile.tempdir = tempfile.tempdir, SHM_DIR
-    try:
-        yield
-    finally:
-        tempfile.tempdir = saved
+    with tempfile.TemporaryDirectory(dir=SHM_DIR if 2 * nbytes <= room else None) as tmp:
+        yield tmp
 
 
 @contextlib.contextmanager
