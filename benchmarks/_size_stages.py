@@ -299,7 +299,19 @@ def main() -> None:
     t0 = time.perf_counter()
     os.sync()
     synced = time.perf_counter() - t0
-    out = STAGES[stage](row, state, row_dir)
+    if os.environ.get("LCSC_SIZE_PROFILE") == stage:  # where a stage's time goes: row_dir/../profile-<stage>-<params>.txt
+        import cProfile
+        import io
+        import pstats
+
+        profile = cProfile.Profile()
+        out = profile.runcall(STAGES[stage], row, state, row_dir)
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(50)
+        (row_dir.parent / f"profile-{stage}-{row['params']}.txt").write_text(text.getvalue())
+        profile.dump_stats(row_dir.parent / f"profile-{stage}-{row['params']}.prof")
+    else:
+        out = STAGES[stage](row, state, row_dir)
     out["sync_seconds_before"] = synced
     out["peak_rss_gib"] = peak_rss_gib()
     print(json.dumps(out))

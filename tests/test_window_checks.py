@@ -157,3 +157,25 @@ def test_a_matching_window_passes_the_checks(store, cache, tmp_path, builds):
     lines: list[str] = []
     check_window(window, lines.append)
     assert lines == [] and builds == ["meta"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_agrees_with_the_elementwise_check(dtype):
+    """The sum-first check says what ``isfinite().all()`` says: NaN, +inf, -inf, both infinities
+    (their sum is NaN), a sum that overflows though every element is finite, an empty tensor."""
+    from lcsc_ops.weightfiles import all_finite
+
+    big = torch.finfo(dtype).max
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.randn(10_000, generator=gen).to(dtype), torch.full((64,), big / 2, dtype=dtype),
+             torch.full((64,), -big / 2, dtype=dtype), torch.empty(0, dtype=dtype)]
+    for value in (float("nan"), float("inf"), float("-inf")):
+        t = torch.randn(10_000, generator=gen).to(dtype)
+        t[int(torch.randint(10_000, (1,), generator=gen))] = value
+        cases.append(t)
+    both = torch.zeros(8, dtype=dtype)
+    both[1], both[5] = float("inf"), float("-inf")
+    cases.append(both)
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+    assert not bool(torch.isfinite(cases[1].sum())) and all_finite(cases[1])  # the overflow case is exercised

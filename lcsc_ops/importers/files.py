@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 
 from lcsc_ops.errors import LcscError
 from lcsc_ops.runformat import manifest_entry
-from lcsc_ops.weightfiles import find_key_prefix, first_line, load_torch_file, strip_wrappers, weight_states
+from lcsc_ops.weightfiles import all_finite, find_key_prefix, first_line, load_torch_file, strip_wrappers, weight_states
 from lcsc_ops.interrupts import interrupted
 from lcsc_ops.layouts import check_model_size, spec_layout, state_bytes
 from lcsc_ops.spec import ModelSpec
@@ -276,7 +276,7 @@ def check_finite(p: PlannedFile, allow_pickle: bool) -> None:
     """Refuse a checkpoint holding NaN or inf: a merge multiplies it into every candidate."""
     state, _ = read_checkpoint(p.path, kind=p.kind, allow_pickle=allow_pickle, key_prefix=p.prefix)
     for key, t in state.items():
-        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if torch.is_tensor(t) and t.is_floating_point() and not all_finite(t):
             raise LcscError(f"{p.label}: tensor {key!r} holds NaN or inf")
 
 

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from lcsc_ops.checkpoints import CheckpointEntry, CheckpointWindow
 from lcsc_ops.errors import LcscError
 from lcsc_ops.layouts import check_checkpoints
+from lcsc_ops.weightfiles import all_finite
 
 
 def first_nonfinite(entry: CheckpointEntry) -> str | None:
@@ -17,7 +18,7 @@ def first_nonfinite(entry: CheckpointEntry) -> str | None:
     with safe_open(str(entry.path), framework="pt") as f:
         for key in f.keys():
             t = f.get_tensor(key)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if t.is_floating_point() and not all_finite(t):
                 return key
     return None
 
