@@ -10,9 +10,8 @@ them for that seed. A class-conditional model takes an optional ``label`` per ro
 the seed's balanced labels, as the FID evaluator's) and an optional ``guidance`` param (the
 classifier-free guidance scale; default: the spec's).
 
-:func:`save_model` is the flavor module ``mlflow.models.Model.log`` calls (as
-``mlflow.pytorch.log_model`` does with ``mlflow.pytorch``), so the logged model, its run and
-its artifacts are linked as for any MLflow model.
+:func:`save_model` writes a version's files; :func:`lcsc_ops.store.registry.log_model` links
+them to their run as ``mlflow.models.Model.log`` would (it also works as that flavor module).
 """
 from __future__ import annotations
 
