@@ -222,7 +222,7 @@ def stage_register(row: dict, state: dict, row_dir: Path) -> dict:
     version = register_model(model, name=name, spec=spec.to_dict(), tags={"lcsc.bench": "size"}, run_id=run_id,
                              tracking_uri=_uri(row_dir))
     seconds = time.perf_counter() - t0
-    # The same again in this process, and the floor again: what the first registration pays once per process.
+    # The same again in this process, and the floor again: a first registration apart from this machine's write noise.
     t0 = time.perf_counter()
     register_model(model, name=name, spec=spec.to_dict(), tags={"lcsc.bench": "size-second"}, run_id=run_id,
                    tracking_uri=_uri(row_dir))
@@ -234,11 +234,11 @@ def stage_register(row: dict, state: dict, row_dir: Path) -> dict:
     return {"stage": "register", "seconds": seconds, "floor_seconds": floor, "final_merge_seconds": final_merge,
             "import_seconds": imports, "second_registration_seconds": second, "floor_after_seconds": floor_after,
             "bytes": _model_bytes(model),
-            "note": "register_model (the model saved with its pyfunc flavor into the store, then registered), floor: writing the "
-                    "model's bytes once; the final float64 merge is timed apart (final_merge_seconds), and so is importing "
-                    "mlflow.pytorch (import_seconds, once per process: it imports Lightning when installed); then a second "
-                    "registration of the same model in the same process and the floor once more (second_registration_seconds, "
-                    "floor_after_seconds: what the first pays once per process)"}
+            "note": "register_model (the model saved with its pyfunc flavor into the store, then registered), "
+                    "floor: writing the model's bytes once; the final float64 merge is timed apart "
+                    "(final_merge_seconds), and so is importing mlflow.pytorch (import_seconds, once per process: "
+                    "it imports Lightning when installed); then a second registration of the same model in the same "
+                    "process and the floor once more (second_registration_seconds, floor_after_seconds)"}
 
 
 def _import_mlflow_pytorch() -> float:
@@ -307,16 +307,11 @@ def main() -> None:
     t0 = time.perf_counter()
     os.sync()
     synced = time.perf_counter() - t0
-    if os.environ.get("LCSC_SIZE_PROFILE") == stage:  # where a stage's time goes: row_dir/../profile-<stage>-<params>.txt
+    if os.environ.get("LCSC_SIZE_PROFILE") == stage:  # row_dir/../profile-<stage>-<params>.prof (python -m pstats)
         import cProfile
-        import io
-        import pstats
 
         profile = cProfile.Profile()
         out = profile.runcall(STAGES[stage], row, state, row_dir)
-        text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(50)
-        (row_dir.parent / f"profile-{stage}-{row['params']}.txt").write_text(text.getvalue())
         profile.dump_stats(row_dir.parent / f"profile-{stage}-{row['params']}.prof")
     else:
         out = STAGES[stage](row, state, row_dir)

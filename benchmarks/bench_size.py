@@ -280,7 +280,7 @@ NOTES = [
     "record, which `torch.load` never checks (tests/test_registry.py). A store on this disk now gets the files "
     "saved in place through MLflow's LoggedModel API (what `Model.log` does, less the copy; other stores keep "
     "the staged upload), written without CRC-32s: 1e8 1.65 s -> 0.97-1.09 s, 1e9 6.65 s -> 1.45-2.8 s (the three "
-    "runs below); fixed cost 0.22 -> 0.17-0.20 s.",
+    "runs below); fixed cost 0.22 -> 0.17-0.21 s.",
     "- **import** checked every tensor for NaN/inf with `isfinite().all()`, about 1 GB/s here: a fifth of the "
     "import at 1e9. The check now sums first (a finite sum proves every element finite; only an overflowed sum "
     "is checked element by element): 1e9 import 27.6-35.1 s -> 18.6-19.3 s, seconds per GiB 1e9 over 1e8 1.97-2.48 -> 1.49-1.58. "

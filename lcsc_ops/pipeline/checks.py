@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import torch
 from safetensors import safe_open
 
 from lcsc_ops.checkpoints import CheckpointEntry, CheckpointWindow

@@ -55,7 +55,8 @@ class Scorer:
     The window is stacked once (one pass over the stack per merge) unless the stack would
     exceed ``max_stack_memory`` GiB; then each merge reads the checkpoint files slice by
     slice (:class:`~lcsc_ops.math.streaming.StreamingMerger`), with a peak of about one model
-    copy (``mode`` says which). Without ``max_stack_memory`` the limit is half the device's free memory now (:func:`free_memory`);
+    copy (``mode`` says which). Without ``max_stack_memory`` the limit is half the device's free
+    memory now (:func:`free_memory`);
     ``choice`` says what was chosen and why, for the log.
 
     ``precision`` (a key of ``PRECISIONS``) sets the stack's dtype and the context every

@@ -111,18 +111,16 @@ def log_model(client: Any, run_id: str, model: torch.nn.Module, spec: Mapping[st
             client.log_batch(run_id, metrics=step0)
         save = dict(mlflow_model=meta, pytorch_model=model, spec=dict(spec), pip_requirements=list(requirements))
         if local is not None:
-            try:
-                pyfunc.save_model(local, **save)
-            except BaseException:
-                import shutil
-
-                shutil.rmtree(local, ignore_errors=True)  # a fresh folder of this LoggedModel only
-                raise
+            pyfunc.save_model(local, **save)
         else:
             with _staging_folder(sum(t.numel() * t.element_size() for t in model.state_dict().values())) as tmp:
                 pyfunc.save_model(os.path.join(tmp, "model"), **save)
                 client.log_model_artifacts(logged.model_id, os.path.join(tmp, "model"))
-    except Exception:
+    except BaseException:
+        if local is not None:
+            import shutil
+
+            shutil.rmtree(local, ignore_errors=True)  # a fresh folder of this LoggedModel only
         client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
         raise
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
