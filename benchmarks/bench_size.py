@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
         done.write_text(json.dumps(row, indent=1))
         rows.append(row)
         finish(rows, out, args, (time.perf_counter() - t0) / 60, gpu)  # kept as each row ends
-    return finish(rows, out, args, (time.perf_counter() - t0) / 60, gpu)
+    return finish(rows, out, args, (time.perf_counter() - t0) / 60, gpu, measured=last is not None)
 
 
 def row_minutes(row: dict) -> float:
@@ -379,12 +379,16 @@ def row_minutes(row: dict) -> float:
     return ((b - a).total_seconds() % 86400) / 60
 
 
-def finish(rows: list[dict], out: Path, args: argparse.Namespace, minutes: float, gpu: bool) -> dict:
+def finish(rows: list[dict], out: Path, args: argparse.Namespace, minutes: float, gpu: bool,
+           measured: bool = True) -> dict:
     result = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
               "device": args.device, "total_minutes": minutes,
               "sweep_minutes": sum(row_minutes(r) for r in rows), "row_minutes": [round(row_minutes(r), 1) for r in rows],
               "sizes": rows, "checks": checks(rows),
               "projection_16_steps_1e9": projection(rows) if args.store else None}
+    if not measured and out.exists():  # a re-render of rows measured before: keep when and how long they took
+        before = json.loads(out.read_text())
+        result["date"], result["total_minutes"] = before["date"], before["total_minutes"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     if rows:
