@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from lcsc_ops.errors import LcscError
-from lcsc_ops.interrupts import interrupted
+from lcsc_ops.interrupts import deferred, interrupted
 from lcsc_ops.options import option, parse_json_object
 from lcsc_ops.pipeline.progress import PlainProgress, SilentProgress, stderr_writer
 from lcsc_ops.spec import Conditioning, ModelSpec
@@ -295,7 +295,10 @@ def _loop(cfg, accelerator, model, optimizer, scheduler, loader, sampler, logger
                 loss_n = 0
                 if run is not None:
                     rate = step / (time.perf_counter() - t0)
-                    run.log_metrics({"loss": mean_loss, "steps_per_second": rate}, step=step)
+                    # Not cut by a signal mid-transaction: the store's write lock would stay held while the
+                    # run ends, and the clean-up's own writes wait on it ("database is locked" with SQLite).
+                    with deferred():
+                        run.log_metrics({"loss": mean_loss, "steps_per_second": rate}, step=step)
                     logged = len(logger.entries) if logger is not None else 0
                     status = f"loss {mean_loss:.4f}, {logged} checkpoints logged"
             progress.advance(status=status)
